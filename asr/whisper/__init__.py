@@ -1,0 +1,1 @@
+"""Whisper as ONNX: weights reader, graph exporter, runtime, front end, decoding."""
