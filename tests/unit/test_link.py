@@ -1,0 +1,191 @@
+"""ASR link v1 codec: exact bytes, round trips, chunking, and every protocol error."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asr.link import (
+    CLIENT_FRAMES,
+    SERVER_FRAMES,
+    AsrEvent,
+    Audio,
+    AudioIn,
+    End,
+    ErrorCode,
+    Finalize,
+    FrameDecoder,
+    LinkProtocolError,
+    ServerStream,
+    Start,
+    encode,
+    encode_many,
+)
+
+
+def test_audio_frame_exact_bytes() -> None:
+    assert encode(Audio(seq=1, pts_ms=20, data=b"\xaa\xbb")) == (
+        b"\x02" + struct.pack("<I", 10) + struct.pack("<II", 1, 20) + b"\xaa\xbb"
+    )
+
+
+def test_end_frame_exact_bytes() -> None:
+    assert encode(End()) == b"\x04\x00\x00\x00\x00"
+
+
+def test_start_is_json_object() -> None:
+    raw = encode(Start(flow_id="f1"))
+    assert raw[0] == 0x01
+    assert raw[5:].startswith(b'{"version":1,"flow_id":"f1","codec":"opus"')
+
+
+audio = st.builds(
+    Audio,
+    seq=st.integers(0, 2**32 - 1),
+    pts_ms=st.integers(0, 2**32 - 1),
+    data=st.binary(max_size=400),
+)
+starts = st.builds(
+    Start,
+    flow_id=st.text(min_size=1, max_size=20),
+    codec=st.sampled_from(["opus", "pcm"]),
+    bitrate=st.integers(16000, 24000),
+    vbr=st.booleans(),
+    lang_hint=st.sampled_from(["", "en", "de"]),
+    hotwords=st.lists(st.text(max_size=10), max_size=4).map(tuple),
+)
+client_frames = st.one_of(audio, starts, st.builds(Finalize, st.none() | st.integers(0, 99)),
+                          st.just(End()))
+events = st.builds(
+    AsrEvent,
+    type=st.sampled_from(["partial", "final", "end", "error"]),
+    flow_id=st.text(min_size=1, max_size=10),
+    utterance=st.integers(0, 1000),
+    text=st.text(max_size=50),
+    ts=st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)),
+    lang=st.sampled_from(["", "en", "fr"]),
+)
+
+
+def _normal(ev: AsrEvent) -> AsrEvent:
+    # code/message/fatal only travel on errors.
+    if ev.type == "error":
+        return ev
+    return AsrEvent(ev.type, ev.flow_id, ev.utterance, ev.text, ev.ts, ev.lang)
+
+
+@given(st.lists(client_frames, max_size=12), st.data())
+def test_client_frames_round_trip_however_chunked(frames: list, data: st.DataObject) -> None:
+    blob = encode_many(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=8)))
+    dec = FrameDecoder(accept=CLIENT_FRAMES)
+    got = []
+    prev = 0
+    for cut in [*cuts, len(blob)]:
+        got += dec.feed(blob[prev:cut])
+        prev = cut
+    dec.close()
+    assert got == frames
+
+
+@given(st.lists(events, max_size=8))
+def test_events_round_trip(evs: list[AsrEvent]) -> None:
+    dec = FrameDecoder(accept=SERVER_FRAMES)
+    assert dec.feed(encode_many(evs)) == [_normal(e) for e in evs]
+
+
+@pytest.mark.parametrize(
+    ("blob", "code", "fatal"),
+    [
+        (b"\x7f\x00\x00\x00\x00", ErrorCode.UNKNOWN_FRAME, True),
+        (b"\x02" + struct.pack("<I", 10**6), ErrorCode.FRAME_TOO_LARGE, True),
+        (b"\x01\x03\x00\x00\x00{{{", ErrorCode.BAD_START, True),
+        (b"\x01\x02\x00\x00\x00[]", ErrorCode.BAD_START, True),
+        (b"\x81\x02\x00\x00\x00{}", ErrorCode.UNKNOWN_FRAME, True),
+    ],
+)
+def test_decoder_errors(blob: bytes, code: ErrorCode, fatal: bool) -> None:
+    dec = FrameDecoder(accept=CLIENT_FRAMES)
+    with pytest.raises(LinkProtocolError) as info:
+        dec.feed(blob)
+    assert info.value.code is code
+    assert info.value.fatal is fatal
+
+
+def test_short_audio_frame_is_reported_in_band_and_neighbours_kept() -> None:
+    dec = FrameDecoder(accept=CLIENT_FRAMES)
+    out = dec.feed(encode(End()) + b"\x02\x03\x00\x00\x00abc" + encode(Audio(1, 0, b"z")))
+    assert out[0] == End()
+    assert isinstance(out[1], LinkProtocolError)
+    assert (out[1].code, out[1].fatal) == (ErrorCode.BAD_FRAME, False)
+    assert out[2] == Audio(1, 0, b"z")
+
+
+def test_fatal_error_poisons_decoder() -> None:
+    dec = FrameDecoder()
+    with pytest.raises(LinkProtocolError):
+        dec.feed(b"\x7f\x00\x00\x00\x00")
+    with pytest.raises(LinkProtocolError):
+        dec.feed(encode(End()))
+
+
+def test_truncated_stream() -> None:
+    dec = FrameDecoder()
+    assert dec.feed(encode(Audio(0, 0, b"x" * 10))[:-3]) == []
+    with pytest.raises(LinkProtocolError) as info:
+        dec.close()
+    assert info.value.code is ErrorCode.TRUNCATED
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("codec", "mp3"), ("sr", 8000), ("channels", 2), ("frame_ms", 10), ("bitrate", 64000),
+     ("version", 2), ("flow_id", ""), ("sr", True), ("hotwords", [1]), ("surprise", 1)],
+)
+def test_bad_start_fields(field: str, value: object) -> None:
+    obj = Start(flow_id="f").to_json()
+    obj[field] = value
+    with pytest.raises(LinkProtocolError) as info:
+        Start.from_json(obj)
+    assert info.value.code is ErrorCode.BAD_START
+
+
+def test_server_stream_sequence_handling() -> None:
+    s = ServerStream()
+    out = s.receive(encode_many([Start(flow_id="f"), Audio(0, 0, b"a"), Audio(1, 20, b"b")]))
+    assert out[0] == Start(flow_id="f")
+    assert out[1:] == [AudioIn(Audio(0, 0, b"a"), 0), AudioIn(Audio(1, 20, b"b"), 0)]
+    # a duplicate and a stale packet are dropped; a gap of two is reported as loss
+    out = s.receive(encode_many([Audio(1, 20, b"b"), Audio(0, 0, b"a"), Audio(4, 80, b"e")]))
+    assert out == [AudioIn(Audio(4, 80, b"e"), 2)]
+    assert (s.duplicates, s.lost) == (2, 2)
+    assert s.receive(encode_many([Finalize(0), End()])) == [Finalize(0), End()]
+
+
+def test_second_start_is_reported_and_audio_after_it_kept() -> None:
+    s = ServerStream()
+    out = s.receive(encode_many([Start(flow_id="f"), Start(flow_id="g"), Audio(0, 0, b"a")]))
+    assert out[0] == Start(flow_id="f")
+    assert isinstance(out[1], LinkProtocolError)
+    assert (out[1].code, out[1].fatal) == (ErrorCode.DUPLICATE_START, False)
+    assert out[2] == AudioIn(Audio(0, 0, b"a"), 0)
+    assert s.start == Start(flow_id="f")
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "fatal"),
+    [
+        ([Audio(0, 0, b"")], ErrorCode.NO_START, True),
+        ([End()], ErrorCode.NO_START, True),
+        ([Start(flow_id="f"), End(), Audio(0, 0, b"")], ErrorCode.BAD_FRAME, True),
+    ],
+)
+def test_server_stream_state_errors(frames: list, code: ErrorCode, fatal: bool) -> None:
+    s = ServerStream()
+    with pytest.raises(LinkProtocolError) as info:
+        s.receive(encode_many(frames))
+    assert info.value.code is code
+    assert info.value.fatal is fatal
