@@ -1,0 +1,161 @@
+"""Endpointer and SpeechGate on literal probability sequences, and Silero VAD on real speech."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.endpoint import (
+    EndpointConfig,
+    Endpointer,
+    SendFrame,
+    SpeechGate,
+    UtteranceEnded,
+    UtteranceStarted,
+)
+from stages.reframe import Reframer
+from stages.vad import WINDOW_SAMPLES, VadBatcher, VadModel, VadStream, VadWindow
+from tests import speech
+
+W = WINDOW_SAMPLES  # 32 ms
+
+
+def run(probs: list[float], config: EndpointConfig | None = None) -> list[object]:
+    ep = Endpointer(config)
+    out: list[object] = []
+    for i, p in enumerate(probs):
+        out += ep.feed(VadWindow((i + 1) * W, p))
+    return out
+
+
+def test_short_blip_is_not_speech() -> None:
+    assert run([0.0] * 5 + [0.9] * 5 + [0.0] * 40) == []  # 160 ms < 250 ms
+
+
+def test_one_utterance_with_preroll_and_tail() -> None:
+    events = run([0.0] * 20 + [0.9] * 30 + [0.0] * 30)
+    onset = 20 * W
+    assert events == [
+        UtteranceStarted(0, onset - 4800),
+        UtteranceEnded(0, onset - 4800, 50 * W + 3200, "silence"),
+    ]
+
+
+def test_endpoint_needs_the_full_silence() -> None:
+    # 21 silent windows = 672 ms < 700 ms: still one utterance.
+    events = run([0.9] * 10 + [0.0] * 21 + [0.9] * 10 + [0.0] * 30)
+    assert [type(e).__name__ for e in events] == ["UtteranceStarted", "UtteranceEnded"]
+
+
+def test_hysteresis_keeps_unsure_windows_in_speech() -> None:
+    events = run([0.9] * 10 + [0.4] * 40 + [0.0] * 30)
+    (_start, end) = events
+    assert isinstance(end, UtteranceEnded) and end.end == 10 * W + 3200
+
+
+def test_two_utterances_in_order() -> None:
+    events = run([0.9] * 20 + [0.0] * 47 + [0.9] * 20 + [0.0] * 30)
+    assert [(type(e).__name__, e.index) for e in events] == [
+        ("UtteranceStarted", 0), ("UtteranceEnded", 0),
+        ("UtteranceStarted", 1), ("UtteranceEnded", 1),
+    ]
+    assert events[2].start >= events[1].end  # pre-roll never reaches into utterance 0
+
+
+def test_max_length_forces_a_final_and_continues() -> None:
+    cfg = EndpointConfig(max_utterance_s=1.0)
+    events = run([0.9] * 70, cfg)
+    ends = [e for e in events if isinstance(e, UtteranceEnded)]
+    assert ends and all(e.reason == "max_length" for e in ends)
+    starts = [e for e in events if isinstance(e, UtteranceStarted)]
+    assert starts[1].start == ends[0].end  # no overlap, no gap
+
+
+def test_force_ends_open_utterance_only() -> None:
+    ep = Endpointer()
+    assert ep.force("client") == []
+    for i in range(20):
+        ep.feed(VadWindow((i + 1) * W, 0.9))
+    (ev,) = ep.force("client")
+    assert isinstance(ev, UtteranceEnded) and ev.reason == "client" and ev.end == 20 * W
+
+
+def test_windows_must_advance() -> None:
+    ep = Endpointer()
+    ep.feed(VadWindow(W, 0.1))
+    with pytest.raises(ValueError):
+        ep.feed(VadWindow(W, 0.1))
+
+
+@pytest.mark.parametrize("kwargs", [{"threshold": 0.2, "neg_threshold": 0.3},
+                                    {"min_speech_ms": -1}, {"max_utterance_s": 0.1}])
+def test_bad_config(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        EndpointConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_gate_sends_preroll_and_open_utterance_frames_only() -> None:
+    gate = SpeechGate(preroll_ms=40)
+    r = Reframer()
+    frames = r.feed(b"\x00\x00" * 320 * 10)  # 10 frames, 200 ms
+    out = []
+    for f in frames[:6]:
+        out += gate.frame(f)
+    assert out == []
+    gate.trim(6 * 320)  # VAD has seen 120 ms: frames ending <= 80 ms are dropped
+    out += gate.boundary(UtteranceStarted(0, 5 * 320), decided=6 * 320)
+    for f in frames[6:8]:
+        out += gate.frame(f)
+    out += gate.boundary(UtteranceEnded(0, 5 * 320, 8 * 320, "silence"), decided=8 * 320)
+    for f in frames[8:]:
+        out += gate.frame(f)
+    sent = [e.frame.start // 320 for e in out if isinstance(e, SendFrame)]
+    assert sent == [5, 6, 7]
+    assert gate.frames_dropped == 5  # 0-3 aged out, 4 ends where the utterance starts
+
+
+@pytest.fixture(scope="module")
+def vad_model() -> VadModel:
+    return VadModel()
+
+
+def _endpoints(audio: np.ndarray, model: VadModel) -> list[object]:
+    stream = VadStream()
+    batcher = VadBatcher(model)
+    ep = Endpointer()
+    out: list[object] = []
+    for i in range(0, len(audio), 320):
+        stream.feed(audio[i:i + 320])
+        for w in batcher.run([stream])[0]:
+            out += ep.feed(w)
+    return out + ep.force("flush")
+
+
+def test_silero_finds_two_utterances_in_real_speech(vad_model: VadModel) -> None:
+    gap = np.zeros(24000, dtype=np.int16)  # 1.5 s
+    a, b = speech.goforward(), speech.librivox()[1][1]
+    audio = np.concatenate([gap, a, gap, b, gap])
+    events = _endpoints(audio, vad_model)
+    ends = [e for e in events if isinstance(e, UtteranceEnded)]
+    assert [e.index for e in ends] == [0, 1]
+    assert all(e.reason == "silence" for e in ends)
+    # utterance 1 starts within the second clip, give or take the pre-roll
+    b_start = len(gap) * 2 + len(a)
+    assert abs(ends[1].start - b_start) < 16000
+
+
+def test_batched_vad_equals_per_session_vad(vad_model: VadModel) -> None:
+    clips = [speech.goforward(), speech.cards()[4][1], speech.librivox()[4][1][:40000]]
+    solo = []
+    for c in clips:
+        s = VadStream()
+        s.feed(c)
+        solo.append([w.prob for w in VadBatcher(vad_model).run([s])[0]])
+    streams = [VadStream() for _ in clips]
+    for s, c in zip(streams, clips, strict=True):
+        s.feed(c)
+    batcher = VadBatcher(vad_model)
+    together = [[w.prob for w in ws] for ws in batcher.run(streams)]
+    for a, b in zip(solo, together, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert batcher.calls == max(len(c) // W for c in clips)
