@@ -1,0 +1,237 @@
+"""One configuration object for the gateway, from environment variables and a TOML file.
+
+Every key has a typed default whose name carries its unit, an environment variable, and
+a line of documentation (``voxgate gateway --help`` prints them all). Precedence: the
+defaults, then the TOML file (``VOXGATE_CONFIG`` or ``--config``; keys are the field
+names, e.g. ``partial_interval_ms = 250``), then the environment, then command-line
+overrides. Invalid values raise ``ValueError`` naming the key and its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+def _key(env: str, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return {"env": env, "doc": doc, "check": check}
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _one_of_int(*choices: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+    return check
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v == "":
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in schemes or not parts.netloc:
+            return f"must be an absolute {'/'.join(schemes)} URL"
+        return None
+
+    return check
+
+
+def _urls(v: Any) -> str | None:
+    for item in v:
+        problem = _url(("http", "https"))(item)
+        if problem:
+            return f"{item!r} {problem}"
+    return None
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Gateway settings. Field names carry units; see ``describe()`` for every key."""
+
+    host: str = field(default="127.0.0.1", metadata=_key("VOXGATE_HOST", "listen address"))
+    port: int = field(default=8080, metadata=_key(
+        "VOXGATE_PORT", "listen port (0 picks a free one)", _range(0, 65535)))
+    asr_urls: tuple[str, ...] = field(default=("http://127.0.0.1:8090",), metadata=_key(
+        "ASR_URLS", "ASR service endpoints of the default pool, comma-separated", _urls))
+    asr_pools: tuple[tuple[str, str], ...] = field(default=(), metadata=_key(
+        "ASR_POOLS", "language -> endpoint routes, e.g. 'en=http://asr-en:8090,"
+        "multi=http://asr-multi:8090'"))
+    asr_link_codec: str = field(default="opus", metadata=_key(
+        "ASR_LINK_CODEC", "audio codec on the ASR link", _one_of("opus", "pcm")))
+    asr_link_bitrate: int = field(default=20000, metadata=_key(
+        "ASR_LINK_BITRATE", "Opus bitrate on the ASR link, bit/s", _range(16000, 24000)))
+    asr_link_frame_ms: int = field(default=20, metadata=_key(
+        "ASR_LINK_FRAME_MS", "Opus frame length on the ASR link, ms", _one_of_int(20)))
+    partial_interval_ms: int = field(default=250, metadata=_key(
+        "PARTIAL_INTERVAL_MS", "at most one asr_partial per this many ms per session",
+        _range(50, 10000)))
+    flush_idle_s: float = field(default=3.0, metadata=_key(
+        "FLUSH_IDLE_SEC", "no audio for this long flushes the session, s", _range(0.1, 3600)))
+    lid_first_n_s: float = field(default=3.0, metadata=_key(
+        "LID_FIRST_N_SECONDS", "seconds of speech sent to language ID", _range(0.5, 30)))
+    enable_denoise: bool = field(default=True, metadata=_key(
+        "ENABLE_DENOISE", "run RNNoise on speech before recognition"))
+    enable_compress: bool = field(default=True, metadata=_key(
+        "ENABLE_COMPRESS", "archive each session as Ogg Opus and return record_url"))
+    public_base: str = field(default="", metadata=_key(
+        "PUBLIC_BASE", "absolute base URL for record_url (required in production; "
+        "defaults to the listen address)", _url(("http", "https"))))
+    endpoint_silence_ms: int = field(default=700, metadata=_key(
+        "ENDPOINT_SILENCE_MS", "silence that ends an utterance, ms", _range(100, 10000)))
+    vad_min_speech_ms: int = field(default=250, metadata=_key(
+        "VAD_MIN_SPEECH_MS", "speech needed before an utterance starts, ms", _range(0, 5000)))
+    vad_threshold: float = field(default=0.5, metadata=_key(
+        "VAD_THRESHOLD", "speech probability threshold", _range(0.05, 0.95)))
+    preroll_ms: int = field(default=300, metadata=_key(
+        "PREROLL_MS", "audio kept before the speech onset, ms", _range(0, 2000)))
+    max_utterance_s: float = field(default=20.0, metadata=_key(
+        "MAX_UTTERANCE_S", "an utterance is forced final after this long, s", _range(1, 30)))
+    max_sessions: int = field(default=200, metadata=_key(
+        "MAX_SESSIONS", "sessions past this are refused with BUSY", _range(1, 100000)))
+    max_frame_bytes: int = field(default=65536, metadata=_key(
+        "MAX_FRAME_BYTES", "largest binary frame accepted from a client, bytes",
+        _range(640, 16 * 1024 * 1024)))
+    archive_dir: str = field(default="./records", metadata=_key(
+        "ARCHIVE_DIR", "local archive folder (the embedded default store)"))
+    s3_endpoint: str = field(default="", metadata=_key(
+        "S3_ENDPOINT", "S3-compatible endpoint URL; set to archive to object storage",
+        _url(("http", "https"))))
+    s3_bucket: str = field(default="", metadata=_key("S3_BUCKET", "bucket for recordings"))
+    s3_region: str = field(default="us-east-1", metadata=_key("S3_REGION", "S3 region"))
+    auth_jwt_secret: str = field(default="", metadata=_key(
+        "AUTH_JWT_SECRET", "HS256 secret; when set, start.auth.token must be a valid JWT"))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check = f.metadata.get("check")
+            problem = check(getattr(self, f.name)) if check else None
+            if problem:
+                raise ValueError(f"{f.metadata['env']} ({f.name}) {problem}")
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        env: Mapping[str, str] | None = None,
+        file: str | Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> GatewayConfig:
+        """Build the config from defaults, a TOML file, the environment and overrides.
+
+        Args:
+            env: environment to read (default ``os.environ``).
+            file: TOML file; default ``$VOXGATE_CONFIG`` if set.
+            overrides: field values that win over everything (command-line flags).
+
+        Raises:
+            ValueError: an unknown key, an unparsable value or a value out of range.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        by_name = {f.name: f for f in fields(cls)}
+        file = file or env.get("VOXGATE_CONFIG") or None
+        if file:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+            for key, raw in data.items():
+                if key not in by_name:
+                    raise ValueError(f"{file}: unknown key {key!r}")
+                values[key] = _coerce(by_name[key], raw, f"{file}: {key}")
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name in env:
+                values[f.name] = _coerce(f, env[name], name)
+        for key, raw in (overrides or {}).items():
+            if raw is None:
+                continue
+            if key not in by_name:
+                raise ValueError(f"unknown setting {key!r}")
+            values[key] = _coerce(by_name[key], raw, key)
+        return cls(**values)
+
+    def pool_urls(self) -> dict[str, tuple[str, ...]]:
+        """Pool name -> endpoints; the pool ``default`` is ``asr_urls``."""
+        pools: dict[str, list[str]] = {"default": list(self.asr_urls)}
+        for name, url in self.asr_pools:
+            pools.setdefault(name, []).append(url)
+        return {k: tuple(v) for k, v in pools.items()}
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line per key: environment variable, default and meaning."""
+        lines = []
+        for f in fields(cls):
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(x if isinstance(x, str) else "=".join(x) for x in default)
+            lines.append(f"  {f.metadata['env']:<22} {f.metadata['doc']} [{default}]")
+        return "\n".join(lines)
+
+    def replace(self, **changes: Any) -> GatewayConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    """Parse ``raw`` (a string from the environment, or a TOML value) to the field type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)
+        if kind == "str":
+            return str(raw)
+        if kind == "tuple[str, ...]":
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return tuple(str(x).strip() for x in items if str(x).strip())
+        if kind == "tuple[tuple[str, str], ...]":
+            pairs = raw.items() if isinstance(raw, dict) else (
+                item.split("=", 1) for item in str(raw).split(",") if item.strip()
+            )
+            out = []
+            for pair in pairs:
+                name, url = (str(x).strip() for x in pair)
+                if not name or not url:
+                    raise ValueError("expected name=url pairs")
+                out.append((name, url))
+            return tuple(out)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: cannot parse {raw!r}: {exc}") from exc
+    raise TypeError(f"no parser for {f.name}: {kind}")
