@@ -67,15 +67,17 @@ def _pkg_config(package: str) -> dict[str, list[str]]:
 
 
 # --- native._dsp: the project's own C for hot loops -------------------------
+# dsp.h doubles as the cdef, so it cannot include <stdint.h> itself.
 ffi_dsp = FFI()
 ffi_dsp.cdef(_read("dsp.h"))
 ffi_dsp.set_source(
     "native._dsp",
-    '#include "dsp.h"',
+    '#include <stdint.h>\n#include "dsp.h"',
     sources=[str(Path("native") / "dsp.c")],
     include_dirs=[str(Path("native"))],
     extra_compile_args=_CFLAGS,
-    libraries=["m"],
+    # pthread: the resampler's shared filter taps are built once (pthread_once).
+    libraries=["m", "pthread"],
 )
 
 # --- native._opus: libopus (system, via pkg-config) --------------------------
