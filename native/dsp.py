@@ -37,6 +37,9 @@ _levels = {_I16: lib.vg_levels_s16, _F32: lib.vg_levels_f32}
 _process = lib.vg_resampler_process
 _output_len = lib.vg_resampler_output_len
 _from_buffer = ffi.from_buffer
+# Typed views: cffi refuses a plain char[] buffer for an int16_t* or float* parameter.
+_ARRAY = {_I16: ffi.typeof("int16_t[]"), _F32: ffi.typeof("float[]")}
+_DOUBLES = ffi.typeof("double[]")
 
 
 def _pcm(x: object, what: str) -> np.ndarray:
@@ -63,7 +66,11 @@ def s16_to_f32(x: np.ndarray) -> np.ndarray:
     if not (isinstance(x, np.ndarray) and x.dtype == _I16 and x.flags.c_contiguous):
         raise bad_pcm(x, _I16, "s16_to_f32")
     out = np.empty(x.shape, dtype=_F32)
-    lib.vg_s16_to_f32(_from_buffer(x), _from_buffer(out, require_writable=True), x.size)
+    lib.vg_s16_to_f32(
+        _from_buffer(_ARRAY[_I16], x),
+        _from_buffer(_ARRAY[_F32], out, require_writable=True),
+        x.size,
+    )
     return out
 
 
@@ -82,7 +89,11 @@ def f32_to_s16(x: np.ndarray) -> np.ndarray:
     if not (isinstance(x, np.ndarray) and x.dtype == _F32 and x.flags.c_contiguous):
         raise bad_pcm(x, _F32, "f32_to_s16")
     out = np.empty(x.shape, dtype=_I16)
-    lib.vg_f32_to_s16(_from_buffer(x), _from_buffer(out, require_writable=True), x.size)
+    lib.vg_f32_to_s16(
+        _from_buffer(_ARRAY[_F32], x),
+        _from_buffer(_ARRAY[_I16], out, require_writable=True),
+        x.size,
+    )
     return out
 
 
@@ -99,7 +110,7 @@ def rms(x: np.ndarray) -> float:
         ValueError: wrong dtype or layout.
     """
     x = _pcm(x, "rms")
-    return float(_rms[x.dtype](_from_buffer(x), x.size))
+    return float(_rms[x.dtype](_from_buffer(_ARRAY[x.dtype], x), x.size))
 
 
 def peak(x: np.ndarray) -> float:
@@ -115,7 +126,7 @@ def peak(x: np.ndarray) -> float:
         ValueError: wrong dtype or layout.
     """
     x = _pcm(x, "peak")
-    return float(_peak[x.dtype](_from_buffer(x), x.size))
+    return float(_peak[x.dtype](_from_buffer(_ARRAY[x.dtype], x), x.size))
 
 
 def levels(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +149,11 @@ def levels(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r = np.empty(n_frames)
     p = np.empty(n_frames)
     _levels[frames.dtype](
-        _from_buffer(frames),
+        _from_buffer(_ARRAY[frames.dtype], frames),
         n_frames,
         frame_len,
-        _from_buffer("double[]", r, require_writable=True),
-        _from_buffer("double[]", p, require_writable=True),
+        _from_buffer(_DOUBLES, r, require_writable=True),
+        _from_buffer(_DOUBLES, p, require_writable=True),
     )
     return r, p
 
