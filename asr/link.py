@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
     BAD_FRAME = "BAD_FRAME"
     BAD_AUDIO = "BAD_AUDIO"
     BUSY = "BUSY"
+    TIMEOUT = "TIMEOUT"
     INTERNAL = "INTERNAL"
 
 

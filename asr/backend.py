@@ -1,0 +1,61 @@
+"""What the ASR server needs from a recognition engine (the Whisper engine implements it).
+
+Keeping this small lets the HTTP/2 shell be tested with any engine, and lets ops plug in
+another model family without touching the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .scheduler import Job
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """The text of one utterance (partial or final)."""
+
+    text: str
+    lang: str
+    no_speech_prob: float = 0.0
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LidResult:
+    """Language identification: the best language, its probability and the top list."""
+
+    lang: str
+    score: float
+    top: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    no_speech_prob: float = 0.0
+
+
+class Backend(Protocol):
+    """A recognition engine behind the scheduler."""
+
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        """Pool name -> languages it serves (``("*",)`` for every language)."""
+        ...
+
+    def select_pool(self, lang_hint: str, domain: str) -> str | None:
+        """The pool for a stream, or None when no pool fits."""
+        ...
+
+    def lid_pool(self) -> str | None:
+        """The pool whose model answers language ID, or None without one."""
+        ...
+
+    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
+        """Run ``jobs`` (all of ``pool``) at once; called in a worker thread.
+
+        Job kinds: ``partial`` and ``final`` return ``Recognition``; ``lid`` returns
+        ``LidResult``. ``job.options`` may carry ``lang`` and ``prompt``.
+        """
+        ...
+
+    def warmup(self) -> None:
+        """Run each model once so the first user does not pay for lazy init."""
+        ...

@@ -1,0 +1,347 @@
+"""A small HTTP/2 client on Trio and h2, full duplex per stream.
+
+httpx cannot read a response while it is still sending the request, and the ASR link
+needs exactly that: audio goes up while events come down on the same stream. This client
+multiplexes streams over one connection, honours the peer's ``SETTINGS`` (concurrent
+stream limit, flow-control windows) and gives each stream bounded receive buffering.
+
+Cleartext uses prior knowledge (h2c); pass an ``ssl.SSLContext`` for TLS with ALPN h2.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+READ_SIZE = 65536
+STREAM_BUFFER_EVENTS = 256  # per-stream receive events held before the reader waits
+
+
+class H2ClientError(Exception):
+    """The connection or a stream failed."""
+
+
+class StreamReset(H2ClientError):
+    """The peer reset the stream."""
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        super().__init__(f"stream {stream_id} reset by peer (error code {error_code})")
+        self.error_code = error_code
+
+
+@dataclass
+class _StreamState:
+    send_channel: trio.MemorySendChannel[h2.events.Event]
+    receive_channel: trio.MemoryReceiveChannel[h2.events.Event]
+    window_open: trio.Event = field(default_factory=trio.Event)
+
+
+class H2Stream:
+    """One request/response exchange. Use from a single task per direction."""
+
+    def __init__(self, conn: H2Connection, stream_id: int, state: _StreamState) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self._state = state
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self._ended = False
+        self._closed_local = False
+
+    async def send(self, data: bytes) -> None:
+        """Send body bytes, waiting for flow-control window as needed."""
+        view = memoryview(data)
+        while view:
+            n = await self._conn._send_some(self.stream_id, view)
+            view = view[n:]
+
+    async def end(self) -> None:
+        """End the request body (half-close)."""
+        if not self._closed_local:
+            self._closed_local = True
+            await self._conn._end_stream(self.stream_id)
+
+    async def reset(self) -> None:
+        """Abort the stream (RST_STREAM CANCEL)."""
+        await self._conn._reset_stream(self.stream_id)
+
+    async def response(self) -> int:
+        """Wait for the response headers; return the status."""
+        while self.status is None:
+            event = await self._next()
+            if event is None:
+                raise H2ClientError(f"stream {self.stream_id} ended before its headers")
+            if isinstance(event, h2.events.ResponseReceived):
+                self.headers = {k.decode(): v.decode() for k, v in event.headers}
+                self.status = int(self.headers[":status"])
+        return self.status
+
+    async def receive(self) -> bytes | None:
+        """The next body chunk, or None at the end of the response."""
+        if self.status is None:
+            await self.response()
+        while True:
+            event = await self._next()
+            if event is None:
+                return None
+            if isinstance(event, h2.events.DataReceived):
+                await self._conn._ack(self.stream_id, event.flow_controlled_length)
+                return bytes(event.data)
+
+    async def _next(self) -> h2.events.Event | None:
+        if self._ended:
+            return None
+        try:
+            event = await self._state.receive_channel.receive()
+        except trio.EndOfChannel:
+            self._ended = True
+            return None
+        if isinstance(event, h2.events.StreamReset):
+            self._ended = True
+            raise StreamReset(self.stream_id, int(event.error_code))
+        if isinstance(event, h2.events.StreamEnded):
+            self._ended = True
+            return None
+        if isinstance(event, h2.events.ConnectionTerminated):
+            self._ended = True
+            raise H2ClientError(f"connection terminated: {event.error_code!r}")
+        return event
+
+
+class H2Connection:
+    """An HTTP/2 client connection. Create with ``connect`` (an async context manager)."""
+
+    def __init__(self, stream: trio.abc.Stream, authority: str, scheme: str) -> None:
+        self._stream = stream
+        self.authority = authority
+        self.scheme = scheme
+        self._h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self._send_lock = trio.Lock()
+        self._streams: dict[int, _StreamState] = {}
+        self._window_changed = trio.Event()
+        self._slots_changed = trio.Event()
+        self.closed = False
+        self._error: BaseException | None = None
+
+    @property
+    def max_streams(self) -> int:
+        return int(self._h2.remote_settings.max_concurrent_streams or 2**31)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def available(self) -> bool:
+        """Open, and below the peer's concurrent-stream limit."""
+        return not self.closed and self.open_streams < self.max_streams
+
+    async def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(exc)
+                raise H2ClientError(f"connection lost: {exc}") from exc
+
+    async def _start(self) -> None:
+        self._h2.initiate_connection()
+        # A large connection window: many streams share it and each returns its credit.
+        self._h2.increment_flow_control_window(2**24)
+        async with self._send_lock:
+            await self._flush()
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive_some(READ_SIZE)
+                if not data:
+                    break
+                try:
+                    events = self._h2.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    self._fail(exc)
+                    break
+                for event in events:
+                    self._dispatch(event)
+                async with self._send_lock:
+                    await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, H2ClientError) as exc:
+            self._fail(exc)
+        finally:
+            self._fail(H2ClientError("connection closed by peer"))
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._window_changed.set()
+            self._window_changed = trio.Event()
+            self._slots_changed.set()
+            self._slots_changed = trio.Event()
+            return
+        if isinstance(event, h2.events.ConnectionTerminated):
+            self._fail(H2ClientError(f"GOAWAY {event.error_code!r}"))
+            return
+        stream_id = getattr(event, "stream_id", None)
+        if stream_id is None or stream_id not in self._streams:
+            return
+        state = self._streams[stream_id]
+        try:
+            # Never wait here: one stream whose owner stopped reading would stall every
+            # stream on the connection. A full buffer costs that stream, not the others.
+            state.send_channel.send_nowait(event)
+        except trio.WouldBlock:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._forget(stream_id)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the stream's owner went away
+        if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+            self._forget(stream_id)
+
+    def _forget(self, stream_id: int) -> None:
+        state = self._streams.pop(stream_id, None)
+        if state is not None:
+            state.send_channel.close()
+            self._slots_changed.set()
+            self._slots_changed = trio.Event()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self.closed = True
+        for stream_id in list(self._streams):
+            self._forget(stream_id)
+        self._window_changed.set()
+        self._slots_changed.set()
+
+    async def open_stream(
+        self, method: str, path: str, headers: list[tuple[str, str]] | None = None,
+        *, end_stream: bool = False,
+    ) -> H2Stream:
+        """Start a request; waits while the peer's concurrent-stream limit is reached.
+
+        Raises:
+            H2ClientError: the connection is closed.
+        """
+        while not self.available:
+            if self.closed:
+                raise H2ClientError(f"connection is closed: {self._error}")
+            await self._slots_changed.wait()
+        async with self._send_lock:
+            stream_id = self._h2.get_next_available_stream_id()
+            send, receive = trio.open_memory_channel[h2.events.Event](STREAM_BUFFER_EVENTS)
+            state = _StreamState(send, receive)
+            self._streams[stream_id] = state
+            hdrs = [(":method", method), (":scheme", self.scheme),
+                    (":authority", self.authority), (":path", path), *(headers or [])]
+            self._h2.send_headers(stream_id, hdrs, end_stream=end_stream)
+            await self._flush()
+        stream = H2Stream(self, stream_id, state)
+        stream._closed_local = end_stream
+        return stream
+
+    async def _send_some(self, stream_id: int, data: memoryview) -> int:
+        """Send as much of ``data`` as the windows allow now (waiting for at least one
+        byte of window); return how much was sent. The window is read and spent under the
+        send lock, so concurrent streams never overdraw the shared connection window."""
+        while True:
+            if self.closed:
+                raise H2ClientError(f"connection is closed: {self._error}")
+            window_changed = self._window_changed
+            async with self._send_lock:
+                try:
+                    window = self._h2.local_flow_control_window(stream_id)
+                    n = min(len(data), window, self._h2.max_outbound_frame_size)
+                    if n > 0:
+                        self._h2.send_data(stream_id, bytes(data[:n]))
+                except (h2.exceptions.StreamClosedError, KeyError) as exc:
+                    raise H2ClientError(f"stream {stream_id} is closed") from exc
+                if n > 0:
+                    await self._flush()
+                    return n
+            await window_changed.wait()
+
+    async def _end_stream(self, stream_id: int) -> None:
+        async with self._send_lock:
+            try:
+                self._h2.end_stream(stream_id)
+            except h2.exceptions.StreamClosedError:
+                return
+            await self._flush()
+
+    async def _reset_stream(self, stream_id: int) -> None:
+        async with self._send_lock:
+            with suppress(h2.exceptions.StreamClosedError):
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._forget(stream_id)
+            await self._flush()
+
+    async def _ack(self, stream_id: int, length: int) -> None:
+        if length <= 0:
+            return
+        async with self._send_lock:
+            try:
+                self._h2.acknowledge_received_data(length, stream_id)
+            except h2.exceptions.StreamClosedError:
+                return
+            await self._flush()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        try:
+            async with self._send_lock:
+                self._h2.close_connection()
+                await self._flush()
+        except (H2ClientError, h2.exceptions.ProtocolError):
+            pass
+        await self._stream.aclose()
+
+
+@asynccontextmanager
+async def connect(
+    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = 5.0,
+) -> AsyncIterator[H2Connection]:
+    """Open an HTTP/2 connection; closes it (and its reader task) on exit.
+
+    Raises:
+        H2ClientError: cannot connect, or TLS did not negotiate h2.
+    """
+    try:
+        with trio.fail_after(connect_timeout_s):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream: trio.abc.Stream = tcp
+            if ssl_context is not None:
+                ssl_context.set_alpn_protocols(["h2"])
+                tls = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+                await tls.do_handshake()
+                if tls.selected_alpn_protocol() != "h2":
+                    await tls.aclose()
+                    raise H2ClientError("the server did not negotiate h2 over TLS")
+                stream = tls
+    except (OSError, trio.TooSlowError) as exc:
+        raise H2ClientError(f"cannot connect to {host}:{port}: {exc}") from exc
+    conn = H2Connection(stream, f"{host}:{port}", "https" if ssl_context else "http")
+    async with trio.open_nursery() as nursery:
+        await conn._start()
+        nursery.start_soon(conn._reader)
+        try:
+            yield conn
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await conn.aclose()
+            nursery.cancel_scope.cancel()
+

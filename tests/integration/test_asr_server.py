@@ -1,0 +1,398 @@
+"""ASR service over real HTTP/2 sockets, with a stand-in engine.
+
+These tests pin the shell: link v1 on the wire, admission, errors, and each hypercorn
+pitfall (concurrent stream limit, keep_alive_max_requests, keep-alive timeout, a stream
+whose peer stops reading, a stream reset mid-way, hypercorn #329). Recognition quality is
+tested with the real engine elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import subprocess
+import ssl
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import trio
+
+from asr import link
+from asr.backend import LidResult, Recognition
+from asr.scheduler import Job
+from asr.server import AsrApp, AsrServerConfig, serve
+from gateway.h2client import H2ClientError, connect
+from tests import speech
+from tests.linkclient import audio_frames, open_recognize, opus_packets
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class StandInEngine:
+    """Answers with the duration it heard, so tests can check what audio arrived."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[tuple[str, int]] = []
+
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        return {"en": ("en",), "multi": ("*",)}
+
+    def select_pool(self, lang_hint: str, domain: str) -> str | None:
+        if domain not in ("default", ""):
+            return None
+        return "en" if lang_hint in ("", "en") else "multi"
+
+    def lid_pool(self) -> str | None:
+        return "multi"
+
+    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
+        time.sleep(self.delay_s)
+        self.batches.append((pool, len(jobs)))
+        out: list[Recognition | LidResult] = []
+        for j in jobs:
+            if j.kind == "lid":
+                out.append(LidResult("en", 0.9, (("en", 0.9), ("de", 0.05))))
+            else:
+                rms = float(np.sqrt(np.mean(j.audio ** 2))) if len(j.audio) else 0.0
+                out.append(Recognition(f"{len(j.audio) / 16000:.2f}s rms={rms:.3f}",
+                                       j.options.get("lang", "en")))
+        return out
+
+    def warmup(self) -> None:
+        pass
+
+
+async def _start_server(nursery: trio.Nursery, engine: StandInEngine, **cfg: object
+                        ) -> tuple[AsrApp, int, trio.Event]:
+    shutdown = trio.Event()
+    config = AsrServerConfig(port=0, **cfg)  # type: ignore[arg-type]
+    app, port = await nursery.start(functools.partial(serve, engine, config,
+                                                      shutdown=shutdown))
+    while not app.ready:
+        await trio.sleep(0.01)
+    return app, port, shutdown
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> AsyncIterator[tuple[AsrApp, int]]:
+    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=1.0)
+    yield app, port
+    shutdown.set()
+
+
+GOFORWARD = speech.goforward()
+
+
+async def test_partials_before_body_ends_then_final_and_end(server: tuple[AsrApp, int]
+                                                             ) -> None:
+    app, port = server
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="f1"))
+        assert await ls.stream.response() == 200
+        packets = opus_packets(GOFORWARD)
+        frames = audio_frames(packets, first_pts_ms=1000)
+        half = len(frames) // 2
+        await ls.send(*frames[:half])
+        partial = await ls.until("partial")  # the body is still open
+        assert partial.flow_id == "f1" and partial.utterance == 0
+        assert partial.ts[0] == 1000
+        await ls.send(*frames[half:], link.Finalize())
+        final = await ls.until("final")
+        assert final.ts == (1000, 1000 + 20 * len(frames))
+        assert final.text.startswith(f"{len(frames) * 320 / 16000:.2f}s")
+        await ls.send(link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+    assert events[-1].type == "end"
+    assert [e.type for e in events].count("final") == 1
+    assert all(e.type in ("partial", "final", "end") for e in events)
+
+
+async def test_two_utterances_and_pcm_fallback(server: tuple[AsrApp, int]) -> None:
+    _, port = server
+    pcm = [GOFORWARD[i:i + 320].tobytes() for i in range(0, 320 * 100, 320)]
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="f2", codec="pcm"))
+        await ls.send(*audio_frames(pcm[:50]), link.Finalize())
+        await ls.send(*audio_frames(pcm[50:], first_seq=50, first_pts_ms=3000), link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+    finals = [e for e in events if e.type == "final"]
+    assert [(f.utterance, f.ts) for f in finals] == [(0, (0, 1000)), (1, (3000, 4000))]
+    assert finals[0].text.startswith("1.00s")
+
+
+async def test_sixteen_concurrent_streams_on_one_connection(server: tuple[AsrApp, int]
+                                                            ) -> None:
+    _, port = server
+    packets = opus_packets(GOFORWARD)
+    finals: dict[str, link.AsrEvent] = {}
+
+    async def one(conn: object, i: int) -> None:
+        ls = await open_recognize(conn, link.Start(flow_id=f"s{i}"))  # type: ignore[arg-type]
+        await ls.send(*audio_frames(packets), link.End())
+        await ls.stream.end()
+        finals[f"s{i}"] = [e for e in await ls.rest() if e.type == "final"][0]
+
+    async with connect("127.0.0.1", port) as conn, trio.open_nursery() as n:
+        for i in range(16):
+            n.start_soon(one, conn, i)
+    assert len(finals) == 16
+    assert len({f.text for f in finals.values()}) == 1
+
+
+async def test_busy_at_capacity_gets_503_with_retry_after(nursery: trio.Nursery) -> None:
+    app, port, shutdown = await _start_server(nursery, StandInEngine(), max_streams=2)
+    async with connect("127.0.0.1", port) as conn:
+        a = await open_recognize(conn, link.Start(flow_id="a"))
+        b = await open_recognize(conn, link.Start(flow_id="b"))
+        assert await a.stream.response() == 200 and await b.stream.response() == 200
+        c = await open_recognize(conn, link.Start(flow_id="c"))
+        assert await c.stream.response() == 503
+        assert c.stream.headers["retry-after"] == "1"
+        for ls in (a, b):
+            await ls.send(link.End())
+            await ls.stream.end()
+            assert (await ls.rest())[-1].type == "end"
+        text = (await _get(port, "/metrics")).text
+        assert "asr_busy_rejections_total 1.0" in text
+    shutdown.set()
+
+
+async def _get(port: int, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        return await client.get(path)
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack("<BI", kind, len(payload)) + payload
+
+
+START = link.encode(link.Start(flow_id="bad"))
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "fatal"),
+    [
+        (START + b"\x02\x40\x00", "TRUNCATED", True),
+        (START + _frame(0x7E, b""), "UNKNOWN_FRAME", True),
+        (START + struct.pack("<BI", 2, 10**6), "FRAME_TOO_LARGE", True),
+        (START + link.encode(link.Audio(0, 0, b"\xff\xfe\xfd" * 40)), "BAD_AUDIO", False),
+        (link.encode(link.Audio(0, 0, b"x")), "NO_START", True),
+        (START + START, "DUPLICATE_START", False),
+        (_frame(1, b'{"flow_id":"x","sr":8000}'), "BAD_START", True),
+        (_frame(1, b"not json"), "BAD_START", True),
+        (link.encode(link.Start(flow_id="x", domain="medical")), "BAD_START", True),
+    ],
+)
+async def test_bad_frames_get_error_events_and_server_stays_up(
+    server: tuple[AsrApp, int], body: bytes, code: str, fatal: bool
+) -> None:
+    _, port = server
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn)
+        await ls.send_raw(body)
+        await ls.stream.end()
+        events = await ls.rest()
+    errors = [e for e in events if e.type == "error"]
+    assert errors and errors[0].code == code and errors[0].fatal is fatal
+    assert events[-1].type == "end"
+    assert (await _get(port, "/healthz")).status_code == 200
+
+
+async def test_opus_garbage_keeps_the_audio_around_it(server: tuple[AsrApp, int]) -> None:
+    _, port = server
+    packets = opus_packets(GOFORWARD[:16000])  # 50 packets
+    frames = audio_frames(packets)
+    frames[10] = link.Audio(10, 200, b"\xff\xfe\xfd" * 40)
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="g"))
+        await ls.send(*frames, link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+    (final,) = [e for e in events if e.type == "final"]
+    assert final.text.startswith("1.00s")  # the bad packet was concealed, not dropped
+
+
+async def test_lost_packets_are_concealed_and_duplicates_dropped(
+    server: tuple[AsrApp, int]
+) -> None:
+    _, port = server
+    frames = audio_frames(opus_packets(GOFORWARD[:16000]))
+    sent = frames[:20] + frames[22:] + frames[30:35]  # two lost, five duplicated
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="l"))
+        await ls.send(*sent, link.End())
+        await ls.stream.end()
+        (final,) = [e for e in await ls.rest() if e.type == "final"]
+    assert final.text.startswith("1.00s")
+    metrics = (await _get(port, "/metrics")).text
+    assert "asr_concealed_packets_total 2.0" in metrics
+
+
+async def test_reset_mid_stream_leaves_the_others_alone(server: tuple[AsrApp, int]) -> None:
+    app, port = server
+    packets = opus_packets(GOFORWARD)
+    async with connect("127.0.0.1", port) as conn:
+        streams = [await open_recognize(conn, link.Start(flow_id=f"r{i}")) for i in range(3)]
+        for ls in streams:
+            await ls.send(*audio_frames(packets[:40]))
+        await streams[1].stream.reset()
+        for ls in (streams[0], streams[2]):
+            await ls.send(*audio_frames(packets[40:], first_seq=40, first_pts_ms=800),
+                          link.End())
+            await ls.stream.end()
+            assert [e.type for e in await ls.rest()][-2:] == ["final", "end"]
+    with trio.fail_after(5):  # the reset stream's session is gone on the server too
+        while app.active:
+            await trio.sleep(0.02)
+
+
+async def test_a_stream_whose_client_stops_reading_does_not_stall_the_others(
+    nursery: trio.Nursery,
+) -> None:
+    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.2,
+                                              stream_events=16)
+    garbage = [link.Audio(i, 20 * i, b"\xff\xfe\xfd" * 40) for i in range(3000)]
+    async with connect("127.0.0.1", port) as conn:
+        stalled = await open_recognize(conn, link.Start(flow_id="stalled"))
+        # 3000 error events (~0.4 MB) toward a client that never reads them: the server
+        # must drop this stream, not block the connection.
+        await stalled.send(*garbage[:1500])
+        t0 = time.perf_counter()
+        ok = await open_recognize(conn, link.Start(flow_id="ok"))
+        await ok.send(*audio_frames(opus_packets(GOFORWARD[:16000])), link.End())
+        await ok.stream.end()
+        events = await ok.rest()
+        assert events[-1].type == "end" and time.perf_counter() - t0 < 5
+        await stalled.stream.reset()
+    shutdown.set()
+
+
+async def test_response_ending_while_client_still_sends_does_not_kill_the_server(
+    nursery: trio.Nursery,
+) -> None:
+    """hypercorn #329: DATA on a stream whose response is complete."""
+    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.05)
+    packets = opus_packets(GOFORWARD)
+    async with connect("127.0.0.1", port) as conn:
+        other = await open_recognize(conn, link.Start(flow_id="other"))
+        doomed = await open_recognize(conn)
+        await doomed.send_raw(_frame(1, b"{}"))  # fatal BAD_START: the server ends it
+        events = await doomed.rest()
+        assert events[-1].type == "end"
+        for _ in range(20):  # ...while this client keeps sending on it
+            try:
+                await doomed.send(*audio_frames(packets[:10]))
+            except H2ClientError:
+                break
+            await trio.sleep(0.01)
+        await other.send(*audio_frames(packets), link.End())
+        await other.stream.end()
+        assert [e.type for e in await other.rest()][-2:] == ["final", "end"]
+    assert (await _get(port, "/healthz")).status_code == 200
+    shutdown.set()
+
+
+async def test_more_requests_than_keep_alive_max_requests_default(server: tuple[AsrApp, int]
+                                                                  ) -> None:
+    """hypercorn's default closes a connection after 1000 requests, in-flight or not."""
+    _, port = server
+    async with connect("127.0.0.1", port) as conn:
+        long = await open_recognize(conn, link.Start(flow_id="long"))
+        for _ in range(1050):
+            s = await conn.open_stream("GET", "/healthz", end_stream=True)
+            assert await s.response() == 200
+            await s.receive()
+        await long.send(*audio_frames(opus_packets(GOFORWARD[:8000])), link.End())
+        await long.stream.end()
+        assert (await long.rest())[-1].type == "end"
+
+
+async def test_quiet_stream_outlives_keep_alive_timeout(nursery: trio.Nursery) -> None:
+    app, port, shutdown = await _start_server(nursery, StandInEngine(),
+                                              keep_alive_timeout_s=0.5)
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="quiet"))
+        await ls.send(*audio_frames(opus_packets(GOFORWARD[:8000])))
+        await trio.sleep(1.5)  # a pause in speech longer than the keep-alive timeout
+        await ls.send(link.End())
+        await ls.stream.end()
+        assert [e.type for e in await ls.rest()][-2:] == ["final", "end"]
+    shutdown.set()
+
+
+async def test_concurrent_stream_limit_is_advertised_and_respected(nursery: trio.Nursery
+                                                                   ) -> None:
+    app, port, shutdown = await _start_server(nursery, StandInEngine(),
+                                              h2_max_concurrent_streams=4)
+    async with connect("127.0.0.1", port) as conn:
+        streams = [await open_recognize(conn, link.Start(flow_id=f"c{i}")) for i in range(4)]
+        assert conn.max_streams == 4
+        with trio.move_on_after(0.3) as waited:
+            await conn.open_stream("GET", "/healthz", end_stream=True)
+        assert waited.cancelled_caught  # the fifth waits for a free slot
+        for ls in streams:
+            await ls.send(link.End())
+            await ls.stream.end()
+            await ls.rest()
+        s = await conn.open_stream("GET", "/healthz", end_stream=True)
+        assert await s.response() == 200
+    shutdown.set()
+
+
+async def test_graceful_shutdown_drains_streams_with_finals(nursery: trio.Nursery) -> None:
+    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.2)
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="drain"))
+        await ls.send(*audio_frames(opus_packets(GOFORWARD[:16000])))
+        await trio.sleep(0.2)
+        shutdown.set()
+        events = await ls.rest()
+    assert [e.type for e in events][-2:] == ["final", "end"]
+
+
+async def test_probes_lid_and_metrics(server: tuple[AsrApp, int]) -> None:
+    _, port = server
+    assert (await _get(port, "/healthz")).json() == {"status": "ok"}
+    assert (await _get(port, "/readyz")).json() == {"ready": True}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        r = await client.post("/v1/lid", content=GOFORWARD[:16000].tobytes())
+        assert r.status_code == 200 and r.json()["lang"] == "en"
+        assert (await client.post("/v1/lid", content=b"abc")).status_code == 400
+    text = (await _get(port, "/metrics")).text
+    for name in ("asr_rtf", "asr_latency_ms_bucket", "asr_inflight_sessions",
+                 "asr_queue_depth", "asr_busy_rejections_total",
+                 "asr_opus_decode_errors_total"):
+        assert name in text
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_with_alpn_h2(nursery: trio.Nursery, tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    app, port, shutdown = await _start_server(nursery, StandInEngine(), certfile=str(cert),
+                                              keyfile=str(key))
+    ctx = ssl.create_default_context(cafile=str(cert))
+    async with connect("127.0.0.1", port, ssl_context=ctx) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="tls"))
+        await ls.send(*audio_frames(opus_packets(GOFORWARD[:8000])), link.End())
+        await ls.stream.end()
+        assert [e.type for e in await ls.rest()][-2:] == ["final", "end"]
+    shutdown.set()
