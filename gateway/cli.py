@@ -1,14 +1,82 @@
-"""The ``voxgate`` command line."""
+"""The ``voxgate`` command line.
+
+Each subcommand imports its implementation lazily, so ``voxgate --help`` stays fast and
+a command never pays for another's dependencies.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+MODEL_NAMES = ("base", "tiny.en")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from asr.whisper import cache
+
+    if args.action == "prepare":
+        names = args.model or list(MODEL_NAMES)
+        for name in names:
+            for precision in args.precision or ["int8"]:
+                path = cache.prepare(name, precision)
+                print(f"{name} {precision}: {path}")
+        return 0
+    if args.action == "path":
+        print(cache.cache_root())
+        return 0
+    raise AssertionError(args.action)  # argparse restricts the choices
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from asr.whisper.decoding import transcribe_file
+
+    result = transcribe_file(Path(args.file), model=args.model, beam=args.beam)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print(result.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxgate", description="voxgate: a real-time speech gateway"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = sub.add_parser(
+        "models", help="prepare the ONNX models from the packaged Whisper weights"
+    )
+    models.add_argument("action", choices=["prepare", "path"],
+                        help="prepare: export and cache now; path: print the cache folder")
+    models.add_argument("--model", action="append", choices=MODEL_NAMES,
+                        help="model to prepare (repeatable; default: all)")
+    models.add_argument("--precision", action="append", choices=["int8", "fp32"],
+                        help="precision to prepare (repeatable; default: int8)")
+    models.set_defaults(func=_models)
+
+    tr = sub.add_parser("transcribe", help="transcribe a 16 kHz mono WAV file")
+    tr.add_argument("file", help="WAV file (PCM16; other rates are resampled)")
+    tr.add_argument("--model", default="base", choices=MODEL_NAMES)
+    tr.add_argument("--beam", type=int, default=1, choices=range(1, 6), metavar="N",
+                    help="beam size, 1 (greedy) to 5")
+    tr.add_argument("--json", action="store_true",
+                    help="print JSON with language, timing and RTF")
+    tr.set_defaults(func=_transcribe)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="voxgate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    del sub
-    args = parser.parse_args(argv)
-    del args
-    return 0
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"voxgate {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -156,8 +156,8 @@ def _f32(name: str, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def build_encoder(model: Ct2Model, n_layers: int | None = None, cross: bool = True
-                  ) -> onnx.ModelProto:
+def build_encoder(model: Ct2Model, n_layers: int | None = None, cross: bool = True,
+                  fused_attention: bool = False) -> onnx.ModelProto:
     """The encoder graph: ``mel [B, n_mels, T]`` -> ``cross_k, cross_v [L, B, S, D]``.
 
     Args:
@@ -165,6 +165,8 @@ def build_encoder(model: Ct2Model, n_layers: int | None = None, cross: bool = Tr
         n_layers: build only the first ``n_layers`` blocks (tests); the final LayerNorm
             is applied only when all blocks are built.
         cross: compute the cross K/V (else output the encoder states ``enc [B, S, D]``).
+        fused_attention: use ``com.microsoft.Attention`` with the fused QKV weight inside
+            (else a MatMul for QKV and ``MultiHeadAttention``).
     """
     dims = model.dims()
     g = _Graph(model)
@@ -184,8 +186,14 @@ def build_encoder(model: Ct2Model, n_layers: int | None = None, cross: bool = Tr
     for i in range(layers):
         p = f"encoder/layer_{i}"
         h = g.layer_norm(x, p + "/self_attention/layer_norm")
-        q, k, v = g.split3(g.linear(h, p + "/self_attention/linear_0"), d)
-        a = g.mha(q, k, v, dims.n_audio_head)
+        if fused_attention:
+            qkv = p + "/self_attention/linear_0"
+            a = g.op("Attention", [h, g.weight(qkv + "/weight", transpose=True),
+                                   g.weight(qkv + "/bias")],
+                     domain=MS_DOMAIN, num_heads=dims.n_audio_head)
+        else:
+            q, k, v = g.split3(g.linear(h, p + "/self_attention/linear_0"), d)
+            a = g.mha(q, k, v, dims.n_audio_head)
         x = g.op("Add", [x, g.linear(a, p + "/self_attention/linear_1")])
         x = g.ffn(x, p + "/ffn")
     if layers == dims.n_audio_layer:
@@ -229,7 +237,8 @@ def build_cross_kv(model: Ct2Model) -> onnx.ModelProto:
                   [_f32("cross_k", shape), _f32("cross_v", shape)], "whisper_cross_kv")
 
 
-def build_decoder(model: Ct2Model, projection: str = "gemm") -> onnx.ModelProto:
+def build_decoder(model: Ct2Model, projection: str = "gemm", cross_layout: str = "stacked"
+                  ) -> onnx.ModelProto:
     """The decoder graph with self-attention cache (see the module docstring).
 
     Args:
@@ -282,8 +291,11 @@ def build_decoder(model: Ct2Model, projection: str = "gemm") -> onnx.ModelProto:
         x = g.op("Add", [x, g.linear(a, p + "/self_attention/linear_1")])
         h = g.layer_norm(x, p + "/attention/layer_norm")
         q = g.linear(h, p + "/attention/linear_0")
-        ck = g.op("Gather", ["cross_k", li], axis=0)
-        cv = g.op("Gather", ["cross_v", li], axis=0)
+        if cross_layout == "stacked":
+            ck = g.op("Gather", ["cross_k", li], axis=0)
+            cv = g.op("Gather", ["cross_v", li], axis=0)
+        else:
+            ck, cv = f"cross_k_{i}", f"cross_v_{i}"
         a = g.mha(q, ck, cv, nh)
         x = g.op("Add", [x, g.linear(a, p + "/attention/linear_2")])
         x = g.ffn(x, p + "/ffn")
@@ -304,8 +316,14 @@ def build_decoder(model: Ct2Model, projection: str = "gemm") -> onnx.ModelProto:
     inputs = [
         helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "n_new"]),
         _f32("self_k", cache_in), _f32("self_v", cache_in),
-        _f32("cross_k", cross_in), _f32("cross_v", cross_in),
     ]
+    if cross_layout == "stacked":
+        inputs += [_f32("cross_k", cross_in), _f32("cross_v", cross_in)]
+    else:
+        per: list[int | str] = ["batch", "enc_frames", d]
+        if cross_layout == "layers_bnsh":
+            per = ["batch", nh, "enc_frames", d // nh]
+        inputs += [_f32(f"cross_{kv}_{i}", per) for i in range(n_layers) for kv in "kv"]
     outputs = [_f32("logits", ["batch", dims.n_vocab]), _f32("new_self_k", cache_out),
                _f32("new_self_v", cache_out)]
     return _model(g, inputs, outputs, "whisper_decoder")

@@ -9,9 +9,9 @@ tested with the real engine elsewhere.
 from __future__ import annotations
 
 import functools
+import ssl
 import struct
 import subprocess
-import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -90,7 +90,7 @@ GOFORWARD = speech.goforward()
 
 async def test_partials_before_body_ends_then_final_and_end(server: tuple[AsrApp, int]
                                                              ) -> None:
-    app, port = server
+    _app, port = server
     async with connect("127.0.0.1", port) as conn:
         ls = await open_recognize(conn, link.Start(flow_id="f1"))
         assert await ls.stream.response() == 200
@@ -137,7 +137,7 @@ async def test_sixteen_concurrent_streams_on_one_connection(server: tuple[AsrApp
         ls = await open_recognize(conn, link.Start(flow_id=f"s{i}"))  # type: ignore[arg-type]
         await ls.send(*audio_frames(packets), link.End())
         await ls.stream.end()
-        finals[f"s{i}"] = [e for e in await ls.rest() if e.type == "final"][0]
+        finals[f"s{i}"] = next(e for e in await ls.rest() if e.type == "final")
 
     async with connect("127.0.0.1", port) as conn, trio.open_nursery() as n:
         for i in range(16):
@@ -147,7 +147,7 @@ async def test_sixteen_concurrent_streams_on_one_connection(server: tuple[AsrApp
 
 
 async def test_busy_at_capacity_gets_503_with_retry_after(nursery: trio.Nursery) -> None:
-    app, port, shutdown = await _start_server(nursery, StandInEngine(), max_streams=2)
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(), max_streams=2)
     async with connect("127.0.0.1", port) as conn:
         a = await open_recognize(conn, link.Start(flow_id="a"))
         b = await open_recognize(conn, link.Start(flow_id="b"))
@@ -256,7 +256,7 @@ async def test_reset_mid_stream_leaves_the_others_alone(server: tuple[AsrApp, in
 async def test_a_stream_whose_client_stops_reading_does_not_stall_the_others(
     nursery: trio.Nursery,
 ) -> None:
-    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.2,
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.2,
                                               stream_events=16)
     garbage = [link.Audio(i, 20 * i, b"\xff\xfe\xfd" * 40) for i in range(3000)]
     async with connect("127.0.0.1", port) as conn:
@@ -278,7 +278,7 @@ async def test_response_ending_while_client_still_sends_does_not_kill_the_server
     nursery: trio.Nursery,
 ) -> None:
     """hypercorn #329: DATA on a stream whose response is complete."""
-    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.05)
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.05)
     packets = opus_packets(GOFORWARD)
     async with connect("127.0.0.1", port) as conn:
         other = await open_recognize(conn, link.Start(flow_id="other"))
@@ -315,7 +315,7 @@ async def test_more_requests_than_keep_alive_max_requests_default(server: tuple[
 
 
 async def test_quiet_stream_outlives_keep_alive_timeout(nursery: trio.Nursery) -> None:
-    app, port, shutdown = await _start_server(nursery, StandInEngine(),
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(),
                                               keep_alive_timeout_s=0.5)
     async with connect("127.0.0.1", port) as conn:
         ls = await open_recognize(conn, link.Start(flow_id="quiet"))
@@ -329,7 +329,7 @@ async def test_quiet_stream_outlives_keep_alive_timeout(nursery: trio.Nursery) -
 
 async def test_concurrent_stream_limit_is_advertised_and_respected(nursery: trio.Nursery
                                                                    ) -> None:
-    app, port, shutdown = await _start_server(nursery, StandInEngine(),
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(),
                                               h2_max_concurrent_streams=4)
     async with connect("127.0.0.1", port) as conn:
         streams = [await open_recognize(conn, link.Start(flow_id=f"c{i}")) for i in range(4)]
@@ -347,7 +347,7 @@ async def test_concurrent_stream_limit_is_advertised_and_respected(nursery: trio
 
 
 async def test_graceful_shutdown_drains_streams_with_finals(nursery: trio.Nursery) -> None:
-    app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.2)
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(), body_drain_s=0.2)
     async with connect("127.0.0.1", port) as conn:
         ls = await open_recognize(conn, link.Start(flow_id="drain"))
         await ls.send(*audio_frames(opus_packets(GOFORWARD[:16000])))
@@ -387,7 +387,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 async def test_tls_with_alpn_h2(nursery: trio.Nursery, tls_files: tuple[Path, Path]) -> None:
     cert, key = tls_files
-    app, port, shutdown = await _start_server(nursery, StandInEngine(), certfile=str(cert),
+    _app, port, shutdown = await _start_server(nursery, StandInEngine(), certfile=str(cert),
                                               keyfile=str(key))
     ctx = ssl.create_default_context(cafile=str(cert))
     async with connect("127.0.0.1", port, ssl_context=ctx) as conn:
