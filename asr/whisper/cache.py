@@ -29,7 +29,7 @@ from typing import Any
 
 from asr.whisper import weights
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 MANIFEST = "manifest.json"
 DEFAULT_PRECISIONS = ("int8", "fp32")
 

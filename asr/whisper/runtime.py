@@ -76,7 +76,12 @@ class OnnxWhisper:
         return f"OnnxWhisper({self.name!r}, {self.precision!r}, threads={self.threads})"
 
     def encode(self, mel: np.ndarray) -> CrossKV:
-        """Encode float32 log-mel ``[B, n_mels, T]`` into cross-attention K/V ``[L, B, S, D]``.
+        """Encode float32 log-mel ``[B, n_mels, T]`` into cross-attention K/V.
+
+        The arrays are ``[L, B, H, S, D/H]`` (split into heads; see ``export.py`` for why),
+        not the ``[L, B, S, D]`` of ``model.py``'s docstring: batch is still axis 1, so
+        ``CrossKV.select`` and ``k.shape[1]`` work unchanged. :func:`cross_to_bsd` gives
+        the documented layout.
 
         Raises:
             ValueError: wrong rank, mel count, odd ``T`` or ``T > 2 * n_audio_ctx``.
@@ -113,10 +118,7 @@ class OnnxWhisper:
         if tokens.ndim != 2 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [B, N] with N >= 1, got {tokens.shape}")
         b, n = tokens.shape
-        want_cross = (d.n_text_layer, b, d.n_text_state)
-        if (cross.k.ndim != 4 or (cross.k.shape[0], cross.k.shape[1], cross.k.shape[3])
-                != want_cross or cross.v.shape != cross.k.shape):
-            raise ValueError(f"cross K/V {cross.k.shape} do not fit tokens {tokens.shape}")
+        ck, cv = self._cross_heads(cross, b)
         if cache is None:
             empty = np.zeros((d.n_text_layer, b, 0, d.n_text_state), np.float32)
             self_k, self_v = empty, empty
@@ -135,8 +137,8 @@ class OnnxWhisper:
                 "tokens": tokens,
                 "self_k": np.ascontiguousarray(self_k, dtype=np.float32),
                 "self_v": np.ascontiguousarray(self_v, dtype=np.float32),
-                "cross_k": np.ascontiguousarray(cross.k, dtype=np.float32),
-                "cross_v": np.ascontiguousarray(cross.v, dtype=np.float32),
+                **{f"cross_k_{i}": ck[i] for i in range(d.n_text_layer)},
+                **{f"cross_v_{i}": cv[i] for i in range(d.n_text_layer)},
             },
         )
         st = self._stats
@@ -145,10 +147,36 @@ class OnnxWhisper:
         st[5] += time.perf_counter() - t0
         return logits, SelfKV(new_k, new_v)
 
+    def _cross_heads(self, cross: CrossKV, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cross K/V as contiguous float32 ``[L, B, H, S, D/H]`` (copies only if not already)."""
+        d = self.dims
+        ck, cv = cross.k, cross.v
+        if ck.ndim == 4:  # the [L, B, S, D] layout of model.py's docstring: split heads
+            ck, cv = cross_to_heads(ck, d.n_text_head), cross_to_heads(cv, d.n_text_head)
+        want = (d.n_text_layer, b, d.n_text_head)
+        hd = d.n_text_state // d.n_text_head
+        if ck.ndim != 5 or ck.shape[:3] != want or ck.shape[4] != hd or cv.shape != ck.shape:
+            raise ValueError(f"cross K/V {cross.k.shape} do not fit {b} batch rows")
+        return (np.ascontiguousarray(ck, dtype=np.float32),
+                np.ascontiguousarray(cv, dtype=np.float32))
+
     def statistics(self) -> RuntimeStatistics:
         s = self._stats
         return RuntimeStatistics(int(s[0]), int(s[1]), float(s[2]), int(s[3]), int(s[4]),
                                  float(s[5]))
+
+
+def cross_to_bsd(x: np.ndarray) -> np.ndarray:
+    """``[L, B, H, S, D/H]`` -> ``[L, B, S, D]`` (a copy)."""
+    n_layer, b, h, s, hd = x.shape
+    return np.ascontiguousarray(x.transpose(0, 1, 3, 2, 4).reshape(n_layer, b, s, h * hd))
+
+
+def cross_to_heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    """``[L, B, S, D]`` -> ``[L, B, H, S, D/H]`` (a copy)."""
+    n_layer, b, s, d = x.shape
+    return np.ascontiguousarray(x.reshape(n_layer, b, s, n_head, d // n_head)
+                                .transpose(0, 1, 3, 2, 4))
 
 
 def load_model(
