@@ -33,6 +33,7 @@ class FrameType(IntEnum):
     AUDIO = 0x02
     FINALIZE = 0x03
     END = 0x04
+    AUDIO_PCM = 0x05
     EVENT = 0x81
 
 
@@ -177,6 +178,7 @@ class Audio:
     seq: int
     pts_ms: int
     data: bytes
+    pcm: bool = False  # PCM16 LE whatever the stream's codec: a packet that failed to encode
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,8 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Audio):
         if not (0 <= frame.seq <= U32_MAX and 0 <= frame.pts_ms <= U32_MAX):
             raise ValueError("seq and pts_ms must fit in u32")
-        return _frame(FrameType.AUDIO, AUDIO_HEADER.pack(frame.seq, frame.pts_ms) + frame.data)
+        kind = FrameType.AUDIO_PCM if frame.pcm else FrameType.AUDIO
+        return _frame(kind, AUDIO_HEADER.pack(frame.seq, frame.pts_ms) + frame.data)
     if isinstance(frame, Start):
         return _frame(FrameType.START, _json(frame.to_json()))
     if isinstance(frame, Finalize):
@@ -389,13 +392,14 @@ class FrameDecoder:
 
     @staticmethod
     def _parse(ftype: FrameType, payload: bytes) -> Frame:
-        if ftype is FrameType.AUDIO:
+        if ftype in (FrameType.AUDIO, FrameType.AUDIO_PCM):
             if len(payload) < AUDIO_HEADER.size:
                 raise LinkProtocolError(
                     ErrorCode.BAD_FRAME, "audio frame shorter than its header", fatal=False
                 )
             seq, pts_ms = AUDIO_HEADER.unpack_from(payload)
-            return Audio(seq, pts_ms, payload[AUDIO_HEADER.size:])
+            return Audio(seq, pts_ms, payload[AUDIO_HEADER.size:],
+                         pcm=ftype is FrameType.AUDIO_PCM)
         if ftype is FrameType.END:
             return End()
         try:
@@ -418,7 +422,8 @@ class FrameDecoder:
         return AsrEvent.from_json(obj)
 
 
-CLIENT_FRAMES = frozenset({FrameType.START, FrameType.AUDIO, FrameType.FINALIZE, FrameType.END})
+CLIENT_FRAMES = frozenset({FrameType.START, FrameType.AUDIO, FrameType.AUDIO_PCM,
+                           FrameType.FINALIZE, FrameType.END})
 SERVER_FRAMES = frozenset({FrameType.EVENT})
 
 

@@ -401,7 +401,7 @@ class LinkSession:
     def _on_audio(self, item: link.AudioIn) -> None:
         pcm_parts = []
         packet = item.packet
-        if self.decoder is not None:
+        if self.decoder is not None and not packet.pcm:
             for k in range(item.lost):
                 # FEC rebuilds the packet just before this one; older ones are concealed.
                 fec = k == item.lost - 1
@@ -423,7 +423,9 @@ class LinkSession:
                                  f"PCM packet seq={packet.seq} is {len(packet.data)} bytes, "
                                  f"not {PCM_FRAME_BYTES}", False)
                 return
-            pcm_parts.extend(np.zeros(320, np.int16) for _ in range(item.lost))
+            for _ in range(item.lost):
+                pcm_parts.append(self.decoder.decode(None) if self.decoder is not None
+                                 else np.zeros(320, np.int16))
             pcm_parts.append(np.frombuffer(packet.data, dtype="<i2").astype(np.int16))
         pcm = np.concatenate(pcm_parts)
         pts = max(0, packet.pts_ms - 20 * item.lost)

@@ -57,6 +57,7 @@ class H2Stream:
         self.headers: dict[str, str] = {}
         self._ended = False
         self._closed_local = False
+        self._reset_locally = False
 
     async def send(self, data: bytes) -> None:
         """Send body bytes, waiting for flow-control window as needed."""
@@ -73,6 +74,7 @@ class H2Stream:
 
     async def reset(self) -> None:
         """Abort the stream (RST_STREAM CANCEL)."""
+        self._reset_locally = True
         await self._conn._reset_stream(self.stream_id)
 
     async def response(self) -> int:
@@ -104,8 +106,13 @@ class H2Stream:
         try:
             event = await self._state.receive_channel.receive()
         except trio.EndOfChannel:
+            # No END_STREAM came: we reset it ourselves, or the connection went away.
             self._ended = True
-            return None
+            if self._reset_locally:
+                return None
+            raise H2ClientError(
+                f"stream {self.stream_id} lost: {self._conn._error or 'connection closed'}"
+            ) from None
         if isinstance(event, h2.events.StreamReset):
             self._ended = True
             raise StreamReset(self.stream_id, int(event.error_code))
@@ -133,6 +140,7 @@ class H2Connection:
         self._window_changed = trio.Event()
         self._slots_changed = trio.Event()
         self.closed = False
+        self._closed_event = trio.Event()
         self._error: BaseException | None = None
 
     @property
@@ -222,6 +230,7 @@ class H2Connection:
         if self._error is None:
             self._error = exc
         self.closed = True
+        self._closed_event.set()
         for stream_id in list(self._streams):
             self._forget(stream_id)
         self._window_changed.set()
@@ -299,8 +308,13 @@ class H2Connection:
                 return
             await self._flush()
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed or failed."""
+        await self._closed_event.wait()
+
     async def aclose(self) -> None:
         self.closed = True
+        self._closed_event.set()
         try:
             async with self._send_lock:
                 self._h2.close_connection()

@@ -8,74 +8,26 @@ tested with the real engine elsewhere.
 
 from __future__ import annotations
 
-import functools
 import ssl
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import trio
 
 from asr import link
-from asr.backend import LidResult, Recognition
-from asr.scheduler import Job
-from asr.server import AsrApp, AsrServerConfig, serve
+from asr.server import AsrApp
 from gateway.h2client import H2ClientError, connect
 from tests import speech
 from tests.linkclient import audio_frames, open_recognize, opus_packets
+from tests.standin import StandInEngine
+from tests.standin import start_asr as _start_server
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class StandInEngine:
-    """Answers with the duration it heard, so tests can check what audio arrived."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
-        self.batches: list[tuple[str, int]] = []
-
-    def pools(self) -> dict[str, tuple[str, ...]]:
-        return {"en": ("en",), "multi": ("*",)}
-
-    def select_pool(self, lang_hint: str, domain: str) -> str | None:
-        if domain not in ("default", ""):
-            return None
-        return "en" if lang_hint in ("", "en") else "multi"
-
-    def lid_pool(self) -> str | None:
-        return "multi"
-
-    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
-        time.sleep(self.delay_s)
-        self.batches.append((pool, len(jobs)))
-        out: list[Recognition | LidResult] = []
-        for j in jobs:
-            if j.kind == "lid":
-                out.append(LidResult("en", 0.9, (("en", 0.9), ("de", 0.05))))
-            else:
-                rms = float(np.sqrt(np.mean(j.audio ** 2))) if len(j.audio) else 0.0
-                out.append(Recognition(f"{len(j.audio) / 16000:.2f}s rms={rms:.3f}",
-                                       j.options.get("lang", "en")))
-        return out
-
-    def warmup(self) -> None:
-        pass
-
-
-async def _start_server(nursery: trio.Nursery, engine: StandInEngine, **cfg: object
-                        ) -> tuple[AsrApp, int, trio.Event]:
-    shutdown = trio.Event()
-    config = AsrServerConfig(port=0, **cfg)  # type: ignore[arg-type]
-    app, port = await nursery.start(functools.partial(serve, engine, config,
-                                                      shutdown=shutdown))
-    while not app.ready:
-        await trio.sleep(0.01)
-    return app, port, shutdown
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ audio = st.builds(
     seq=st.integers(0, 2**32 - 1),
     pts_ms=st.integers(0, 2**32 - 1),
     data=st.binary(max_size=400),
+    pcm=st.booleans(),
 )
 starts = st.builds(
     Start,

@@ -1,0 +1,62 @@
+"""A stand-in recognition engine and a helper that starts the ASR service around it."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import trio
+
+from asr.backend import LidResult, Recognition
+from asr.scheduler import Job
+from asr.server import AsrApp, AsrServerConfig, serve
+
+
+class StandInEngine:
+    """Answers with the duration it heard, so tests can check what audio arrived."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[tuple[str, int]] = []
+
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        return {"en": ("en",), "multi": ("*",)}
+
+    def select_pool(self, lang_hint: str, domain: str) -> str | None:
+        if domain not in ("default", ""):
+            return None
+        return "en" if lang_hint in ("", "en") else "multi"
+
+    def lid_pool(self) -> str | None:
+        return "multi"
+
+    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
+        time.sleep(self.delay_s)
+        self.batches.append((pool, len(jobs)))
+        out: list[Recognition | LidResult] = []
+        for j in jobs:
+            if j.kind == "lid":
+                out.append(LidResult("en", 0.9, (("en", 0.9), ("de", 0.05))))
+            else:
+                rms = float(np.sqrt(np.mean(j.audio ** 2))) if len(j.audio) else 0.0
+                out.append(Recognition(f"{len(j.audio) / 16000:.2f}s rms={rms:.3f}",
+                                       j.options.get("lang", "en")))
+        return out
+
+    def warmup(self) -> None:
+        pass
+
+
+async def start_asr(nursery: trio.Nursery, engine: StandInEngine, **cfg: object
+                        ) -> tuple[AsrApp, int, trio.Event]:
+    shutdown = trio.Event()
+    config = AsrServerConfig(port=0, **cfg)  # type: ignore[arg-type]
+    app, port = await nursery.start(functools.partial(serve, engine, config,
+                                                      shutdown=shutdown))
+    while not app.ready:
+        await trio.sleep(0.01)
+    return app, port, shutdown
+
+
