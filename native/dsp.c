@@ -84,12 +84,12 @@ void vg_levels_f32(const float *x, long n_frames, long frame_len, double *rms, d
  *
  * Up: y[3m + p] = 3 * sum_k h[3k + p] x[m - k], three phases of UP_K taps.
  * Down: y[m] = sum_i h[i] x[3m - i], evaluated only on every third input.
- * Lengths are padded with zero taps to multiples of 4 for the 4-way dot product.
+ * Lengths are padded with zero taps to multiples of 8 for the 8-way dot product.
  */
 #define TAPS 121
 #define BETA 7.5
-#define UP_K 44    /* >= ceil(TAPS / 3), multiple of 4 */
-#define DOWN_N 124 /* >= TAPS, multiple of 4 */
+#define UP_K 48    /* >= ceil(TAPS / 3), multiple of 8 */
+#define DOWN_N 128 /* >= TAPS, multiple of 8 */
 #define HIST DOWN_N
 #define PI_D 3.14159265358979323846
 
@@ -141,17 +141,14 @@ struct VgResamplerBank {
     VgResampler slot[];
 };
 
-static inline float dot4(const float *a, const float *b, int n) {
-    /* Four partial sums in a fixed order: vectorisable without -ffast-math,
-     * and bit-identical whatever the chunking of the input. */
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    for (int j = 0; j < n; j += 4) {
-        s0 += a[j] * b[j];
-        s1 += a[j + 1] * b[j + 1];
-        s2 += a[j + 2] * b[j + 2];
-        s3 += a[j + 3] * b[j + 3];
-    }
-    return (s0 + s1) + (s2 + s3);
+static inline float dot(const float *a, const float *b, int n) {
+    /* Eight partial sums in a fixed order: the compiler keeps them in two SIMD
+     * registers without -ffast-math, and the result is bit-identical whatever
+     * the chunking of the input. */
+    float acc[8] = {0};
+    for (int j = 0; j < n; j += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[j + k] * b[j + k];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 static inline const float *push(VgResampler *r, float x) {
@@ -213,22 +210,40 @@ static inline void store(void *out, int fmt, long i, float v) {
         ((float *)out)[i] = v;
 }
 
-static long process(VgResampler *r, const void *in, int in_fmt, long n_in, void *out,
-                    int out_fmt) {
+#if defined(__GNUC__)
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE static inline
+#endif
+
+/* Inlined into process() with constant formats, once per format pair. */
+ALWAYS_INLINE long process_t(VgResampler *r, const void *in, int in_fmt, long n_in, void *out,
+                             int out_fmt) {
     long o = 0;
     if (r->direction == VG_RESAMPLE_UP) {
         for (long i = 0; i < n_in; i++) {
             const float *w = push(r, load(in, in_fmt, i));
-            for (int p = 0; p < VG_RESAMPLE_FACTOR; p++) store(out, out_fmt, o++, dot4(g_up[p], w, UP_K));
+            for (int p = 0; p < VG_RESAMPLE_FACTOR; p++)
+                store(out, out_fmt, o++, dot(g_up[p], w, UP_K));
         }
     } else {
         for (long i = 0; i < n_in; i++) {
             const float *w = push(r, load(in, in_fmt, i));
-            if (r->phase == 0) store(out, out_fmt, o++, dot4(g_down, w, DOWN_N));
+            if (r->phase == 0) store(out, out_fmt, o++, dot(g_down, w, DOWN_N));
             if (++r->phase == VG_RESAMPLE_FACTOR) r->phase = 0;
         }
     }
     return o;
+}
+
+static long process(VgResampler *r, const void *in, int in_fmt, long n_in, void *out,
+                    int out_fmt) {
+    /* One specialised loop per format pair keeps the per-sample format tests
+     * out of the inner loops. */
+    if (in_fmt == VG_F32 && out_fmt == VG_F32) return process_t(r, in, VG_F32, n_in, out, VG_F32);
+    if (in_fmt == VG_S16 && out_fmt == VG_F32) return process_t(r, in, VG_S16, n_in, out, VG_F32);
+    if (in_fmt == VG_F32 && out_fmt == VG_S16) return process_t(r, in, VG_F32, n_in, out, VG_S16);
+    return process_t(r, in, VG_S16, n_in, out, VG_S16);
 }
 
 static int bad_fmt(int fmt) { return fmt != VG_F32 && fmt != VG_S16; }

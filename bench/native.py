@@ -1,0 +1,456 @@
+"""Native cost floor: microseconds per frame for every native call the pipeline makes.
+
+Run from the repository root: ``.venv/bin/python bench/native.py``.  Prints the
+tables, and writes ``bench/out/native.json`` (and ``native.png`` when matplotlib
+is installed).  Audio is real speech (pocketsphinx-testdata), 16 kHz mono, 20 ms
+frames unless a row says otherwise.
+
+Each figure is the best of several repeats of a loop over many frames, timed in
+CPU time of the benchmark thread: the minimum is the run least disturbed by other
+processes, which is what a floor should report.  "raw" calls ``lib.*`` through
+cffi directly, with buffers made in advance, so wrapper/raw is the price of
+validation, ownership checks and result objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.speech when run as a script
+
+from native import (  # noqa: E402  # noqa: E402
+    Denoiser,
+    OpusDecoder,
+    OpusEncoder,
+    Resampler,
+    ResamplerBank,
+    _dsp,
+    _opus,
+    _rnnoise,
+    levels,
+    opus_version,
+    peak,
+    rms,
+    s16_to_f32,
+)
+from tests import speech  # noqa: E402
+
+FRAME = 320  # 20 ms at 16 kHz
+BITRATE = 20000  # bit/s, the ASR link default
+RNNOISE_FRAMES = 50  # 1 s: RNNoise costs ~0.5 ms per 10 ms frame
+OUT = ROOT / "bench" / "out"
+
+
+def pair_us(
+    a: Callable[[int], object], b: Callable[[int], object], calls: int, repeats: int
+) -> tuple[float, float]:
+    """Best-of-*repeats* mean CPU time of ``a(i)`` and ``b(i)`` for i in range(calls), in
+    µs per call.
+
+    CPU time of this thread, not wall time: on a shared machine the wall clock also
+    counts the time other processes hold the core.  The two loops alternate, so
+    both see the same cache and frequency conditions.
+    """
+    for fn in (a, b):  # warm caches, branch predictors and lazy allocations
+        for i in range(calls):
+            fn(i)
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for k, fn in enumerate((a, b)):
+            t0 = time.thread_time_ns()
+            for i in range(calls):
+                fn(i)
+            best[k] = min(best[k], (time.thread_time_ns() - t0) / calls / 1000)
+    return best[0], best[1]
+
+
+def speech_frames(seconds: float) -> np.ndarray:
+    x = np.concatenate([speech.goforward()] + [a for _, a, _ in speech.librivox()])
+    n = int(seconds * 16000) // FRAME
+    return np.ascontiguousarray(x[: n * FRAME].reshape(n, FRAME))
+
+
+# -- cases ----------------------------------------------------------------------------
+
+
+def opus_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    ffi, lib = _opus.ffi, _opus.lib
+    encode, decode = lib.opus_encode, lib.opus_decode
+    n = len(frames)
+    ptrs = [ffi.from_buffer("opus_int16[]", f) for f in frames]
+    buf = ffi.new("unsigned char[]", 1500)
+    rows = []
+    packets: list[bytes] = []
+    for cx in (0, 3, 5, 8, 10):
+        enc = OpusEncoder(16000, 1, "voip", bitrate=BITRATE, complexity=cx)
+        st = ffi.gc(
+            lib.opus_encoder_create(16000, 1, lib.OPUS_APPLICATION_VOIP, ffi.new("int *")),
+            lib.opus_encoder_destroy,
+        )
+        lib.vg_opus_enc_set_bitrate(st, BITRATE)
+        lib.vg_opus_enc_set_complexity(st, cx)
+
+        def wrapped(i: int, enc: OpusEncoder = enc) -> bytes:
+            return enc.encode(frames[i % n])
+
+        def raw(i: int, st: Any = st) -> int:
+            return int(encode(st, ptrs[i % n], FRAME, buf, 1500))
+
+        rows.append(
+            row(f"opus encode c{cx} {BITRATE // 1000}k VBR", *pair_us(wrapped, raw, n, repeats))
+        )
+        if cx == 5:
+            enc.reset()
+            packets = [enc.encode(f) for f in frames]
+
+    dec = OpusDecoder(16000)
+    st = ffi.gc(lib.opus_decoder_create(16000, 1, ffi.new("int *")), lib.opus_decoder_destroy)
+    pcm = ffi.new("opus_int16[]", 5760)
+    rows.append(
+        row(
+            "opus decode (c5 stream)",
+            *pair_us(
+                lambda i: dec.decode(packets[i % n]),
+                lambda i: decode(st, packets[i % n], len(packets[i % n]), pcm, 5760, 0),
+                n,
+                repeats,
+            ),
+        )
+    )
+    rows.append(
+        row(
+            "opus decode PLC (lost packet)",
+            *pair_us(
+                lambda i: dec.decode(None),
+                lambda i: decode(st, ffi.NULL, 0, pcm, FRAME, 0),
+                n,
+                repeats,
+            ),
+        )
+    )
+    return rows
+
+
+def rnnoise_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    rn_ffi, rn = _rnnoise.ffi, _rnnoise.lib
+    dsp_ffi, dsp = _dsp.ffi, _dsp.lib
+    process_frame = rn.rnnoise_process_frame
+    rows = []
+    frames = frames[:RNNOISE_FRAMES]  # RNNoise is the slow one: keep the run short
+    n = len(frames)
+    f48 = Resampler("up").process(frames.ravel().astype(np.float32)).reshape(-1, 480)
+    m = len(f48)
+    ptrs = [rn_ffi.from_buffer("float[]", f) for f in f48]
+    out = rn_ffi.new("float[]", 480)
+    with Denoiser() as d:
+        st = rn_ffi.gc(rn.rnnoise_create(rn_ffi.NULL), rn.rnnoise_destroy)
+        rows.append(
+            row(
+                "rnnoise 10 ms @48k (float)",
+                *pair_us(
+                    lambda i: d.process(f48[i % m]),
+                    lambda i: process_frame(st, out, ptrs[i % m]),
+                    m,
+                    repeats,
+                ),
+            )
+        )
+
+    with Denoiser() as d:
+        up = dsp_ffi.gc(dsp.vg_resampler_create(dsp.VG_RESAMPLE_UP), dsp.vg_resampler_destroy)
+        down = dsp_ffi.gc(dsp.vg_resampler_create(dsp.VG_RESAMPLE_DOWN), dsp.vg_resampler_destroy)
+        st = rn_ffi.gc(rn.rnnoise_create(rn_ffi.NULL), rn.rnnoise_destroy)
+        ptrs16 = [dsp_ffi.from_buffer(f) for f in frames]
+        buf = dsp_ffi.new("float[]", 960)
+        hi = buf + 480
+        o16 = dsp_ffi.new("int16_t[]", FRAME)
+        rp, s16, f32 = dsp.vg_resampler_process, dsp.VG_S16, dsp.VG_F32
+
+        def raw(i: int) -> None:
+            rp(up, ptrs16[i % n], s16, FRAME, buf, f32)
+            process_frame(st, buf, buf)
+            process_frame(st, hi, hi)
+            rp(down, buf, f32, 960, o16, s16)
+
+        rows.append(
+            row(
+                "denoise 20 ms @16k (up+2xRNNoise+down)",
+                *pair_us(lambda i: d.process_16k(frames[i % n]), raw, n, repeats),
+            )
+        )
+    return rows
+
+
+def dsp_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    ffi, lib = _dsp.ffi, _dsp.lib
+    process, f32 = lib.vg_resampler_process, lib.VG_F32
+    n = len(frames)
+    rows = []
+    x16 = list(frames.astype(np.float32))  # int16 scale, as the denoiser feeds it
+    x48 = list(Resampler("up").process(frames.ravel().astype(np.float32)).reshape(n, 3 * FRAME))
+    out = ffi.new("float[]", 3 * FRAME)
+    for direction, src, code, label in (
+        ("up", x16, lib.VG_RESAMPLE_UP, "16k->48k"),
+        ("down", x48, lib.VG_RESAMPLE_DOWN, "48k->16k"),
+    ):
+        rs = Resampler(direction)  # type: ignore[arg-type]
+        st = ffi.gc(lib.vg_resampler_create(code), lib.vg_resampler_destroy)
+        ptrs = [ffi.from_buffer(f) for f in src]
+        n_in = len(src[0])
+
+        def wrapped(i: int, rs: Resampler = rs, src: list[np.ndarray] = src) -> np.ndarray:
+            return rs.process(src[i % n])
+
+        def raw(i: int, st: Any = st, ptrs: list[Any] = ptrs, n_in: int = n_in) -> int:
+            return int(process(st, ptrs[i % n], f32, n_in, out, f32))
+
+        rows.append(row(f"resample {direction} {label}, 20 ms", *pair_us(wrapped, raw, n, repeats)))
+
+    ptrs16 = [ffi.from_buffer(ffi.typeof("int16_t[]"), f) for f in frames]
+    fbuf = ffi.new("float[]", FRAME)
+    for name, wrapped_fn, raw_fn in (
+        (
+            "s16_to_f32, 320 samples",
+            lambda i: s16_to_f32(frames[i % n]),
+            lambda i: lib.vg_s16_to_f32(ptrs16[i % n], fbuf, FRAME),
+        ),
+        (
+            "rms int16, 320 samples",
+            lambda i: rms(frames[i % n]),
+            lambda i: lib.vg_rms_s16(ptrs16[i % n], FRAME),
+        ),
+        (
+            "peak int16, 320 samples",
+            lambda i: peak(frames[i % n]),
+            lambda i: lib.vg_peak_s16(ptrs16[i % n], FRAME),
+        ),
+    ):
+        rows.append(row(name, *pair_us(wrapped_fn, raw_fn, n, repeats)))
+    return rows
+
+
+def batch_rows(frames: np.ndarray, sessions: int, repeats: int) -> list[dict[str, Any]]:
+    """Per session-frame cost: one wrapper call per session vs one batch call for all."""
+    n = len(frames) // sessions
+    rows = []
+    block16 = [np.ascontiguousarray(frames[k * sessions : (k + 1) * sessions]) for k in range(n)]
+    blockf = [b.astype(np.float32) for b in block16]
+    block48 = [Resampler("up").process(b.ravel()).reshape(sessions, 3 * FRAME) for b in blockf]
+
+    for direction, blocks in (("up", blockf), ("down", block48)):
+        singles = [Resampler(direction) for _ in range(sessions)]  # type: ignore[arg-type]
+        bank = ResamplerBank(direction, sessions)  # type: ignore[arg-type]
+
+        def per_session(
+            i: int, singles: list[Resampler] = singles, blocks: list[np.ndarray] = blocks
+        ) -> None:
+            for r, f in zip(singles, blocks[i % n], strict=True):
+                r.process(f)
+
+        def batch(
+            i: int, bank: ResamplerBank = bank, blocks: list[np.ndarray] = blocks
+        ) -> np.ndarray:
+            return bank.process(blocks[i % n])
+
+        w, b = pair_us(per_session, batch, n, repeats)
+        rows.append(batch_row(f"resample {direction} 20 ms", w / sessions, b / sessions))
+
+    def per_session_levels(i: int) -> None:
+        for f in block16[i % n]:
+            rms(f)
+            peak(f)
+
+    w, b = pair_us(per_session_levels, lambda i: levels(block16[i % n]), n, repeats)
+    rows.append(batch_row("rms+peak 20 ms", w / sessions, b / sessions))
+    return rows
+
+
+def numpy_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """The same work in plain numpy, the peer a Python implementation would use."""
+    n = len(frames)
+    rows = []
+
+    def np_levels(i: int) -> None:
+        f = frames[i % n].astype(np.float64)
+        np.sqrt(np.mean(f * f))
+        np.max(np.abs(f))
+
+    rows.append(
+        peer_row(
+            "s16_to_f32, 320 samples",
+            *pair_us(
+                lambda i: s16_to_f32(frames[i % n]),
+                lambda i: frames[i % n].astype(np.float32) / np.float32(32768),
+                n,
+                repeats,
+            ),
+        )
+    )
+    rows.append(
+        peer_row(
+            "rms+peak, 320 samples",
+            *pair_us(lambda i: (rms(frames[i % n]), peak(frames[i % n])), np_levels, n, repeats),
+        )
+    )
+    return rows
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def row(name: str, wrapper_us: float, raw_us: float) -> dict[str, Any]:
+    return {
+        "case": name,
+        "wrapper_us": round(wrapper_us, 3),
+        "raw_us": round(raw_us, 3),
+        "overhead_us": round(wrapper_us - raw_us, 3),
+        "wrapper_over_raw": round(wrapper_us / raw_us, 3),
+    }
+
+
+def batch_row(name: str, per_session_us: float, batch_us: float) -> dict[str, Any]:
+    return {
+        "case": name,
+        "per_session_us": round(per_session_us, 3),
+        "batch_us": round(batch_us, 3),
+        "speedup": round(per_session_us / batch_us, 2),
+    }
+
+
+def peer_row(name: str, native_us: float, numpy_us: float) -> dict[str, Any]:
+    return {
+        "case": name,
+        "native_us": round(native_us, 3),
+        "numpy_us": round(numpy_us, 3),
+        "numpy_over_native": round(numpy_us / native_us, 2),
+    }
+
+
+def print_table(title: str, rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
+    width = max(len(r["case"]) for r in rows)
+    print(f"\n{title}")
+    print(f"{'case':<{width}}  " + "  ".join(f"{h:>12}" for h, _ in cols))
+    for r in rows:
+        print(f"{r['case']:<{width}}  " + "  ".join(f"{r[k]:>12.2f}" for _, k in cols))
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["per_call"]
+    names = [r["case"] for r in rows]
+    y = np.arange(len(rows))
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 2]}, constrained_layout=True
+    )
+    ax.barh(y - 0.2, [r["wrapper_us"] for r in rows], 0.4, label="Python wrapper")
+    ax.barh(y + 0.2, [r["raw_us"] for r in rows], 0.4, label="raw cffi call")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("µs per call (log)")
+    ax.set_title("native cost per frame")
+    ax.legend()
+    batch = result["batch"]
+    yb = np.arange(len(batch))
+    bx.barh(yb - 0.2, [r["per_session_us"] for r in batch], 0.4, label="one call per session")
+    bx.barh(yb + 0.2, [r["batch_us"] for r in batch], 0.4, label="one batch call")
+    bx.set_yticks(yb, [r["case"] for r in batch])
+    bx.invert_yaxis()
+    bx.set_xlabel("µs per session-frame")
+    bx.set_title("batch vs per-session")
+    bx.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="speech per loop (s)")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats; the best is kept")
+    parser.add_argument("--sessions", type=int, default=64, help="sessions in the batch rows")
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    frames = speech_frames(args.seconds)
+    per_call = (
+        opus_rows(frames, args.repeats)
+        + rnnoise_rows(frames, args.repeats)
+        + dsp_rows(frames, args.repeats)
+    )
+    batch = batch_rows(frames, args.sessions, args.repeats)
+    peers = numpy_rows(frames, args.repeats)
+    result = {
+        "meta": {
+            "libopus": opus_version(),
+            "rnnoise": str(_rnnoise.locate_library()),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "frames": len(frames),
+            "repeats": args.repeats,
+            "sessions": args.sessions,
+            "units": "microseconds of CPU time per call (best of repeats)",
+        },
+        "per_call": per_call,
+        "batch": batch,
+        "numpy_peer": peers,
+    }
+
+    print(f"native cost floor: {opus_version()}, {len(frames)} frames of real speech, ", end="")
+    print(f"best of {args.repeats}; µs of CPU time per call")
+    print_table(
+        "per call: Python wrapper vs raw cffi call",
+        per_call,
+        [
+            ("wrapper µs", "wrapper_us"),
+            ("raw µs", "raw_us"),
+            ("overhead µs", "overhead_us"),
+            ("wrapper/raw", "wrapper_over_raw"),
+        ],
+    )
+    print_table(
+        f"batch: {args.sessions} sessions, µs per session-frame: one wrapper call each vs one call",
+        batch,
+        [("per-session", "per_session_us"), ("batch", "batch_us"), ("speedup", "speedup")],
+    )
+    print_table(
+        "peer: native wrapper vs the same work in numpy",
+        peers,
+        [
+            ("native µs", "native_us"),
+            ("numpy µs", "numpy_us"),
+            ("numpy/native", "numpy_over_native"),
+        ],
+    )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "native.json").write_text(json.dumps(result, indent=2) + "\n")
+    wrote = [str(args.out / "native.json")]
+    if plot(result, args.out / "native.png"):
+        wrote.append(str(args.out / "native.png"))
+    else:
+        print("(matplotlib not installed: no PNG; `pip install -e .[bench]`)")
+    print(f"\nwrote {', '.join(wrote)} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
