@@ -1,0 +1,206 @@
+"""The Whisper backend of the ASR service: pools of models behind the scheduler.
+
+A pool names the model for finals, optionally a faster model and a shorter window for
+partials, and the languages it serves. Engines are loaded once per (model, precision)
+and shared by the pools that use them. Everything here runs in the scheduler's worker
+thread; nothing touches the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backend import LidResult, Recognition
+from .scheduler import Job
+from .whisper import mel as melmod
+from .whisper.decoding import Utterance, WhisperEngine
+
+log = logging.getLogger("voxgate.asr.engine")
+
+# Whisper's own rule for "this window is silence": a likely no-speech token and a
+# decode it was not sure of. Without it, silence comes back as "Thank you." and kin.
+NO_SPEECH_PROB = 0.6
+LOGPROB_THRESHOLD = -1.0
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One recognition pool.
+
+    Args:
+        model: model for finals (``base`` or ``tiny.en``).
+        languages: languages it serves; ``("*",)`` is any (language detected).
+        partial_model: model for partials (default: ``model``).
+        partial_window_s: partials pad to this many seconds instead of 30 (a shorter
+            window is cheaper; the growing audio must fit).
+        precision: ``int8`` or ``fp32``.
+        beam_size: beam for finals (partials are always greedy).
+    """
+
+    model: str = "base"
+    languages: tuple[str, ...] = ("*",)
+    partial_model: str | None = None
+    partial_window_s: float = 30.0
+    precision: str = "int8"
+    beam_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model.endswith(".en") and self.languages != ("en",):
+            raise ValueError(f"{self.model} is English-only: languages must be ['en']")
+        if not 1.0 <= self.partial_window_s <= 30.0:
+            raise ValueError("partial_window_s must be between 1 and 30")
+        if not 1 <= self.beam_size <= 5:
+            raise ValueError("beam_size must be between 1 and 5")
+
+
+DEFAULT_POOLS: dict[str, PoolSpec] = {
+    "en": PoolSpec(model="base", languages=("en",)),
+    "multi": PoolSpec(model="base", languages=("*",)),
+}
+DEFAULT_POOL = "multi"
+
+
+def load_pools(path: str | Path) -> tuple[dict[str, PoolSpec], str]:
+    """Read pools from TOML: ``default = "multi"`` and ``[pools.<name>]`` tables.
+
+    Raises:
+        ValueError: unknown keys or invalid values, naming the pool.
+    """
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    pools: dict[str, PoolSpec] = {}
+    for name, table in data.get("pools", {}).items():
+        try:
+            if "languages" in table:
+                table = {**table, "languages": tuple(table["languages"])}
+            pools[name] = PoolSpec(**table)
+        except TypeError as exc:
+            raise ValueError(f"pool {name!r}: {exc}") from exc
+    if not pools:
+        raise ValueError(f"{path}: no [pools.<name>] tables")
+    default = data.get("default", next(iter(pools)))
+    if default not in pools:
+        raise ValueError(f"default pool {default!r} is not defined")
+    return pools, default
+
+
+@dataclass
+class WhisperBackend:
+    """Implements ``asr.backend.Backend`` with the ONNX Whisper engines."""
+
+    pools_spec: dict[str, PoolSpec] = field(default_factory=lambda: dict(DEFAULT_POOLS))
+    default_pool: str = DEFAULT_POOL
+    threads: int = 2
+    _engines: dict[tuple[str, str], WhisperEngine] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.default_pool not in self.pools_spec:
+            raise ValueError(f"default pool {self.default_pool!r} is not defined")
+
+    # -- Backend ---------------------------------------------------------------------
+
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        return {name: spec.languages for name, spec in self.pools_spec.items()}
+
+    def select_pool(self, lang_hint: str, domain: str) -> str | None:
+        """A pool named by ``domain``, else one serving ``lang_hint``, else the default."""
+        if domain and domain != "default":
+            return domain if domain in self.pools_spec else None
+        hint = lang_hint.lower()
+        if hint and hint != "auto":
+            for name, spec in self.pools_spec.items():
+                if hint in spec.languages:
+                    return name
+            for name, spec in self.pools_spec.items():
+                if "*" in spec.languages and not spec.model.endswith(".en"):
+                    return name
+            return None
+        return self.default_pool
+
+    def lid_pool(self) -> str | None:
+        for name, spec in self.pools_spec.items():
+            if not spec.model.endswith(".en"):
+                return name
+        return None
+
+    def engine(self, model: str, precision: str) -> WhisperEngine:
+        key = (model, precision)
+        if key not in self._engines:
+            log.info("loading %s (%s)", model, precision)
+            self._engines[key] = WhisperEngine.load(model, precision=precision,
+                                                    threads=self.threads)
+        return self._engines[key]
+
+    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
+        spec = self.pools_spec[pool]
+        out: dict[int, Recognition | LidResult] = {}
+        groups: dict[str, list[int]] = {"final": [], "partial": [], "lid": []}
+        for i, job in enumerate(jobs):
+            groups[job.kind].append(i)
+        if groups["lid"]:
+            engine = self.engine(spec.model, spec.precision)
+            for i in groups["lid"]:
+                res = engine.detect_language(jobs[i].audio, top_k=5)
+                out[i] = LidResult(res.lang, res.prob, res.top, res.no_speech_prob)
+        for kind in ("final", "partial"):
+            idx = groups[kind]
+            if not idx:
+                continue
+            model = spec.model if kind == "final" else (spec.partial_model or spec.model)
+            engine = self.engine(model, spec.precision)
+            beam = spec.beam_size if kind == "final" else 1
+            frames = engine.max_frames
+            if kind == "partial":
+                longest = max(len(jobs[i].audio) for i in idx)
+                window = max(spec.partial_window_s * melmod.SAMPLE_RATE, longest)
+                frames = min(engine.max_frames,
+                             int(np.ceil(window / melmod.HOP_LENGTH / 2)) * 2)
+            fixed_lang = self._fixed_language(spec, model)
+            items = []
+            for i in idx:
+                job = jobs[i]
+                audio = job.audio[: melmod.N_SAMPLES]
+                lang = job.options.get("lang") or fixed_lang
+                if lang in ("", "auto"):
+                    lang = None
+                items.append(Utterance(audio, 0.0, lang, job.options.get("prompt")))
+            results = engine.transcribe_batch(items, beam_size=beam, pad_to_frames=frames)
+            for i, t in zip(idx, results, strict=True):
+                silent = t.no_speech_prob > NO_SPEECH_PROB and t.avg_logprob < LOGPROB_THRESHOLD
+                out[i] = Recognition("" if silent else t.text, t.lang, t.no_speech_prob,
+                                     t.tokens)
+        return [out[i] for i in range(len(jobs))]
+
+    @staticmethod
+    def _fixed_language(spec: PoolSpec, model: str) -> str | None:
+        if model.endswith(".en"):
+            return "en"
+        if len(spec.languages) == 1 and spec.languages[0] != "*":
+            return spec.languages[0]
+        return None
+
+    def warmup(self) -> None:
+        """Load every engine and run each path once (finals, partials, LID)."""
+        silence = np.zeros(16000, dtype=np.float32)
+        for name in self.pools_spec:
+            jobs: list[Job] = [
+                Job("final", name, silence, key=None),
+                Job("partial", name, silence, key=None),
+            ]
+            self.run_batch(name, jobs)
+        lid = self.lid_pool()
+        if lid is not None:
+            self.run_batch(lid, [Job("lid", lid, silence, key=None)])
+
+    def describe(self) -> dict[str, Any]:
+        return {name: {"model": s.model, "languages": list(s.languages),
+                       "partial_model": s.partial_model or s.model,
+                       "partial_window_s": s.partial_window_s, "precision": s.precision}
+                for name, s in self.pools_spec.items()}
