@@ -132,6 +132,9 @@ class ScriptedWhisper:
             n_text_layer=1,
         )
         self.utts: dict[float, Utt] = {}
+        # If set, every mel row is keyed by its count of non-silent frames instead, and
+        # this gives the utterance for that count (for growing-audio streaming tests).
+        self.by_frames: Callable[[int], Utt] | None = None
         self.encode_calls: list[tuple[int, ...]] = []
         self.calls: list[Call] = []
 
@@ -154,7 +157,14 @@ class ScriptedWhisper:
         assert mel.dtype == np.float32 and mel.ndim == 3 and mel.shape[1] == 80
         assert mel.shape[2] % 2 == 0 and mel.shape[2] <= 3000
         self.encode_calls.append(mel.shape)
-        keys = np.array([self._key(m) for m in mel], np.float32).reshape(1, -1, 1, 1)
+        if self.by_frames is not None:
+            # Frames above the floor of their row: the audio length in 10 ms frames.
+            live = [int((m.max(axis=0) > m.min() + 1e-3).sum()) for m in mel]
+            for n in live:
+                self.utts[float(n)] = self.by_frames(n)
+            keys = np.array(live, np.float32).reshape(1, -1, 1, 1)
+        else:
+            keys = np.array([self._key(m) for m in mel], np.float32).reshape(1, -1, 1, 1)
         return CrossKV(keys, keys.copy())
 
     def decode(
