@@ -26,7 +26,9 @@ def _models(args: argparse.Namespace) -> int:
                 print(f"{name} {precision}: {path}")
         return 0
     if args.action == "path":
-        print(cache.cache_root())
+        from asr.whisper import weights
+
+        print(weights.cache_root())
         return 0
     raise AssertionError(args.action)  # argparse restricts the choices
 
@@ -40,6 +42,12 @@ def _transcribe(args: argparse.Namespace) -> int:
     else:
         print(result.text)
     return 0
+
+
+def _asr(args: argparse.Namespace) -> int:
+    from asr.main import main
+
+    return main(args.config, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--precision", action="append", choices=["int8", "fp32"],
                         help="precision to prepare (repeatable; default: int8)")
     models.set_defaults(func=_models)
+
+    asr = sub.add_parser(
+        "asr", help="run the ASR service (HTTP/2, link v1)",
+        description="Run the ASR service: POST /v1/recognize (link v1), POST /v1/lid, "
+        "/healthz, /readyz, /metrics. SIGINT/SIGTERM drain in-flight streams. The TOML "
+        "file holds [server] settings (AsrServerConfig fields), default = \"<pool>\" and "
+        "[pools.<name>] tables (model, languages, partial_model, partial_window_s, "
+        "precision, beam_size).")
+    asr.add_argument("--host", help="listen address (default 127.0.0.1)")
+    asr.add_argument("--port", type=int, help="listen port (default 8090)")
+    asr.add_argument("--config", help="TOML file: [server] settings and [pools.*]")
+    asr.set_defaults(func=_asr)
 
     tr = sub.add_parser("transcribe", help="transcribe a 16 kHz mono WAV file")
     tr.add_argument("file", help="WAV file (PCM16; other rates are resampled)")
