@@ -54,13 +54,12 @@ class Owned:
         self.close()
 
 
-def is_pcm(x: object, dtype: np.dtype[Any]) -> bool:
-    """Whether *x* is a C-contiguous numpy array of *dtype* (the hot-path check)."""
-    return isinstance(x, np.ndarray) and x.dtype == dtype and bool(x.flags.c_contiguous)
-
-
 def bad_pcm(x: object, dtype: np.dtype[Any], what: str) -> ValueError:
-    """The error for an *x* that failed :func:`is_pcm`, saying what is wrong."""
+    """The error for an *x* that is not a C-contiguous numpy array of *dtype*.
+
+    Hot paths test that inline (a helper call would cost as much as the test)
+    and build the message only on failure.
+    """
     if not isinstance(x, np.ndarray):
         return ValueError(f"{what}: expected a numpy {dtype} array, got {type(x).__name__}")
     if x.dtype != dtype:

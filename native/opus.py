@@ -36,7 +36,8 @@ OPUS_BITRATE_MAX: Final[int] = lib.OPUS_BITRATE_MAX
 #: Bitrate limits libopus honours, in bit/s.
 BITRATE_MIN: Final = 500
 BITRATE_MAX: Final = 512_000
-#: The RFC 6716 recommendation for one packet: encode output never needs more, in bytes.
+#: Encoder output buffer, in bytes: one MTU.  libopus fits each packet into it,
+#: which caps the instant bitrate (600 kbit/s at 20 ms, above BITRATE_MAX).
 MAX_PACKET_BYTES: Final = 1500
 #: Longest Opus packet (120 ms) in milliseconds.
 MAX_FRAME_MS: Final = 120
@@ -133,7 +134,6 @@ class OpusEncoder(Owned):
         self.frame_sizes: frozenset[int] = frozenset(
             sample_rate * t // 10_000 for t in _FRAME_TENTHS_MS
         )
-        self._max_frame = sample_rate * MAX_FRAME_MS // 1000
         self._err = ffi.new("int *")
         self._val = ffi.new("opus_int32 *")
         self._out = ffi.new("unsigned char[]", MAX_PACKET_BYTES)
