@@ -4,6 +4,7 @@ models in ``slow`` tests."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,6 @@ from asr.whisper.decoding import (
     Utterance,
     WhisperDecoder,
     WhisperEngine,
-    get_engine,
     log_softmax,
     read_audio_file,
 )
@@ -331,19 +331,17 @@ def test_read_audio_file(tmp_path: Path) -> None:
 # -- the real models --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def whisper_base() -> WhisperEngine:
-    # get_engine keeps one engine per model for the whole process, so every test module
-    # shares the loaded sessions.
-    return get_engine("base")
+@pytest.fixture
+def whisper_base(whisper_engine: Callable[..., WhisperEngine]) -> WhisperEngine:
+    return whisper_engine("base")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["base", "tiny.en"])
-def test_goforward(name: str) -> None:
+def test_goforward(whisper_engine: Callable[..., WhisperEngine], name: str) -> None:
     from tests import speech
 
-    tr = get_engine(name).transcribe(speech.goforward(), start_ms=500.0)
+    tr = whisper_engine(name).transcribe(speech.goforward(), start_ms=500.0)
     assert normalize_english(tr.text) == "go forward ten meters"
     assert tr.lang == "en" and tr.no_speech_prob < 0.5
     assert tr.start_ms == 500.0 and tr.end_ms == pytest.approx(500.0 + 2786.25)

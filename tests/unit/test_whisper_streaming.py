@@ -4,7 +4,7 @@ model, and (slow) the real model on a recording."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asr.whisper.decoding import WhisperEngine, get_engine
+from asr.whisper.decoding import WhisperEngine
 from asr.whisper.normalize import normalize_english
 from asr.whisper.streaming import (
     EnginePartialDecoder,
@@ -244,10 +244,10 @@ def test_stream_never_retracts(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.mark.slow
-def test_stream_goforward_real() -> None:
+def test_stream_goforward_real(whisper_engine: Callable[..., WhisperEngine]) -> None:
     from tests import speech
 
-    eng = get_engine("tiny.en")
+    eng = whisper_engine("tiny.en")
     dec = EnginePartialDecoder(eng)
     s = UtteranceStream(1, eng.tok, config=StreamConfig(partial_interval_samples=8000))
     audio = speech.goforward()

@@ -1,0 +1,354 @@
+"""ASR quality and speed: our ONNX Whisper against faster-whisper on the same weights.
+
+Both engines run in the same process and the same run, on the Debian
+``pocketsphinx-testdata`` recordings that have transcripts (LibriVox, cards, goforward),
+with the same CTranslate2 weights (ours exported to ONNX, theirs read directly), int8
+against int8, the same beam, 30 s windows, 2 threads, temperature 0 without fallback,
+no timestamps, no VAD, no conditioning on previous text, language "en". Text is
+normalised the same way for both (``asr.whisper.normalize``) before the word error rate.
+
+Timing: one warm-up transcription per engine is excluded; then every clip is timed
+``--repeats`` times, alternating which engine goes first so that load from other work
+on the machine falls on both. RTF = summed wall time / summed audio time, median over
+repeats.
+
+``--partial-windows`` also measures partials with shorter encoder windows: each clip and
+its prefixes (every 1 s) are decoded greedily with the window padded to W frames instead
+of 3000 and with a partial's token budget (``StreamConfig``), and compared with the
+reference (whole clips) and with the 30 s decode of the same prefix (how much a cheap
+partial differs from a full-window one).
+
+faster-whisper is a bench-only peer (``pip install faster-whisper``); nothing outside
+``bench/`` imports it.
+
+Usage::
+
+    .venv/bin/python bench/asr_quality.py --models base,tiny.en --beam 1 --repeats 3
+
+Writes ``bench/out/asr_quality.json`` and ``bench/out/asr_quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from asr.whisper import mel as melmod  # noqa: E402
+from asr.whisper import weights  # noqa: E402
+from asr.whisper.decoding import Utterance, WhisperEngine  # noqa: E402
+from asr.whisper.normalize import WordErrors, normalize_english, word_errors  # noqa: E402
+from asr.whisper.streaming import StreamConfig  # noqa: E402
+from tests import speech  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+THREADS = 2
+SR = melmod.SAMPLE_RATE
+
+
+@dataclass
+class Clip:
+    set: str
+    name: str
+    audio: np.ndarray  # int16
+    ref: str
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.size / SR
+
+
+def load_clips() -> list[Clip]:
+    clips = [Clip("librivox", n, a, t) for n, a, t in speech.librivox() if t]
+    clips += [Clip("cards", n, a, t) for n, a, t in speech.cards()]
+    clips.append(Clip("goforward", "goforward", speech.goforward(), "go forward ten meters"))
+    return clips
+
+
+class Ours:
+    label = "voxgate-onnx"
+
+    def __init__(self, model: str, beam: int) -> None:
+        self.engine = WhisperEngine.load(model, precision="int8", threads=THREADS)
+        self.beam = beam
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        return self.engine.transcribe(audio, language="en", beam_size=self.beam).text
+
+
+class FasterWhisper:
+    label = "faster-whisper"
+
+    def __init__(self, model: str, beam: int, workdir: Path) -> None:
+        from faster_whisper import WhisperModel
+
+        files = weights.model_files(model)
+        # faster-whisper wants one directory with model.bin next to the side files; base's
+        # model.bin is the joined copy in our cache, so link everything into one place.
+        d = workdir / model
+        d.mkdir(parents=True, exist_ok=True)
+        for name, src in (("model.bin", files.model_bin), ("config.json", files.config_json),
+                          ("tokenizer.json", files.tokenizer_json),
+                          ("vocabulary.txt", files.vocabulary_txt)):
+            link = d / name
+            if not link.exists():
+                link.symlink_to(src)
+        self.model = WhisperModel(str(d), device="cpu", compute_type="int8",
+                                  cpu_threads=THREADS, num_workers=1)
+        self.beam = beam
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        segments, _ = self.model.transcribe(
+            audio.astype(np.float32) / 32768.0,
+            language="en",
+            beam_size=self.beam,
+            without_timestamps=True,
+            vad_filter=False,
+            condition_on_previous_text=False,
+            temperature=0.0,  # same as ours: no temperature fallback
+        )
+        return "".join(s.text for s in segments).strip()
+
+
+@dataclass
+class EngineResult:
+    label: str
+    hyps: dict[str, str] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)
+    errors: WordErrors = field(default_factory=lambda: WordErrors(0, 0, 0, 0))
+    per_set: dict[str, WordErrors] = field(default_factory=dict)
+    rtf_per_repeat: list[float] = field(default_factory=list)
+
+    @property
+    def rtf(self) -> float:
+        return statistics.median(self.rtf_per_repeat)
+
+
+def bench_model(model: str, beam: int, repeats: int, clips: list[Clip], workdir: Path
+                ) -> dict[str, Any]:
+    engines: list[Ours | FasterWhisper] = [Ours(model, beam),
+                                           FasterWhisper(model, beam, workdir)]
+    results = [EngineResult(e.label) for e in engines]
+    for e in engines:  # warm-up, not timed
+        e.transcribe(clips[0].audio)
+    total_audio = sum(c.seconds for c in clips)
+    for rep in range(repeats):
+        spent = [0.0, 0.0]
+        for ci, clip in enumerate(clips):
+            order = [0, 1] if (rep + ci) % 2 == 0 else [1, 0]
+            for k in order:
+                t0 = time.perf_counter()
+                text = engines[k].transcribe(clip.audio)
+                dt = time.perf_counter() - t0
+                spent[k] += dt
+                results[k].times.setdefault(clip.name, []).append(dt)
+                if rep == 0:
+                    results[k].hyps[clip.name] = text
+        for k in (0, 1):
+            results[k].rtf_per_repeat.append(spent[k] / total_audio)
+    for r in results:
+        for clip in clips:
+            e = word_errors(clip.ref, r.hyps[clip.name])
+            r.errors = r.errors + e
+            r.per_set[clip.set] = r.per_set.get(clip.set, WordErrors(0, 0, 0, 0)) + e
+    ours, theirs = results
+    return {
+        "model": model,
+        "beam": beam,
+        "repeats": repeats,
+        "audio_s": total_audio,
+        "engines": {
+            r.label: {
+                "wer": r.errors.wer,
+                "errors": r.errors.errors,
+                "ref_words": r.errors.ref_words,
+                "wer_per_set": {k: v.wer for k, v in r.per_set.items()},
+                "rtf": r.rtf,
+                "rtf_per_repeat": r.rtf_per_repeat,
+                "clips": {
+                    c.name: {"hyp": r.hyps[c.name], "norm": normalize_english(r.hyps[c.name]),
+                             "ref": normalize_english(c.ref),
+                             "wer": word_errors(c.ref, r.hyps[c.name]).wer,
+                             "median_s": statistics.median(r.times[c.name]),
+                             "audio_s": c.seconds}
+                    for c in clips
+                },
+            }
+            for r in results
+        },
+        "wer_diff_points": 100.0 * (ours.errors.wer - theirs.errors.wer),
+        "rtf_ratio": ours.rtf / theirs.rtf,
+    }
+
+
+def _budget(samples: int) -> int:
+    # The token budget a streaming partial gets (StreamConfig defaults), so that a
+    # window that sends the decoder into a loop costs what it would cost in service.
+    cfg = StreamConfig()
+    return math.ceil(samples / SR * cfg.tokens_per_second) + cfg.extra_tokens
+
+
+def bench_partial_windows(model: str, windows: list[int], clips: list[Clip]
+                          ) -> dict[str, Any]:
+    engine = WhisperEngine.load(model, precision="int8", threads=THREADS)
+    engine.transcribe(clips[0].audio, language="en")  # warm-up
+    out: dict[str, Any] = {}
+    prefixes = [(c, n) for c in clips for n in range(SR, c.audio.size, SR)]
+    full_window: dict[tuple[str, int], str] = {}
+    for w in sorted(windows, reverse=True):
+        vs_ref = WordErrors(0, 0, 0, 0)
+        vs_full = WordErrors(0, 0, 0, 0)
+        spent = 0.0
+        audio_s = 0.0
+        for clip in clips:
+            frames = min(melmod.N_FRAMES, max(w, -(-clip.audio.size // melmod.HOP_LENGTH)))
+            t0 = time.perf_counter()
+            [tr] = engine.transcribe_batch([Utterance(clip.audio, language="en")],
+                                           pad_to_frames=frames + frames % 2,
+                                           max_new_tokens=_budget(clip.audio.size))
+            spent += time.perf_counter() - t0
+            audio_s += clip.seconds
+            vs_ref = vs_ref + word_errors(clip.ref, tr.text)
+        for clip, n in prefixes:
+            x = clip.audio[:n]
+            frames = min(melmod.N_FRAMES, max(w, -(-n // melmod.HOP_LENGTH)))
+            [tr] = engine.transcribe_batch([Utterance(x, language="en")],
+                                           pad_to_frames=frames + frames % 2,
+                                           max_new_tokens=_budget(n))
+            key = (clip.name, n)
+            if w == melmod.N_FRAMES:
+                full_window[key] = tr.text
+            vs_full = vs_full + word_errors(full_window[key], tr.text)
+        out[str(w)] = {
+            "window_s": w / 100,
+            "wer_full_clips": vs_ref.wer,
+            "rtf_full_clips": spent / audio_s,
+            "prefixes": len(prefixes),
+            "wer_prefixes_vs_30s_window": vs_full.wer,
+        }
+    return out
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print()
+    print(f"{'model':8} {'engine':15} {'WER %':>7} {'RTF':>7}   (int8, beam {rows[0]['beam']}, "
+          f"{THREADS} threads, 30 s windows, {rows[0]['repeats']} repeats, median)")
+    for r in rows:
+        for label, e in r["engines"].items():
+            print(f"{r['model']:8} {label:15} {100 * e['wer']:7.2f} {e['rtf']:7.4f}")
+        print(f"{r['model']:8} {'ours/theirs':15} {r['wer_diff_points']:+7.2f} "
+              f"{r['rtf_ratio']:7.3f}   (WER: difference in points; RTF: ratio)")
+    print()
+
+
+def print_partials(model: str, res: dict[str, Any]) -> None:
+    print(f"partials, {model}: window  WER(full clips)  RTF(full clips)  "
+          f"WER(prefixes vs 30 s window)")
+    for w, r in res.items():
+        print(f"{'':18}{int(w) / 100:5.0f} s {100 * r['wer_full_clips']:10.2f} % "
+              f"{r['rtf_full_clips']:14.4f} {100 * r['wer_prefixes_vs_30s_window']:18.2f} %")
+    print()
+
+
+def plot(rows: list[dict[str, Any]], partials: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 3 if partials else 2
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
+    models = [r["model"] for r in rows]
+    labels = list(rows[0]["engines"])
+    x = np.arange(len(models))
+    for k, label in enumerate(labels):
+        axes[0].bar(x + (k - 0.5) * 0.38, [100 * r["engines"][label]["wer"] for r in rows],
+                    0.38, label=label)
+        axes[1].bar(x + (k - 0.5) * 0.38, [r["engines"][label]["rtf"] for r in rows],
+                    0.38, label=label)
+    for ax, title in ((axes[0], "WER % (lower is better)"), (axes[1], "RTF (lower is better)")):
+        ax.set_xticks(x, models)
+        ax.set_title(title)
+        ax.legend()
+    for i, r in enumerate(rows):
+        axes[1].annotate(f"x{r['rtf_ratio']:.2f}", (i, max(e["rtf"] for e in
+                         r["engines"].values())), ha="center", va="bottom")
+    if partials:
+        ax = axes[2]
+        for model, res in partials.items():
+            ws = [int(w) / 100 for w in res]
+            ax.plot(ws, [100 * v["wer_prefixes_vs_30s_window"] for v in res.values()], "o-",
+                    label=f"{model}: WER vs 30 s window")
+            ax.plot(ws, [100 * v["wer_full_clips"] for v in res.values()], "s--",
+                    label=f"{model}: WER vs reference")
+        ax.set_xlabel("partial window (s)")
+        ax.set_title("Partials with shorter windows")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"voxgate ONNX Whisper vs faster-whisper (int8, {THREADS} threads, "
+                 f"beam {rows[0]['beam']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="base,tiny.en")
+    ap.add_argument("--beam", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--partial-windows", default="",
+                    help="comma-separated mel frame counts, e.g. 3000,1000,500 (off if empty)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    windows = [int(w) for w in args.partial_windows.split(",") if w]
+    if windows and melmod.N_FRAMES not in windows:
+        windows.append(melmod.N_FRAMES)  # the baseline partials are compared against
+    clips = load_clips()
+    print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio; "
+          f"models {models}, beam {args.beam}, {args.repeats} repeats", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fw-models-") as tmp:
+        for m in models:
+            rows.append(bench_model(m, args.beam, args.repeats, clips, Path(tmp)))
+            print_table(rows[-1:])
+    partials: dict[str, dict[str, Any]] = {}
+    for m in models if windows else []:
+        partials[m] = bench_partial_windows(m, windows, clips)
+        print_partials(m, partials[m])
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "bench": "asr_quality",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "platform": platform.platform()},
+        "settings": {"precision": "int8 vs int8", "threads": THREADS, "beam": args.beam,
+                     "window": "30 s (ours: audio zero-padded; faster-whisper: features "
+                               "zero-padded, its own way)",
+                     "temperature": 0.0, "language": "en", "timestamps": False,
+                     "vad": False, "condition_on_previous_text": False},
+        "models": rows,
+        "partial_windows": partials,
+    }
+    (args.out / "asr_quality.json").write_text(json.dumps(report, indent=2))
+    plot(rows, partials, args.out / "asr_quality.png")
+    print(f"wrote {args.out / 'asr_quality.json'} and {args.out / 'asr_quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
