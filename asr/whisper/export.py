@@ -26,6 +26,7 @@ GELU is ``com.microsoft.Gelu`` (exact erf form, as Whisper and ct2's activation 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -353,9 +354,16 @@ def quantize_nbits(model: onnx.ModelProto, block_size: int = NBITS_BLOCK,
     """Every MatMul with a constant weight -> ``MatMulNBits`` with 8-bit symmetric weights."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
-                             accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-    q.process()
+    # it logs a line per node at INFO; keep an export quiet
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+        q.process()
+    finally:
+        log.setLevel(level)
     out: onnx.ModelProto = q.model.model
     return out
 
