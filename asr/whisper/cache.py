@@ -147,6 +147,7 @@ def prepare(
         problem = check(d, name, precision, files.sha256)
         if problem is not None:
             raise CacheError(f"{d}: fresh export does not check: {problem}")
+        _prune(d, name, precision, log)
     manifest = json.loads((d / MANIFEST).read_text())
     return PreparedModel(name, precision, d, d / export.ENCODER_FILE, d / export.DECODER_FILE,
                          files, manifest)
@@ -185,6 +186,19 @@ def _export_atomically(
             log(f"exported {name} {precision} in {time.perf_counter() - t0:.1f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(keep: Path, name: str, precision: str, log: Callable[[str], None] | None) -> None:
+    """Delete other exports of ``name`` at ``precision`` (older export versions or weights).
+
+    Only complete exports (with a manifest) are touched; temporary directories of a
+    concurrent export are left alone. Open sessions keep working: they hold the bytes.
+    """
+    for other in keep.parent.glob(f"{name}-{precision}-v*"):
+        if other != keep and (other / MANIFEST).is_file():
+            if log:
+                log(f"removing stale export {other}")
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def prepare_all(

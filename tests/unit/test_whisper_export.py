@@ -6,6 +6,8 @@ checks use the cached exports (``whisper_cache``) of both checkpoints.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,3 +237,37 @@ def test_greedy_goforward(whisper_cache: Prepare, name: str, precision: str) -> 
         out.append(nxt)
         tokens = np.array([[nxt]], np.int64)
     assert normalize_english(detokenize(out, vocab)) == "go forward ten meters"
+
+
+# -- cache ----------------------------------------------------------------------------
+
+
+def test_cache_verifies_and_rebuilds(whisper_cache: Prepare, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    src = whisper_cache("tiny.en", "fp32")
+    monkeypatch.setenv("VOXGATE_CACHE_DIR", str(tmp_path))
+    d = cache.export_dir("tiny.en", "fp32", src.files.sha256)
+    assert d.parent == tmp_path / "onnx"
+    assert d.name == f"tiny.en-fp32-v{cache.EXPORT_VERSION}-1a5afae06a4d"
+    with pytest.raises(cache.CacheError, match="no manifest"):
+        cache.prepare("tiny.en", "fp32", allow_export=False)
+    shutil.copytree(src.dir, d)
+    assert cache.prepare("tiny.en", "fp32", allow_export=False).dir == d
+    # a stale export of an older version is removed once a current one is prepared
+    stale = d.parent / "tiny.en-fp32-v0-1a5afae06a4d"
+    stale.mkdir()
+    (stale / cache.MANIFEST).write_text("{}")
+    # another onnxruntime wrote it: refused, then rebuilt in place
+    manifest = json.loads((d / cache.MANIFEST).read_text())
+    (d / cache.MANIFEST).write_text(json.dumps({**manifest, "onnxruntime": "0.0"}))
+    with pytest.raises(cache.CacheError, match="onnxruntime"):
+        cache.prepare("tiny.en", "fp32", allow_export=False)
+    p = cache.prepare("tiny.en", "fp32")
+    assert p.manifest["onnxruntime"] == ort.__version__
+    assert not stale.exists()
+    assert sorted(x.name for x in d.parent.iterdir()) == [d.name]  # no temp dirs left
+    # a damaged file is caught by its sha256
+    with p.decoder.open("r+b") as f:
+        f.seek(1000)
+        f.write(b"\0\1\2\3")
+    assert "sha256" in (cache.check(d, "tiny.en", "fp32", src.files.sha256) or "")
