@@ -29,7 +29,7 @@ from typing import Any
 
 from asr.whisper import weights
 
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 MANIFEST = "manifest.json"
 DEFAULT_PRECISIONS = ("int8", "fp32")
 

@@ -147,8 +147,9 @@ def test_exported_files_check(whisper_cache: Prepare, precision: str) -> None:
     assert cache.check(p.dir, "tiny.en", precision, p.files.sha256) is None
 
 
-# (cross K/V, logits) relative L2 error; measured: fp32 ~1e-6, int8 ~0.025 and <= 0.065
-_TOL = {"fp32": (1e-5, 1e-5), "int8": (0.05, 0.1)}
+# (cross K/V, logits) relative L2 error. Measured: fp32 ~1e-6 everywhere; int8 keeps the
+# encoder in fp32 (export.INT8_SCHEME), its 8-bit decoder gives logits 0.008 (tiny.en), 0.04
+_TOL = {"fp32": (1e-5, 1e-5), "int8": (1e-5, 0.08)}
 
 
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
