@@ -74,7 +74,7 @@ def _expected_manifest(name: str, precision: str, source_sha256: str) -> dict[st
         "source_sha256": source_sha256,
         **_versions(),
         "files": {},
-        "notes": {"int8": export.INT8_SCHEME} if precision == "int8" else {},
+        "notes": {"int8": export.INT8_SCHEME, "int8dyn": export.INT8DYN_SCHEME}.get(precision, ""),
     }
 
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Export the Whisper ONNX models into the cache.")
     ap.add_argument("--model", action="append", choices=weights.MODEL_NAMES,
                     help="model to prepare (repeatable; default: all)")
-    ap.add_argument("--precision", action="append", choices=("int8", "fp32"),
+    ap.add_argument("--precision", action="append", choices=("int8", "fp32", "int8dyn"),
                     help="precision (repeatable; default: int8 and fp32)")
     ap.add_argument("--force", action="store_true", help="re-export even if cached")
     args = ap.parse_args(argv)

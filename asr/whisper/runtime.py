@@ -191,7 +191,8 @@ def load_model(
 
     Args:
         name: ``"base"`` or ``"tiny.en"``.
-        precision: ``"int8"`` (default; see ``export.INT8_SCHEME``) or ``"fp32"``.
+        precision: ``"int8"`` (default; see ``export.INT8_SCHEME``), ``"fp32"``, or the
+            opt-in ``"int8dyn"`` (``export.INT8DYN_SCHEME``: faster encoder, less exact).
         threads: intra-op threads per onnxruntime session.
         override_dir: a weights directory instead of the packages (``weights.model_files``).
         allow_export: if False, a missing or stale cache raises ``cache.CacheError``

@@ -149,11 +149,12 @@ def test_exported_files_check(whisper_cache: Prepare, precision: str) -> None:
 
 # (cross K/V, logits) relative L2 error. Measured: fp32 ~1e-6 everywhere; int8 keeps the
 # encoder in fp32 (export.INT8_SCHEME), its 8-bit decoder gives logits 0.008 (tiny.en), 0.04
-_TOL = {"fp32": (1e-5, 1e-5), "int8": (1e-5, 0.08)}
+# int8dyn (opt-in, encoder quantized dynamically): cross K/V 0.05-0.08, logits 0.09-0.21.
+_TOL = {"fp32": (1e-5, 1e-5), "int8": (1e-5, 0.08), "int8dyn": (0.12, 0.3)}
 
 
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8dyn"])
 def test_whole_model_matches_reference(whisper_cache: Prepare, name: str,
                                        precision: str) -> None:
     m = runtime.OnnxWhisper(whisper_cache(name, precision))
