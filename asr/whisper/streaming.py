@@ -292,6 +292,7 @@ class StreamConfig:
     tokens_per_second: float = 8.0  # partial token budget per second of audio ...
     extra_tokens: int = 8  # ... plus this, so a partial cannot loop for 224 tokens
     final_beam_size: int = 1
+    language_lock_prob: float = 0.5  # detected language kept once this likely
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad knob."""
@@ -321,8 +322,8 @@ class UtteranceStream:
         utterance: id carried by every event of this utterance.
         tokenizer: the model's tokenizer (word boundaries, text).
         start_sample: session time of the first sample, in samples.
-        language: language code, or None to detect it on the first partial (then kept
-            for the partials, so they do not flip between languages).
+        language: language code, or None to detect it (kept for later partials once its
+            probability reaches ``config.language_lock_prob``; the final detects anew).
         prompt: initial prompt / hotwords for every decode.
         config: knobs.
     """
@@ -423,7 +424,9 @@ class UtteranceStream:
             The partial event.
         """
         self._decoded_at = self._n if covered_samples is None else covered_samples
-        if self.language is None:
+        if self.language is None and result.language_prob >= self.config.language_lock_prob:
+            # Confident enough: keep this language for the partials, so they do not flip
+            # between languages (the first half second is often ambiguous).
             self.language = result.language
         # A partial that hit its token budget is probably looping: show it, but do not
         # let it make anything stable.
@@ -437,7 +440,7 @@ class UtteranceStream:
             stable_text=self.tok.decode(stable).strip(),
             tokens=tokens,
             stable_tokens=len(stable),
-            language=self.language or "en",
+            language=self.language or result.language,
             start_ms=_ms(self.start_sample),
             end_ms=_ms(self.start_sample + self._decoded_at),
         )

@@ -207,6 +207,10 @@ def test_language_is_kept_for_partials(tmp_path: Path) -> None:
     [p] = _stream_all(s, dec, _tone(0.5), 8000)
     assert p.language == "de" and s.partial_job().language == "de"
     assert s.finalize(dec).language == "de"
+    # Below the lock probability (the fake says 0.9) partials keep detecting.
+    unsure = UtteranceStream(2, eng.tok, config=StreamConfig(language_lock_prob=0.95))
+    [p] = _stream_all(unsure, dec, _tone(0.5), 8000)
+    assert p.language == "de" and unsure.partial_job().language is None
 
 
 def test_run_partials_batches_streams(fake: fw.ScriptedWhisper) -> None:
