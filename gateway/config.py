@@ -70,7 +70,10 @@ class GatewayConfig:
 
     host: str = field(default="127.0.0.1", metadata=_key("VOXGATE_HOST", "listen address"))
     port: int = field(default=8080, metadata=_key(
-        "VOXGATE_PORT", "listen port (0 picks a free one)", _range(0, 65535)))
+        "VOXGATE_PORT", "WebSocket listen port (0 picks a free one)", _range(0, 65535)))
+    http_port: int = field(default=8081, metadata=_key(
+        "VOXGATE_HTTP_PORT", "HTTP port: /records, /healthz, /readyz, /metrics",
+        _range(0, 65535)))
     asr_urls: tuple[str, ...] = field(default=("http://127.0.0.1:8090",), metadata=_key(
         "ASR_URLS", "ASR service endpoints of the default pool, comma-separated", _urls))
     asr_pools: tuple[tuple[str, str], ...] = field(default=(), metadata=_key(

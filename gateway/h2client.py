@@ -313,15 +313,18 @@ class H2Connection:
         await self._closed_event.wait()
 
     async def aclose(self) -> None:
+        """Say GOAWAY if the peer can still hear it, then close the socket, always."""
         self.closed = True
         self._closed_event.set()
         try:
-            async with self._send_lock:
-                self._h2.close_connection()
-                await self._flush()
+            with trio.move_on_after(0.5):
+                async with self._send_lock:
+                    self._h2.close_connection()
+                    await self._flush()
         except (H2ClientError, h2.exceptions.ProtocolError):
             pass
-        await self._stream.aclose()
+        finally:
+            await trio.aclose_forcefully(self._stream)
 
 
 @asynccontextmanager
@@ -355,7 +358,7 @@ async def connect(
         try:
             yield conn
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True):
                 await conn.aclose()
             nursery.cancel_scope.cancel()
 

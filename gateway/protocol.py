@@ -215,16 +215,26 @@ def _parse_start(obj: dict[str, Any]) -> Start:
 
 @dataclass
 class EventWriter:
-    """Builds downstream events for one session; ``seq`` counts every event sent."""
+    """Builds downstream events for one session.
+
+    ``seq`` is stamped by ``stamp`` when an event is actually sent, so it counts the
+    events the client receives (a held-back partial that a newer one replaced never
+    takes a number).
+    """
 
     flow_id: str
     seq: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "flowId": self.flow_id, "seq": self.seq, **fields}
+        return {"type": kind, "flowId": self.flow_id, **fields}
+
+    def stamp(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Give ``event`` the next ``seq`` (call right before sending it)."""
+        event["seq"] = self.seq
+        event["flowId"] = self.flow_id
         self.seq += 1
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.counts[event["type"]] = self.counts.get(event["type"], 0) + 1
         return event
 
     def ack(self, *, session: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
@@ -264,5 +274,7 @@ class EventWriter:
 
 
 def dumps(event: dict[str, Any]) -> str:
-    """Serialize one event as a compact JSON text frame."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    """Serialize one event as a compact JSON text frame (``type``, ``flowId``, ``seq``
+    first)."""
+    head = {k: event[k] for k in ("type", "flowId", "seq") if k in event}
+    return json.dumps({**head, **event}, ensure_ascii=False, separators=(",", ":"))

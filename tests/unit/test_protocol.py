@@ -93,9 +93,11 @@ def test_every_event_matches_its_schema_and_seq_counts() -> None:
         w.pong("7"),
         w.end("flush"),
     ]
+    events = [w.stamp(e) for e in events]
     for ev in events:
         check_event(ev)
     assert [e["seq"] for e in events] == list(range(len(events)))
+    assert w.counts["asr_partial"] == 1
 
 
 def test_schema_rejects_a_wrong_event() -> None:

@@ -1,0 +1,50 @@
+"""The gateway's Prometheus metrics (names from the design), in a registry of its own."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, math.inf)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.active_sessions = Gauge("orchestrator_active_sessions", "sessions in progress",
+                                     registry=r)
+        self.sessions = Counter("orchestrator_sessions", "sessions accepted", registry=r)
+        self.rejected = Counter("orchestrator_rejected_sessions", "sessions refused",
+                                ["code"], registry=r)
+        self.ingress_bytes = Counter("ingress_bytes", "audio bytes accepted from clients",
+                                     registry=r)
+        self.egress_events = Counter("egress_events", "events sent to clients", ["type"],
+                                     registry=r)
+        self.errors = Counter("client_errors", "error events sent", ["code"], registry=r)
+        self.pcm_to_opus_fail = Counter("pcm_to_opus_fail", "frames sent as PCM because "
+                                        "Opus encoding failed", registry=r)
+        self.vad_latency = Histogram("vad_latency_ms", "one batched VAD tick, ms",
+                                     buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.dn_latency = Histogram("dn_latency_ms", "denoise of one 20 ms frame, ms",
+                                    buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.lid_latency = Histogram("lid_latency_ms", "language ID round trip, ms",
+                                     buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.compress_latency = Histogram("compress_latency_ms",
+                                          "archive encode of one chunk, ms",
+                                          buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.first_partial = Histogram(
+            "first_partial_latency_ms", "first speech frame sent to first partial, ms",
+            buckets=(100, 200, 300, 400, 600, 800, 1000, 1500, 2000, 3000, math.inf),
+            registry=r)
+        self.final_latency = Histogram(
+            "final_latency_ms", "endpoint to final, ms",
+            buckets=(100, 200, 300, 400, 600, 800, 1000, 1500, 2000, 3000, math.inf),
+            registry=r)
+
+    def gauge_fn(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        Gauge(name, doc, registry=self.registry).set_function(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

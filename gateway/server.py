@@ -1,0 +1,105 @@
+"""The gateway process: WebSocket sessions, the VAD tick, ASR pools and the HTTP side.
+
+``serve`` is startable (``task_status.started((ws_port, http_port))``) so tests and
+``bench/`` run it on port 0 inside a nursery. Setting ``shutdown`` drains: no new sessions,
+ingest stops, every session finishes its finals and sends ``end{reason:"server_shutdown"}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, cast
+
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from asr.server import install_hypercorn_guard
+
+from .asrlink import AsrPools
+from .config import GatewayConfig
+from .httpapp import GatewayHttpApp
+from .metrics import GatewayMetrics
+from .records import LocalStore
+from .session import GatewayContext, Session
+from .vadservice import VadService
+
+log = logging.getLogger("voxgate.gateway")
+
+WS_PATH = "/ws/stream"
+MAX_WS_MESSAGE_BYTES = 4 * 1024 * 1024  # larger than any limit we enforce ourselves
+SHUTDOWN_GRACE_S = 20.0
+
+
+async def serve(
+    cfg: GatewayConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    vad: VadService | None = None,
+    task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until ``shutdown`` is set; then drain the sessions."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hyper_serve
+
+    shutdown = trio.Event() if shutdown is None else shutdown
+    metrics = GatewayMetrics()
+    pools = AsrPools(cfg.pool_urls())
+    store = LocalStore(cfg.archive_dir) if cfg.enable_compress else None
+    vad = vad or VadService()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pools.run)
+        await nursery.start(vad.run)
+        ready = {"ok": False}
+
+        hc = Config()
+        hc.bind = [f"{cfg.host}:{cfg.http_port}"]
+        hc.accesslog = None
+        hc.errorlog = log
+        install_hypercorn_guard()
+        http_app = GatewayHttpApp(store=store, metrics=metrics.render,
+                                  ready=lambda: ready["ok"])
+        http_stop = trio.Event()
+
+        async def http_trigger() -> None:
+            await http_stop.wait()
+
+        binds = await nursery.start(functools.partial(
+            hyper_serve, cast(Any, http_app), hc, shutdown_trigger=http_trigger))
+        http_port = int(binds[0].rsplit(":", 1)[1])
+        public_base = cfg.public_base.rstrip("/") or f"http://{cfg.host}:{http_port}"
+        ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base)
+        metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
+                         lambda: vad.stats.last_tick_ms)
+
+        async with trio.open_nursery() as sessions:
+            async def handler(request: WebSocketRequest) -> None:
+                if request.path.split("?", 1)[0] != WS_PATH:
+                    await request.reject(404, body=b"voxgate: the stream is at /ws/stream\n")
+                    return
+                if ctx.shutting_down.is_set():
+                    await request.reject(503, extra_headers=[(b"retry-after", b"5")],
+                                         body=b"voxgate: shutting down\n")
+                    return
+                ws = await request.accept()
+                await Session(ctx, ws).run()
+
+            server = await nursery.start(functools.partial(
+                serve_websocket, handler, cfg.host, cfg.port, None,
+                handler_nursery=sessions, max_message_size=MAX_WS_MESSAGE_BYTES))
+            ws_port = server.port
+            ready["ok"] = True
+            task_status.started((ws_port, http_port))
+            await shutdown.wait()
+            ready["ok"] = False
+            ctx.shutting_down.set()
+            for s in list(ctx.sessions):
+                s.stop_ingest()
+            if ctx.sessions:
+                with trio.move_on_after(SHUTDOWN_GRACE_S):
+                    await ctx.drained.wait()
+            sessions.cancel_scope.cancel()
+        http_stop.set()
+        nursery.cancel_scope.cancel()
+

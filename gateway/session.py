@@ -1,0 +1,732 @@
+"""One client session: a Trio nursery that owns every task of the session.
+
+    ingest ──frames──> pipeline (VAD decisions, endpointer, speech gate) ──> asr sender
+       │                    ^                                                   │
+       ├──> VAD service ────┘ (batched across sessions)            ASR link stream
+       └──> archive (Ogg Opus, the whole session)                           │
+    writer <── events (ack, asr_partial throttled, asr_final, ...) <── asr receiver
+
+The stages are sans-IO (``stages/``); this module only moves data between them, keeps
+time, and talks to sockets. Ingest never waits on recognition: a slow ASR delays events,
+never the intake of audio (past a high-water mark the client is told to PAUSE, and TCP
+back-pressure does the rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from asr import link
+from stages.archive import CONTENT_TYPE, ArchiveEncoder
+from stages.endpoint import (
+    EndpointConfig,
+    Endpointer,
+    SendFrame,
+    SpeechGate,
+    UtteranceEnded,
+    UtteranceStarted,
+)
+from stages.reframe import IngestError, PcmFrame, Reframer, SeqBuffer
+from stages.vad import VadWindow
+
+from .asrlink import AsrBusy, AsrPools, AsrStream, AsrUnavailable
+from .config import GatewayConfig
+from .h2client import H2ClientError
+from .metrics import GatewayMetrics
+from .protocol import (
+    ErrorCode,
+    EventWriter,
+    Finalize,
+    Flush,
+    Ping,
+    ProtocolError,
+    Start,
+    dumps,
+    parse_text,
+)
+from .records import LocalStore, RecordWriter, record_key
+from .vadservice import VadService
+
+log = logging.getLogger("voxgate.gateway.session")
+
+START_TIMEOUT_S = 10.0
+FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
+HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
+LOW_WATER_S = 1.0
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class GatewayContext:
+    """Process-wide parts every session uses."""
+
+    cfg: GatewayConfig
+    vad: VadService
+    pools: AsrPools
+    metrics: GatewayMetrics
+    store: LocalStore | None
+    public_base: str
+    shutting_down: trio.Event = field(default_factory=trio.Event)
+    drained: trio.Event = field(default_factory=trio.Event)  # shutting down, no sessions
+    sessions: set[Session] = field(default_factory=set)
+
+
+@dataclass
+class _Utt:
+    index: int
+    start_sample: int
+    end_sample: int | None = None
+    ended_at: float | None = None
+
+
+class _Closed(Exception):
+    """The client is gone."""
+
+
+class Session:
+    def __init__(self, ctx: GatewayContext, ws: WebSocketConnection) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.ws = ws
+        self.start: Start | None = None
+        self.ew = EventWriter("")
+        self.flow_id = ""
+        self.reason = "flush"
+        self.reframer = Reframer(max_chunk_bytes=self.cfg.max_frame_bytes)
+        self.seqbuf: SeqBuffer | None = None
+        self.endpointer = Endpointer(EndpointConfig(
+            threshold=self.cfg.vad_threshold,
+            neg_threshold=max(0.05, self.cfg.vad_threshold - 0.15),
+            min_speech_ms=self.cfg.vad_min_speech_ms,
+            endpoint_silence_ms=self.cfg.endpoint_silence_ms,
+            preroll_ms=self.cfg.preroll_ms,
+            max_utterance_s=self.cfg.max_utterance_s,
+        ))
+        self.gate = SpeechGate(self.cfg.preroll_ms)
+        self._events_in, self._events_out = trio.open_memory_channel[dict[str, Any]](1024)
+        self._pipe_in, self._pipe_out = trio.open_memory_channel[Any](4096)
+        self._asr_in, self._asr_out = trio.open_memory_channel[Any](4096)
+        self._vad_in, self._vad_out = trio.open_memory_channel[list[VadWindow]](4096)
+        self._archive_in, self._archive_out = trio.open_memory_channel[Any](4096)
+        self._vad_client = ctx.vad.register(self._vad_in)
+        self._vad_fed = 0  # samples given to VAD
+        self._drained = trio.Event()  # the pipeline handled flush and told ASR to end
+        self._asr_done = trio.Event()
+        self._writer_done = trio.Event()
+        self._archive_result: dict[str, Any] | None = None
+        self._archive_done = trio.Event()
+        self._stream: AsrStream | None = None
+        self._utts: deque[_Utt] = deque()  # sent to the current ASR stream, not final yet
+        self._open_utt: _Utt | None = None
+        self._skip_utterance = False  # ASR refused this utterance: record only
+        self._paused = False
+        self._resume = trio.Event()
+        self._ingest_scope = trio.CancelScope()
+        self._last_audio = time.monotonic()
+        self._first_speech_sent: float | None = None
+        self.first_partial_ms: float | None = None
+        self.stats: dict[str, Any] = {"bytes_in": 0, "speech_samples": 0, "utterances": 0,
+                                      "compress_ms": 0.0, "pcm_to_opus_fail": 0}
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.ctx.sessions.add(self)
+        self.ctx.metrics.active_sessions.inc()
+        try:
+            await self._run()
+        except _Closed:
+            pass
+        finally:
+            self.ctx.sessions.discard(self)
+            if self.ctx.shutting_down.is_set() and not self.ctx.sessions:
+                self.ctx.drained.set()
+            self.ctx.metrics.active_sessions.dec()
+            self.ctx.vad.unregister(self._vad_client)
+            if self._stream is not None:
+                with trio.CancelScope(shield=True):
+                    await self._stream.aclose()
+
+    async def _run(self) -> None:
+        start = await self._await_start()
+        if start is None:
+            return
+        self.start = start
+        if not await self._admit():
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
+            self._ack()
+            nursery.start_soon(self._pipeline)
+            nursery.start_soon(self._asr_sender, nursery)
+            nursery.start_soon(self._vad_results)
+            if self.cfg.enable_compress and self.ctx.store is not None:
+                nursery.start_soon(self._archive)
+            else:
+                self._archive_done.set()
+            reason = await self._ingest()
+            self.reason = reason
+            await self._finish(reason)
+            nursery.cancel_scope.cancel()
+
+    async def _await_start(self) -> Start | None:
+        """Read until a valid ``start``; earlier bad messages get non-fatal errors."""
+        with trio.move_on_after(START_TIMEOUT_S):
+            while True:
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed:
+                    return None
+                if isinstance(message, bytes):
+                    await self._send_now(self.ew.error(
+                        ErrorCode.NOT_STARTED, "audio before start is not accepted",
+                        fatal=False))
+                    continue
+                try:
+                    msg = parse_text(message)
+                except ProtocolError as exc:
+                    await self._send_now(self.ew.error(exc.code, exc.message, fatal=exc.fatal))
+                    if exc.fatal:
+                        await self._close(1008)
+                        return None
+                    continue
+                if not isinstance(msg, Start):
+                    if isinstance(msg, Ping):
+                        await self._send_now(self.ew.pong(msg.id))
+                    else:
+                        await self._send_now(self.ew.error(
+                            ErrorCode.NOT_STARTED, "send start first", fatal=False))
+                    continue
+                self.flow_id = msg.flow_id
+                self.ew.flow_id = msg.flow_id
+                return msg
+        await self._send_now(self.ew.error(
+            ErrorCode.BAD_REQUEST, f"no start within {START_TIMEOUT_S:g} s", fatal=True))
+        await self._close(1008)
+        return None
+
+    async def _admit(self) -> bool:
+        assert self.start is not None
+        problem: tuple[ErrorCode, str] | None = None
+        if self.cfg.auth_jwt_secret:
+            problem = _check_token(self.start.token, self.cfg.auth_jwt_secret)
+        if problem is None and len(self.ctx.sessions) > self.cfg.max_sessions:
+            problem = (ErrorCode.BUSY, f"the gateway is at {self.cfg.max_sessions} sessions")
+            await self._send_now(self.ew.flow("BUSY", reason="capacity", retry_after_ms=1000))
+        if problem is None and self.ctx.shutting_down.is_set():
+            problem = (ErrorCode.BUSY, "the gateway is shutting down")
+        if problem is None:
+            try:
+                record_key(self.flow_id)
+            except ValueError as exc:
+                problem = (ErrorCode.BAD_REQUEST, str(exc))
+        if problem is not None:
+            self.ctx.metrics.rejected.labels(problem[0].value).inc()
+            await self._send_now(self.ew.error(problem[0], problem[1], fatal=True))
+            await self._send_now(self.ew.end("error"))
+            await self._close(1008)
+            return False
+        self.ctx.metrics.sessions.inc()
+        if "seq_header" in self.start.features:
+            self.seqbuf = SeqBuffer()
+        return True
+
+    def _ack(self) -> None:
+        assert self.start is not None
+        c = self.cfg
+        self._emit(self.ew.ack(
+            session={
+                "features": sorted(self.start.features),
+                "return": sorted(self.start.returns),
+                "asr_link_codec": c.asr_link_codec, "frame_ms": 20, "sr": SAMPLE_RATE,
+                "partial_interval_ms": c.partial_interval_ms,
+                "endpoint_silence_ms": c.endpoint_silence_ms,
+                "flush_idle_ms": int(c.flush_idle_s * 1000),
+                "denoise": False, "record": c.enable_compress and self.ctx.store is not None,
+                "lang_pref": self.start.hints.user_lang_pref,
+                "flowId_generated": self.start.flow_id_generated,
+            },
+            limits={
+                "max_frame_bytes": c.max_frame_bytes,
+                "max_text_frame_bytes": 16 * 1024,
+                "max_utterance_ms": int(c.max_utterance_s * 1000),
+                "reorder_window": self.seqbuf.window if self.seqbuf else 0,
+            },
+        ))
+
+    # -- ingest ---------------------------------------------------------------------
+
+    def stop_ingest(self) -> None:
+        """Graceful shutdown: stop taking audio; the session then finishes its finals."""
+        self._ingest_scope.cancel()
+
+    async def _ingest(self) -> str:
+        """Read client frames until flush, disconnect, idle or shutdown; return why."""
+        with self._ingest_scope:
+            if self.ctx.shutting_down.is_set():
+                self._ingest_scope.cancel()
+            return await self._ingest_loop()
+        return "server_shutdown"
+
+    async def _ingest_loop(self) -> str:
+        while True:
+            deadline = self._last_audio + self.cfg.flush_idle_s
+            message: str | bytes | None = None
+            with trio.move_on_at(_trio_deadline(deadline)) as idle:
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed:
+                    return "disconnect"
+            if idle.cancelled_caught or message is None:
+                return "idle"
+            if isinstance(message, bytes):
+                await self._audio(message)
+                continue
+            try:
+                msg = parse_text(message)
+            except ProtocolError as exc:
+                self._error(exc.code, exc.message, exc.fatal)
+                if exc.fatal:
+                    return "error"
+                continue
+            if isinstance(msg, Flush):
+                return "flush"
+            if isinstance(msg, Finalize):
+                await self._pipe_in.send(("finalize",))
+            elif isinstance(msg, Ping):
+                self._emit(self.ew.pong(msg.id))
+            elif isinstance(msg, Start):
+                self._error(ErrorCode.ALREADY_STARTED, "the session has started", False)
+
+    async def _audio(self, data: bytes) -> None:
+        payloads = [data]
+        if self.seqbuf is not None:
+            try:
+                seq, _pts, payload = SeqBuffer.parse(data)
+            except IngestError as exc:
+                self._error(ErrorCode(exc.code), exc.message, False)
+                return
+            # Check the payload before the buffer takes it: a bad one must not leave a
+            # hole the buffer waits for.
+            if len(payload) % 2 or len(payload) > self.cfg.max_frame_bytes:
+                code = "ODD_BYTE_COUNT" if len(payload) % 2 else "FRAME_TOO_LARGE"
+                self._error(ErrorCode(code), f"seq {seq}: payload of {len(payload)} bytes "
+                            "refused", False)
+                return
+            payloads = self.seqbuf.feed(seq, payload)
+        frames: list[PcmFrame] = []
+        for p in payloads:
+            try:
+                frames += self.reframer.feed(p)
+            except IngestError as exc:
+                self._error(ErrorCode(exc.code), exc.message, False)
+                return
+            self.stats["bytes_in"] += len(p)
+            self.ctx.metrics.ingress_bytes.inc(len(p))
+        self._last_audio = time.monotonic()
+        await self._take(frames)
+
+    async def _take(self, frames: list[PcmFrame]) -> None:
+        for f in frames:
+            self._vad_client.stream.feed(f.samples)
+            self._vad_fed += len(f.samples)
+            await self._pipe_in.send(("frame", f))
+            if self.cfg.enable_compress and self.ctx.store is not None:
+                await self._archive_in.send(f.samples)
+        if frames:
+            self.ctx.vad.poke()
+        await self._backpressure()
+
+    async def _backpressure(self) -> None:
+        behind = (self._vad_fed - self.endpointer.position) / SAMPLE_RATE
+        if behind > HIGH_WATER_S and not self._paused:
+            self._paused = True
+            self._resume = trio.Event()
+            self._emit(self.ew.flow("PAUSE", reason="audio is arriving faster than it is "
+                                    "processed", retry_after_ms=int(HIGH_WATER_S * 200)))
+        if self._paused:
+            # Not reading is the back-pressure: TCP pushes back on the client.
+            await self._resume.wait()
+
+    def _check_resume(self) -> None:
+        behind = (self._vad_fed - self.endpointer.position) / SAMPLE_RATE
+        if self._paused and behind < LOW_WATER_S:
+            self._paused = False
+            self._resume.set()
+            self._emit(self.ew.flow("RESUME"))
+
+    # -- VAD decisions and the pipeline ---------------------------------------------
+
+    async def _vad_results(self) -> None:
+        async for windows in self._vad_out:
+            await self._pipe_in.send(("vad", windows))
+
+    async def _pipeline(self) -> None:
+        flushing = False
+        async for item in self._pipe_out:
+            kind = item[0]
+            if kind == "frame":
+                for ev in self.gate.frame(item[1]):
+                    await self._asr_in.send(ev)
+            elif kind == "vad":
+                for w in item[1]:
+                    for ep in self.endpointer.feed(w):
+                        for ev in self.gate.boundary(ep, self.endpointer.position):
+                            await self._asr_in.send(ev)
+                self.gate.trim(self.endpointer.position)
+                self._check_resume()
+            elif kind == "finalize":
+                await self._force("client")
+            elif kind == "flush":
+                flushing = True
+            if flushing and self._vad_caught_up():
+                await self._force("flush")
+                await self._asr_in.send(("end",))
+                self._drained.set()
+                return
+
+    def _vad_caught_up(self) -> bool:
+        whole = self._vad_fed // 512 * 512
+        return self.endpointer.position >= whole
+
+    async def _force(self, reason: str) -> None:
+        for ep in self.endpointer.force(reason):
+            for ev in self.gate.boundary(ep, self.endpointer.position):
+                await self._asr_in.send(ev)
+
+    # -- the ASR link ---------------------------------------------------------------
+
+    async def _asr_sender(self, nursery: trio.Nursery) -> None:
+        try:
+            while True:
+                item = await self._asr_out.receive()
+                if isinstance(item, SendFrame):
+                    batch = [item]
+                    while True:  # everything queued now goes in one DATA frame
+                        try:
+                            nxt = self._asr_out.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        if not isinstance(nxt, SendFrame):
+                            await self._send_frames(batch)
+                            batch = []
+                            await self._asr_control(nxt, nursery)
+                            if nxt == ("end",):
+                                return
+                            break
+                        batch.append(nxt)
+                    if batch:
+                        await self._send_frames(batch)
+                else:
+                    await self._asr_control(item, nursery)
+                    if item == ("end",):
+                        return
+        finally:
+            if self._stream is None:
+                self._asr_done.set()
+
+    async def _asr_control(self, item: Any, nursery: trio.Nursery) -> None:
+        if isinstance(item, UtteranceStarted):
+            self.stats["utterances"] += 1
+            self._open_utt = _Utt(item.index, item.start)
+            self._skip_utterance = False
+            if "asr" not in self._returns():
+                self._skip_utterance = True
+                return
+            if self._stream is None:
+                await self._open_stream(nursery)
+            if self._stream is not None:
+                self._utts.append(self._open_utt)
+        elif isinstance(item, UtteranceEnded):
+            if self._open_utt is not None:
+                self._open_utt.end_sample = item.end
+                self._open_utt.ended_at = time.perf_counter()
+            self._open_utt = None
+            self.stats["speech_samples"] += item.end - item.start
+            if self._stream is not None and not self._skip_utterance:
+                await self._guard(self._stream.finalize())
+        elif item == ("end",):
+            if self._stream is not None:
+                await self._guard(self._stream.end())
+            else:
+                self._asr_done.set()
+
+    async def _open_stream(self, nursery: trio.Nursery) -> None:
+        assert self.start is not None
+        hints = self.start.hints
+        lang = "" if hints.user_lang_pref in ("", "auto") else hints.user_lang_pref
+        start = link.Start(
+            flow_id=self.flow_id, codec=self.cfg.asr_link_codec,
+            bitrate=self.cfg.asr_link_bitrate, lang_hint=lang,
+            domain=hints.domain or "default", hotwords=hints.hotwords,
+        )
+        try:
+            self._stream = await self.ctx.pools.open(
+                "default", start, codec=self.cfg.asr_link_codec,
+                bitrate=self.cfg.asr_link_bitrate)
+        except AsrBusy as exc:
+            self._skip_utterance = True
+            self._emit(self.ew.flow("BUSY", reason="recognition is at capacity; "
+                                    "recording only", retry_after_ms=int(exc.retry_after_s
+                                                                         * 1000)))
+            self._error(ErrorCode.ASR_UNAVAILABLE, f"recognition is busy: {exc}", False)
+            return
+        except AsrUnavailable as exc:
+            self._skip_utterance = True
+            self._error(ErrorCode.ASR_UNAVAILABLE,
+                        f"recognition is unavailable, recording only: {exc}", False)
+            return
+        self._asr_done = trio.Event()
+        nursery.start_soon(self._asr_receiver, self._stream)
+
+    async def _send_frames(self, batch: list[SendFrame]) -> None:
+        if self._stream is None or self._skip_utterance:
+            return
+        if self._first_speech_sent is None:
+            self._first_speech_sent = time.perf_counter()
+        before = self._stream.opus_failures
+        await self._guard(self._stream.send_audio(
+            [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch]))
+        if self._stream is not None and self._stream.opus_failures > before:
+            failed = self._stream.opus_failures - before
+            self.stats["pcm_to_opus_fail"] += failed
+            self.ctx.metrics.pcm_to_opus_fail.inc(failed)
+
+    async def _guard(self, op: Any) -> None:
+        """Run a send on the ASR stream; a failure becomes an error event, not a crash."""
+        try:
+            await op
+        except (AsrUnavailable, H2ClientError) as exc:
+            self._lost_stream(f"the recognition stream failed: {exc}")
+
+    def _lost_stream(self, message: str) -> None:
+        if self._stream is None:
+            return
+        self._error(ErrorCode.ASR_UNAVAILABLE, message, False)
+        self._stream = None
+        self._utts.clear()
+        self._skip_utterance = True
+        self._asr_done.set()
+
+    async def _asr_receiver(self, stream: AsrStream) -> None:
+        try:
+            async with contextlib.aclosing(stream.events()) as events:
+                async for ev in events:
+                    if stream is not self._stream:
+                        return
+                    if ev.type in ("partial", "final"):
+                        self._transcript(ev)
+                    elif ev.type == "error":
+                        code = (ErrorCode.BUSY if ev.code == "BUSY" else
+                                ErrorCode.ASR_UNAVAILABLE if ev.fatal else ErrorCode.INTERNAL)
+                        self._error(code, f"recognition: {ev.code}: {ev.message}", False)
+                    elif ev.type == "end":
+                        break
+        except AsrUnavailable as exc:
+            if stream is self._stream:
+                self._lost_stream(str(exc))
+            return
+        if stream is self._stream:
+            self._asr_done.set()
+
+    def _transcript(self, ev: link.AsrEvent) -> None:
+        if not self._utts:
+            return
+        utt = self._utts[0]
+        final = ev.type == "final"
+        if final:
+            self._utts.popleft()
+            if utt.ended_at is not None:
+                self.ctx.metrics.final_latency.observe(
+                    (time.perf_counter() - utt.ended_at) * 1000)
+        elif self.first_partial_ms is None and self._first_speech_sent is not None:
+            self.first_partial_ms = (time.perf_counter() - self._first_speech_sent) * 1000
+            self.ctx.metrics.first_partial.observe(self.first_partial_ms)
+        self._emit(self.ew.transcript(final, utterance=utt.index, text=ev.text,
+                                      start_ms=ev.ts[0], end_ms=ev.ts[1], lang=ev.lang))
+
+    def _returns(self) -> frozenset[str]:
+        assert self.start is not None
+        return self.start.returns
+
+    # -- archive --------------------------------------------------------------------
+
+    async def _archive(self) -> None:
+        assert self.ctx.store is not None
+        encoder = ArchiveEncoder()
+        writer: RecordWriter | None = None
+        try:
+            writer = await self.ctx.store.open(self.flow_id)
+            async for samples in self._archive_out:
+                if samples is None:
+                    break
+                t0 = time.perf_counter()
+                data = encoder.feed(samples)
+                ms = (time.perf_counter() - t0) * 1000
+                self.stats["compress_ms"] += ms
+                self.ctx.metrics.compress_latency.observe(ms)
+                await writer.write(data)
+            tail, result = encoder.close()
+            await writer.write(tail)
+            stored = await writer.commit()
+            writer = None
+            self._archive_result = {
+                "url": f"{self.ctx.public_base}/records/{stored.key}",
+                "duration_ms": result.duration_ms, "size_bytes": result.bytes,
+                "sha256": result.sha256, "content_type": CONTENT_TYPE,
+            }
+        except (OSError, ValueError) as exc:
+            log.exception("archive failed for %s", self.flow_id)
+            self._error(ErrorCode.INTERNAL, f"recording failed: {exc}", False)
+        finally:
+            if writer is not None:
+                with trio.CancelScope(shield=True):
+                    await writer.abort()
+            self._archive_done.set()
+
+    # -- the end of a session -------------------------------------------------------
+
+    async def _finish(self, reason: str) -> None:
+        await self._take(self.reframer.flush())
+        if self.seqbuf is not None:
+            for p in self.seqbuf.flush():
+                await self._take(self.reframer.feed(p))
+            await self._take(self.reframer.flush())
+        self.ctx.vad.poke()
+        await self._pipe_in.send(("flush",))
+        with trio.move_on_after(FINAL_TIMEOUT_S), _shield_if(reason == "server_shutdown"):
+            await self._drained.wait()
+            await self._asr_done.wait()
+        if self.cfg.enable_compress and self.ctx.store is not None:
+            await self._archive_in.send(None)
+        with trio.move_on_after(FINAL_TIMEOUT_S):
+            await self._archive_done.wait()
+        if self._archive_result is not None and "record_url" in self._returns():
+            r = self._archive_result
+            self._emit(self.ew.record_url(r["url"], duration_ms=r["duration_ms"],
+                                          size_bytes=r["size_bytes"], sha256=r["sha256"],
+                                          content_type=r["content_type"]))
+        if "metrics" in self._returns():
+            self._emit(self.ew.metrics(self._metrics()))
+        self._emit(self.ew.end(reason))
+        self._events_in.close()
+        with trio.move_on_after(5):
+            await self._writer_done.wait()
+        await self._close(1000)
+
+    def _metrics(self) -> dict[str, Any]:
+        audio_ms = self.reframer.samples_in * 1000 // SAMPLE_RATE
+        return {
+            "audio_ms": audio_ms,
+            "speech_ms": self.stats["speech_samples"] * 1000 // SAMPLE_RATE,
+            "utterances": self.stats["utterances"],
+            "bytes_in": self.stats["bytes_in"],
+            "asr_link_codec": self.cfg.asr_link_codec,
+            "pcm_to_opus_fail": self.stats["pcm_to_opus_fail"],
+            "first_partial_ms": None if self.first_partial_ms is None
+            else round(self.first_partial_ms),
+            "stage_ms": {"compress": round(self.stats["compress_ms"], 2)},
+        }
+
+    # -- events out -----------------------------------------------------------------
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        try:
+            self._events_in.send_nowait(event)
+        except trio.WouldBlock:
+            # The client has not read 1024 events: it is not reading at all. What it
+            # would miss it could not have read anyway; say so in the log.
+            log.warning("%s: client is not reading; dropped a %s event", self.flow_id,
+                        event["type"])
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _error(self, code: ErrorCode, message: str, fatal: bool) -> None:
+        self.ctx.metrics.errors.labels(code.value).inc()
+        self._emit(self.ew.error(code, message, fatal=fatal))
+
+    async def _send_now(self, event: dict[str, Any]) -> None:
+        """Before the writer runs (refusals before the session starts)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send_message(dumps(self.ew.stamp(event)))
+            self.ctx.metrics.egress_events.labels(event["type"]).inc()
+
+    async def _writer(self) -> None:
+        """The only task that writes to the socket; holds back partials to the interval."""
+        interval = self.cfg.partial_interval_ms / 1000
+        last_partial = -math.inf
+        pending: dict[str, Any] | None = None
+        try:
+            while True:
+                event: dict[str, Any] | None = None
+                wait = math.inf if pending is None else last_partial + interval - time.monotonic()
+                with trio.move_on_after(max(0.0, wait)):
+                    try:
+                        event = await self._events_out.receive()
+                    except trio.EndOfChannel:
+                        if pending is not None:
+                            await self._write(pending)
+                        return
+                if event is None:  # the held partial's time has come
+                    assert pending is not None
+                    await self._write(pending)
+                    last_partial, pending = time.monotonic(), None
+                    continue
+                if event["type"] == "asr_partial":
+                    if time.monotonic() - last_partial >= interval and pending is None:
+                        await self._write(event)
+                        last_partial = time.monotonic()
+                    else:
+                        pending = event  # a newer partial replaces the held one
+                    continue
+                if (event["type"] == "asr_final" and pending is not None
+                        and pending["utterance"] == event["utterance"]):
+                    pending = None  # the final replaces its partials
+                await self._write(event)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._writer_done.set()
+
+    async def _write(self, event: dict[str, Any]) -> None:
+        await self.ws.send_message(dumps(self.ew.stamp(event)))
+        self.ctx.metrics.egress_events.labels(event["type"]).inc()
+
+    async def _close(self, code: int) -> None:
+        with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+            await self.ws.aclose(code)
+
+
+def _check_token(token: str, secret: str) -> tuple[ErrorCode, str] | None:
+    import jwt
+
+    if not token:
+        return ErrorCode.UNAUTHORIZED, "auth.token is required"
+    try:
+        jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp"]})
+    except jwt.ExpiredSignatureError:
+        return ErrorCode.UNAUTHORIZED, "the token has expired"
+    except jwt.InvalidTokenError as exc:
+        return ErrorCode.UNAUTHORIZED, f"invalid token: {exc}"
+    return None
+
+
+def _trio_deadline(monotonic_deadline: float) -> float:
+    """A ``time.monotonic`` deadline on Trio's clock."""
+    return trio.current_time() + (monotonic_deadline - time.monotonic())
+
+
+@contextlib.contextmanager
+def _shield_if(flag: bool) -> Any:
+    with trio.CancelScope(shield=flag) as scope:
+        yield scope
+

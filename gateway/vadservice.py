@@ -1,0 +1,94 @@
+"""The process-wide VAD tick: every session's pending windows in one ONNX call per depth.
+
+Sessions feed audio to their ``VadStream`` and ``poke()`` the service. The tick loop wakes,
+runs ``VadBatcher.run`` over every stream with a whole window in a worker thread, and
+hands each session its decisions through the session's own bounded channel. With no audio
+pending, the loop sleeps on an event: no polling.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from stages.vad import VadBatcher, VadModel, VadStream, VadWindow
+
+
+@dataclass(eq=False)
+class VadClient:
+    """One session's registration: its stream, and where its decisions go."""
+
+    stream: VadStream
+    results: trio.MemorySendChannel[list[VadWindow]]
+    closed: bool = False
+
+
+@dataclass
+class VadStats:
+    ticks: int = 0
+    windows: int = 0
+    busy_s: float = 0.0
+    last_tick_ms: float = 0.0
+    tick_ms: list[float] = field(default_factory=list)
+
+
+class VadService:
+    """Args:
+        model: the shared Silero session.
+        min_tick_s: at most one tick per this interval, so windows from many sessions
+            gather into one call (16 ms: half a VAD window).
+    """
+
+    def __init__(self, model: VadModel | None = None, *, min_tick_s: float = 0.016) -> None:
+        self.batcher = VadBatcher(model or VadModel())
+        self.min_tick_s = min_tick_s
+        self._clients: set[VadClient] = set()
+        self._wake = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self.stats = VadStats()
+
+    def register(self, results: trio.MemorySendChannel[list[VadWindow]]) -> VadClient:
+        client = VadClient(VadStream(), results)
+        self._clients.add(client)
+        return client
+
+    def unregister(self, client: VadClient) -> None:
+        client.closed = True
+        self._clients.discard(client)
+
+    def poke(self) -> None:
+        """New audio was fed to some stream."""
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            ready = [c for c in self._clients if c.stream.ready and not c.closed]
+            if not ready:
+                continue
+            t0 = time.perf_counter()
+            results = await trio.to_thread.run_sync(
+                self.batcher.run, [c.stream for c in ready], limiter=self._limiter)
+            elapsed = time.perf_counter() - t0
+            self.stats.ticks += 1
+            self.stats.windows += sum(len(r) for r in results)
+            self.stats.busy_s += elapsed
+            self.stats.last_tick_ms = elapsed * 1000
+            self.stats.tick_ms.append(elapsed * 1000)
+            del self.stats.tick_ms[:-1000]
+            for client, windows in zip(ready, results, strict=True):
+                if windows and not client.closed:
+                    try:
+                        client.results.send_nowait(windows)
+                    except (trio.WouldBlock, trio.BrokenResourceError,
+                            trio.ClosedResourceError):
+                        # A session that cannot take its decisions is being torn down
+                        # or hopelessly behind; it notices through its own backlog.
+                        client.closed = True
+            # Let windows from other sessions gather before the next call.
+            await trio.sleep(max(0.0, self.min_tick_s - elapsed))
