@@ -16,7 +16,7 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -297,7 +297,7 @@ class AsrStream:
             return False
         return True
 
-    async def events(self) -> AsyncIterator[link.AsrEvent]:
+    async def events(self) -> AsyncGenerator[link.AsrEvent, None]:
         """The service's events, until ``end`` or the stream closes.
 
         Raises:

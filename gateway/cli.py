@@ -36,9 +36,10 @@ def _models(args: argparse.Namespace) -> int:
 def _transcribe(args: argparse.Namespace) -> int:
     from asr.whisper.decoding import transcribe_file
 
-    result = transcribe_file(Path(args.file), model=args.model, beam=args.beam)
+    result = transcribe_file(Path(args.file), model=args.model, beam=args.beam,
+                             language=args.language, prompt=args.prompt)
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
         print(result.text)
     return 0
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default="base", choices=MODEL_NAMES)
     tr.add_argument("--beam", type=int, default=1, choices=range(1, 6), metavar="N",
                     help="beam size, 1 (greedy) to 5")
+    tr.add_argument("--language", help="language code (default: detect)")
+    tr.add_argument("--prompt", help="initial prompt / hotwords")
     tr.add_argument("--json", action="store_true",
                     help="print JSON with language, timing and RTF")
     tr.set_defaults(func=_transcribe)
