@@ -71,8 +71,7 @@ async def run(cfg: AsrServerConfig, backend: WhisperBackend) -> None:
 
 
 async def _announce_ready(app: Any, scheme: str, host: str, port: int) -> None:
-    while not app.ready:
-        await trio.sleep(0.1)
+    await app.ready_event.wait()
     print(f"voxgate asr: ready on {scheme}://{host}:{port}", flush=True)
 
 

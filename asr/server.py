@@ -176,6 +176,7 @@ class AsrApp:
         self.scheduler = scheduler
         self.cfg = cfg or AsrServerConfig()
         self.ready = False
+        self.ready_event = trio.Event()  # set with ``ready``: models loaded and warmed
         self.active = 0
         self.draining = trio.Event()
         self.metrics = Metrics(self)
@@ -617,4 +618,5 @@ async def serve(
             if warmup:
                 await trio.to_thread.run_sync(backend.warmup)
             app.ready = True
+            app.ready_event.set()
         outer.cancel_scope.cancel()

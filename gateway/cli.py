@@ -51,6 +51,24 @@ def _asr(args: argparse.Namespace) -> int:
     return main(args.config, args.host, args.port)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway.main import gateway_main
+
+    return gateway_main(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.main import serve_main
+
+    return serve_main(args)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from gateway.main import stream_main
+
+    return stream_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voxgate", description="voxgate: a real-time speech gateway"
@@ -79,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--port", type=int, help="listen port (default 8090)")
     asr.add_argument("--config", help="TOML file: [server] settings and [pools.*]")
     asr.set_defaults(func=_asr)
+
+    from gateway.config import GatewayConfig
+
+    settings = ("settings (environment variables; a TOML file given with --config or "
+                "VOXGATE_CONFIG uses the lower-case field names):\n" + GatewayConfig.describe())
+    for name, helptext, func in (
+        ("gateway", "run the gateway alone (WebSocket /ws/stream, HTTP side)", _gateway),
+        ("serve", "the embedded default: gateway plus a local ASR service, bundled models, "
+         "local archive", _serve),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext, epilog=settings,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--host", help="listen address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="WebSocket port (default 8080)")
+        p.add_argument("--http-port", type=int, help="HTTP port (default 8081)")
+        p.add_argument("--config", help="TOML file with settings")
+        p.set_defaults(func=func)
+
+    st = sub.add_parser("stream", help="stream a WAV file in real time and print results")
+    st.add_argument("file", help="16 kHz mono PCM16 WAV file")
+    st.add_argument("--url", default="ws://127.0.0.1:8080/ws/stream")
+    st.add_argument("--realtime", dest="realtime", action="store_true", default=True,
+                    help="pace the audio in real time (default)")
+    st.add_argument("--fast", dest="realtime", action="store_false",
+                    help="send as fast as the server accepts")
+    st.add_argument("--lang", default="auto", help="user_lang_pref hint (default auto)")
+    st.add_argument("--flow-id", help="flowId for the session (default: server-made)")
+    st.set_defaults(func=_stream)
 
     tr = sub.add_parser("transcribe", help="transcribe a 16 kHz mono WAV file")
     tr.add_argument("file", help="WAV file (PCM16; other rates are resampled)")

@@ -78,7 +78,7 @@ class GatewayConfig:
         "ASR_URLS", "ASR service endpoints of the default pool, comma-separated", _urls))
     asr_pools: tuple[tuple[str, str], ...] = field(default=(), metadata=_key(
         "ASR_POOLS", "language -> endpoint routes, e.g. 'en=http://asr-en:8090,"
-        "multi=http://asr-multi:8090'"))
+        "multi=http://asr-multi:8090' (for language routing; not applied yet)"))
     asr_link_codec: str = field(default="opus", metadata=_key(
         "ASR_LINK_CODEC", "audio codec on the ASR link", _one_of("opus", "pcm")))
     asr_link_bitrate: int = field(default=20000, metadata=_key(
@@ -91,9 +91,10 @@ class GatewayConfig:
     flush_idle_s: float = field(default=3.0, metadata=_key(
         "FLUSH_IDLE_SEC", "no audio for this long flushes the session, s", _range(0.1, 3600)))
     lid_first_n_s: float = field(default=3.0, metadata=_key(
-        "LID_FIRST_N_SECONDS", "seconds of speech sent to language ID", _range(0.5, 30)))
+        "LID_FIRST_N_SECONDS", "seconds of speech sent to language ID (not applied yet)",
+        _range(0.5, 30)))
     enable_denoise: bool = field(default=True, metadata=_key(
-        "ENABLE_DENOISE", "run RNNoise on speech before recognition"))
+        "ENABLE_DENOISE", "run RNNoise on speech before recognition (not applied yet)"))
     enable_compress: bool = field(default=True, metadata=_key(
         "ENABLE_COMPRESS", "archive each session as Ogg Opus and return record_url"))
     public_base: str = field(default="", metadata=_key(
@@ -116,11 +117,6 @@ class GatewayConfig:
         _range(640, 16 * 1024 * 1024)))
     archive_dir: str = field(default="./records", metadata=_key(
         "ARCHIVE_DIR", "local archive folder (the embedded default store)"))
-    s3_endpoint: str = field(default="", metadata=_key(
-        "S3_ENDPOINT", "S3-compatible endpoint URL; set to archive to object storage",
-        _url(("http", "https"))))
-    s3_bucket: str = field(default="", metadata=_key("S3_BUCKET", "bucket for recordings"))
-    s3_region: str = field(default="us-east-1", metadata=_key("S3_REGION", "S3 region"))
     auth_jwt_secret: str = field(default="", metadata=_key(
         "AUTH_JWT_SECRET", "HS256 secret; when set, start.auth.token must be a valid JWT"))
 

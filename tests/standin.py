@@ -55,8 +55,7 @@ async def start_asr(nursery: trio.Nursery, engine: StandInEngine, **cfg: object
     config = AsrServerConfig(port=0, **cfg)  # type: ignore[arg-type]
     app, port = await nursery.start(functools.partial(serve, engine, config,
                                                       shutdown=shutdown))
-    while not app.ready:
-        await trio.sleep(0.01)
+    await app.ready_event.wait()
     return app, port, shutdown
 
 
