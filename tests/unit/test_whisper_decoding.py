@@ -369,3 +369,30 @@ def test_batch_of_three_equals_individual_real(whisper_base: WhisperEngine) -> N
     single = [whisper_base.transcribe(c, language="en") for c in clips]
     batch = whisper_base.transcribe_batch([Utterance(c, language="en") for c in clips])
     assert [t.tokens for t in batch] == [t.tokens for t in single]
+
+
+def test_transcribe_file_with_fake_engine(
+    fake: fw.ScriptedWhisper, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asr.whisper.decoding as decoding
+
+    audio = (_tone(440, 1.0) * 32767).astype(np.int16)
+    fake.add_audio(audio.astype(np.float32) / 32768.0, fw.Utt(fw.say("from file")))
+    engine = WhisperEngine(fake)
+    monkeypatch.setattr(decoding, "get_engine", lambda *a, **k: engine)
+    raw = tmp_path / "clip.raw"
+    raw.write_bytes(audio.tobytes())
+    tr = decoding.transcribe_file(raw, model="fake", beam=2)
+    assert tr.text == "from file" and tr.beam_size == 2
+    assert json.loads(json.dumps(tr.to_dict()))["lang"] == "en"
+
+
+@pytest.mark.slow
+def test_transcribe_file_real() -> None:
+    from asr.whisper.decoding import transcribe_file
+    from tests import speech
+
+    tr = transcribe_file(speech.TESTDATA / "goforward.raw", model="tiny.en")
+    assert normalize_english(tr.text) == "go forward ten meters"
+    d = tr.to_dict()
+    assert d["model"] == "tiny.en" and d["rtf"] > 0 and d["timings"]["encode_ms"] > 0
