@@ -34,7 +34,7 @@ import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -200,6 +200,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 # -- decoder ----------------------------------------------------------------------------
 
+_KV = TypeVar("_KV", CrossKV, SelfKV)
+
+
+def take_rows(kv: _KV, rows: np.ndarray) -> _KV:
+    """Batch rows ``rows`` (axis 1) of a cache, as C-contiguous copies.
+
+    ``kv.select`` uses fancy indexing, whose result is not C-contiguous; the runtime
+    would then copy it on *every* decoder call (for beam 5 on base that was 180 MB per
+    step, half the decode time). ``np.take`` lays the copy out contiguously once.
+
+    Args:
+        kv: cross or self K/V.
+        rows: row indices.
+
+    Returns:
+        The same type with the selected rows.
+    """
+    idx = np.asarray(rows, dtype=np.int64)
+    return type(kv)(np.take(kv.k, idx, axis=1), np.take(kv.v, idx, axis=1))
+
+
 
 @dataclass
 class _Row:
@@ -323,7 +344,7 @@ class WhisperDecoder:
         results: list[DecodeResult | None] = [None] * n_rows
         for group in groups.values():
             idx = np.array([r.index for r in group], dtype=np.int64)
-            sub = cross if len(group) == n_rows else cross.select(idx)
+            sub = cross if len(group) == n_rows else take_rows(cross, idx)
             for row, res in zip(group, self._decode_group(sub, group, opts), strict=True):
                 results[row.index] = res
         return [r for r in results if r is not None]
@@ -359,7 +380,7 @@ class WhisperDecoder:
         ]
         if need_lang and any(r.prompt_ids for r in group):
             # Like Whisper, detect from [SOT] alone so a prompt cannot sway the language.
-            sub = cross.select(np.array(need_lang)) if len(need_lang) < len(group) else cross
+            sub = take_rows(cross, np.array(need_lang)) if len(need_lang) < len(group) else cross
             for i, res in zip(need_lang, self.detect_language(sub, top_k=1), strict=True):
                 detected[i] = LanguageResult(res.lang, res.prob, res.top,
                                              detected[i].no_speech_prob)
@@ -449,7 +470,7 @@ class WhisperDecoder:
                 # Drop finished rows: their share of every later step is wasted work,
                 # which outweighs one copy of the remaining rows' cross K/V.
                 k = np.array(keep)
-                cache, cross = cache.select(k), cross.select(k)
+                cache, cross = take_rows(cache, k), take_rows(cross, k)
                 alive, nxt = alive[k], nxt[k]
             logits, cache = self.model.decode(nxt[:, None].astype(np.int64), cache, cross)
             step += 1
@@ -521,7 +542,7 @@ class WhisperDecoder:
                     next_tokens.extend(s[-1] for s, _, _ in running)
             if not next_active:
                 break
-            cache = cache.select(np.array(src_rows))
+            cache = take_rows(cache, np.array(src_rows))
             want_utts = [u for u in next_active for _ in states[u].seqs]
             if want_utts != cross_utts:
                 # Cross K/V only change when utterances finish or beams first fan out;
@@ -529,7 +550,7 @@ class WhisperDecoder:
                 first_row: dict[int, int] = {}
                 for i, u in enumerate(cross_utts):
                     first_row.setdefault(u, i)
-                cross = cross.select(np.array([first_row[u] for u in want_utts]))
+                cross = take_rows(cross, np.array([first_row[u] for u in want_utts]))
                 cross_utts = want_utts
             tokens = np.array(next_tokens, dtype=np.int64)[:, None]
             logits, cache = self.model.decode(tokens, cache, cross)
@@ -771,7 +792,7 @@ class WhisperEngine:
         languages = [u.language for u in items]
         if language_from_first and languages[0] is None and self.tok.multilingual:
             # Whisper picks the language of long audio from its first window.
-            lang = self.decoder.detect_language(cross.select(np.array([0])), top_k=1)[0].lang
+            lang = self.decoder.detect_language(take_rows(cross, np.array([0])), top_k=1)[0].lang
             languages = [lang] * len(items)
         results = self.decoder.decode(
             cross,
