@@ -8,7 +8,9 @@ and spinning threads doubled batch-1 latency when the CPU was oversubscribed.
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,9 @@ class OnnxWhisper:
         self._enc = ort.InferenceSession(os.fspath(prepared.encoder), so, providers=providers)
         self._dec = ort.InferenceSession(os.fspath(prepared.decoder), so, providers=providers)
         self._stats = [0, 0, 0.0, 0, 0, 0.0]
+        # id(source array) -> (weak ref to it, its contiguous [L, B, H, S, D/H] float32 copy)
+        self._memo: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
+        self._memo_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OnnxWhisper({self.name!r}, {self.precision!r}, threads={self.threads})"
@@ -148,17 +153,38 @@ class OnnxWhisper:
         return logits, SelfKV(new_k, new_v)
 
     def _cross_heads(self, cross: CrossKV, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cross K/V as contiguous float32 ``[L, B, H, S, D/H]`` (copies only if not already)."""
+        """Cross K/V as C-contiguous float32 ``[L, B, H, S, D/H]``.
+
+        ``CrossKV.select`` indexes axis 1, which numpy answers with a non-contiguous array,
+        and the [L, B, S, D] layout needs its heads split: both would cost a full copy of
+        the cross K/V (~300 MB for base at B=8) on *every* step. The converted copy is
+        therefore kept for as long as the array it came from lives.
+        """
         d = self.dims
-        ck, cv = cross.k, cross.v
-        if ck.ndim == 4:  # the [L, B, S, D] layout of model.py's docstring: split heads
-            ck, cv = cross_to_heads(ck, d.n_text_head), cross_to_heads(cv, d.n_text_head)
+        ck, cv = self._prepared_cross(cross.k), self._prepared_cross(cross.v)
         want = (d.n_text_layer, b, d.n_text_head)
         hd = d.n_text_state // d.n_text_head
         if ck.ndim != 5 or ck.shape[:3] != want or ck.shape[4] != hd or cv.shape != ck.shape:
             raise ValueError(f"cross K/V {cross.k.shape} do not fit {b} batch rows")
-        return (np.ascontiguousarray(ck, dtype=np.float32),
-                np.ascontiguousarray(cv, dtype=np.float32))
+        return ck, cv
+
+    def _prepared_cross(self, a: np.ndarray) -> np.ndarray:
+        if a.ndim == 5 and a.dtype == np.float32 and a.flags.c_contiguous:
+            return a
+        key = id(a)
+        with self._memo_lock:
+            hit = self._memo.get(key)
+        if hit is not None and hit[0]() is a:
+            return hit[1]
+        if a.ndim == 4:  # the [L, B, S, D] layout of model.py's docstring: split heads
+            out = cross_to_heads(np.asarray(a, np.float32), self.dims.n_text_head)
+        else:
+            out = np.ascontiguousarray(a, dtype=np.float32)
+        memo = self._memo
+        ref = weakref.ref(a, lambda _r: memo.pop(key, None))  # dropped when ``a`` dies
+        with self._memo_lock:
+            memo[key] = (ref, out)
+        return out
 
     def statistics(self) -> RuntimeStatistics:
         s = self._stats

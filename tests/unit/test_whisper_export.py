@@ -119,6 +119,23 @@ def test_decoder_steps_with_cache(tiny_fp32: runtime.OnnxWhisper,
     np.testing.assert_allclose(logits_bsd, logits_bnsh, rtol=0, atol=1e-4)
 
 
+def test_selected_cross_is_made_contiguous_once(tiny_fp32: runtime.OnnxWhisper) -> None:
+    rng = np.random.default_rng(3)
+    base = CrossKV(rng.standard_normal((4, 2, 6, 20, 64)).astype(np.float32),
+                   rng.standard_normal((4, 2, 6, 20, 64)).astype(np.float32))
+    picked = base.select(np.array([1, 1, 0]))
+    assert not picked.k.flags.c_contiguous  # numpy's answer to indexing axis 1
+    tokens = np.array([[50257], [50257], [50257]])
+    before = len(tiny_fp32._memo)
+    first, _ = tiny_fp32.decode(tokens, None, picked)
+    again, _ = tiny_fp32.decode(tokens, None, picked)
+    assert len(tiny_fp32._memo) == before + 2  # k and v, converted once
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first[0], first[1])
+    del picked
+    assert len(tiny_fp32._memo) == before  # dropped with the arrays they came from
+
+
 def test_runtime_rejects_bad_shapes(tiny_fp32: runtime.OnnxWhisper) -> None:
     with pytest.raises(ValueError, match="even"):
         tiny_fp32.encode(np.zeros((1, 80, 201), np.float32))
