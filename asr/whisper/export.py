@@ -408,25 +408,28 @@ def export(model: Ct2Model, precision: str, out_dir: Path) -> dict[str, Path]:
 
     ``"int8"`` quantizes the decoder only (``INT8_SCHEME``); ``"int8dyn"`` also quantizes
     most encoder MatMuls dynamically (``INT8DYN_SCHEME``), an opt-in trade of accuracy and
-    batch-independence for encoder speed, for the WER/RTF bench to judge. What was measured
-    on the
+    batch-independence for encoder speed, for the WER/RTF bench to judge. Measured on the
     target machine (2 cores, AMD EPYC with AVX2 but no VNNI/AVX-512; base; 11 clips of
     pocketsphinx-testdata, greedy, 30 s padding), against the fp32 graphs:
 
     * ``MatMulNBits`` 8-bit, block 32, ``accuracy_level=4`` (activations quantized per
-      32-element block at run time): cross K/V relative error 3.8 %, logits ~5 %; greedy
+      32-element block at run time): cross K/V relative error 3.8 %, logits 4-6 %; greedy
       tokens identical on 11/11 clips with both graphs quantized. Block 128: 2 of 6
       combinations flipped a word. ``accuracy_level=0`` (fp32 compute): 20x slower.
     * ``quantize_dynamic`` (one activation scale per tensor), ``ffn/linear_1`` kept fp32
       as the notes advise: cross K/V error 16 %, one word changed on 11 clips; error
-      concentrates in layer 0 and the cross K/V projections (keeping those fp32 too: 3.4 %).
-      A per-tensor scale also spans the whole batch, so one utterance's result would
-      depend on what it is batched with: unacceptable for a batching server.
-    * Speed. Decoder step (memory-bound, M = B rows): 8-bit weights win, e.g. B=1 about
-      9 ms vs 12 ms fp32. Encoder (M = 1500 rows, compute-bound): on this AVX2-only CPU
-      ``MatMulNBits`` is ~30 % *slower* than fp32 SGEMM (process CPU time 2.0-2.1 s vs
-      1.56 s under load), and the accurate dynamic variant gains only ~10 %. So the
-      encoder stays fp32: exact, batch-independent, and faster than the 8-bit kernels.
+      concentrates in layer 0 and the cross K/V projections (keeping those fp32 too, the
+      ``int8dyn`` selection: 3-6 %, greedy tokens identical on 10/11, same word errors).
+      A per-tensor scale also spans the whole batch, so one utterance's result depends on
+      what it is batched with: not acceptable as the default of a batching server.
+    * Speed, as process CPU time (both threads; the machine was shared, so wall times were
+      unreliable; idle wall time is a little over half of it). Decoder step, base, P=24:
+      8-bit weights win where the step is memory-bound, B=1 11.4 ms vs 19.7 ms fp32,
+      B=8 68 vs 78 ms (there cross-attention over ~300 MB of K/V dominates). Encoder,
+      base, T=3000 (M = 1500 rows, compute-bound): ``MatMulNBits`` is ~30 % *slower* than
+      fp32 SGEMM on this AVX2-only CPU (2.0-2.1 s vs 1.56 s); ``int8dyn`` saves ~12 %
+      (1.37 s). So the default int8 keeps the encoder fp32: exact, batch-independent, and
+      faster than the 8-bit kernels.
 
     Raises:
         ValueError: unknown precision.
