@@ -3,7 +3,8 @@
 Both engines run in the same process and the same run, on the Debian
 ``pocketsphinx-testdata`` recordings that have transcripts (LibriVox, cards, goforward),
 with the same CTranslate2 weights (ours exported to ONNX, theirs read directly), int8
-against int8, the same beam, 30 s windows, 2 threads, temperature 0 without fallback,
+against int8 (ours: the runtime's "int8" export, whose scheme is recorded in the JSON),
+the same beam, 30 s windows, 2 threads, temperature 0 without fallback,
 no timestamps, no VAD, no conditioning on previous text, language "en". Text is
 normalised the same way for both (``asr.whisper.normalize``) before the word error rate.
 
@@ -48,8 +49,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from asr.whisper import export, weights  # noqa: E402
 from asr.whisper import mel as melmod  # noqa: E402
-from asr.whisper import weights  # noqa: E402
 from asr.whisper.decoding import Utterance, WhisperEngine  # noqa: E402
 from asr.whisper.normalize import WordErrors, normalize_english, word_errors  # noqa: E402
 from asr.whisper.streaming import StreamConfig  # noqa: E402
@@ -82,8 +83,8 @@ def load_clips() -> list[Clip]:
 class Ours:
     label = "voxgate-onnx"
 
-    def __init__(self, model: str, beam: int) -> None:
-        self.engine = WhisperEngine.load(model, precision="int8", threads=THREADS)
+    def __init__(self, model: str, beam: int, precision: str = "int8") -> None:
+        self.engine = WhisperEngine.load(model, precision=precision, threads=THREADS)
         self.beam = beam
 
     def transcribe(self, audio: np.ndarray) -> str:
@@ -142,9 +143,9 @@ class EngineResult:
         return sum(min(t) for t in self.times.values()) / total_audio
 
 
-def bench_model(model: str, beam: int, repeats: int, clips: list[Clip], workdir: Path
-                ) -> dict[str, Any]:
-    engines: list[Ours | FasterWhisper] = [Ours(model, beam),
+def bench_model(model: str, beam: int, repeats: int, clips: list[Clip], workdir: Path,
+                precision: str = "int8") -> dict[str, Any]:
+    engines: list[Ours | FasterWhisper] = [Ours(model, beam, precision),
                                            FasterWhisper(model, beam, workdir)]
     results = [EngineResult(e.label) for e in engines]
     for e in engines:  # warm-up, not timed
@@ -172,6 +173,7 @@ def bench_model(model: str, beam: int, repeats: int, clips: list[Clip], workdir:
     ours, theirs = results
     return {
         "model": model,
+        "precision": precision,
         "beam": beam,
         "repeats": repeats,
         "audio_s": total_audio,
@@ -208,9 +210,9 @@ def _budget(samples: int) -> int:
     return math.ceil(samples / SR * cfg.tokens_per_second) + cfg.extra_tokens
 
 
-def bench_partial_windows(model: str, windows: list[int], clips: list[Clip]
-                          ) -> dict[str, Any]:
-    engine = WhisperEngine.load(model, precision="int8", threads=THREADS)
+def bench_partial_windows(model: str, windows: list[int], clips: list[Clip],
+                          precision: str = "int8") -> dict[str, Any]:
+    engine = WhisperEngine.load(model, precision=precision, threads=THREADS)
     engine.transcribe(clips[0].audio, language="en")  # warm-up
     out: dict[str, Any] = {}
     prefixes = [(c, n) for c in clips for n in range(SR, c.audio.size, SR)]
@@ -251,8 +253,9 @@ def bench_partial_windows(model: str, windows: list[int], clips: list[Clip]
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print()
-    print(f"{'model':8} {'engine':15} {'WER %':>7} {'RTF':>7} {'RTF best':>8}   (int8, beam "
-          f"{rows[0]['beam']}, {THREADS} threads, 30 s windows, {rows[0]['repeats']} repeats)")
+    print(f"{'model':8} {'engine':15} {'WER %':>7} {'RTF':>7} {'RTF best':>8}   (ours "
+          f"{rows[0]['precision']} vs int8, beam {rows[0]['beam']}, {THREADS} threads, 30 s "
+          f"windows, {rows[0]['repeats']} repeats)")
     for r in rows:
         for label, e in r["engines"].items():
             print(f"{r['model']:8} {label:15} {100 * e['wer']:7.2f} {e['rtf']:7.4f} "
@@ -320,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="base,tiny.en")
     ap.add_argument("--beam", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="int8", choices=export.PRECISIONS,
+                    help="our export to run (faster-whisper always runs int8)")
     ap.add_argument("--partial-windows", default="",
                     help="comma-separated mel frame counts, e.g. 3000,1000,500 (off if empty)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -334,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fw-models-") as tmp:
         for m in models:
-            rows.append(bench_model(m, args.beam, args.repeats, clips, Path(tmp)))
+            rows.append(bench_model(m, args.beam, args.repeats, clips, Path(tmp),
+                                    args.precision))
             print_table(rows[-1:])
     partials: dict[str, dict[str, Any]] = {}
     for m in models if windows else []:
-        partials[m] = bench_partial_windows(m, windows, clips)
+        partials[m] = bench_partial_windows(m, windows, clips, args.precision)
         print_partials(m, partials[m])
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform()},
-        "settings": {"precision": "int8 vs int8", "threads": THREADS, "beam": args.beam,
+        "settings": {"precision": {"ours": args.precision,
+                                   "ours_scheme": {"int8": export.INT8_SCHEME,
+                                                   "int8dyn": export.INT8DYN_SCHEME,
+                                                   "fp32": "fp32"}[args.precision],
+                                   "faster-whisper": "int8 (CTranslate2 compute_type)"},
+                     "threads": THREADS, "beam": args.beam,
                      "window": "30 s (ours: audio zero-padded; faster-whisper: features "
                                "zero-padded, its own way)",
                      "temperature": 0.0, "language": "en", "timestamps": False,
