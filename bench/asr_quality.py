@@ -15,7 +15,8 @@ repeats.
 
 ``--partial-windows`` also measures partials with shorter encoder windows: each clip and
 its prefixes (every 1 s) are decoded greedily with the window padded to W frames instead
-of 3000 and with a partial's token budget (``StreamConfig``), and compared with the
+of 3000 and with a partial's token budget (``StreamConfig``), a trailing loop cut to one
+copy as a stream shows it (``trim_repetition``), and compared with the
 reference (whole clips) and with the 30 s decode of the same prefix (how much a cheap
 partial differs from a full-window one).
 
@@ -51,9 +52,9 @@ sys.path.insert(0, str(ROOT))
 
 from asr.whisper import export, weights  # noqa: E402
 from asr.whisper import mel as melmod  # noqa: E402
-from asr.whisper.decoding import Utterance, WhisperEngine  # noqa: E402
+from asr.whisper.decoding import Transcript, Utterance, WhisperEngine  # noqa: E402
 from asr.whisper.normalize import WordErrors, normalize_english, word_errors  # noqa: E402
-from asr.whisper.streaming import StreamConfig  # noqa: E402
+from asr.whisper.streaming import StreamConfig, trim_repetition  # noqa: E402
 from tests import speech  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -210,6 +211,11 @@ def _budget(samples: int) -> int:
     return math.ceil(samples / SR * cfg.tokens_per_second) + cfg.extra_tokens
 
 
+def _as_partial(engine: WhisperEngine, tr: Transcript) -> str:
+    # What a stream would show: a trailing loop cut to one copy (streaming.trim_repetition).
+    return engine.tok.decode(trim_repetition(tr.tokens)[0]).strip()
+
+
 def bench_partial_windows(model: str, windows: list[int], clips: list[Clip],
                           precision: str = "int8") -> dict[str, Any]:
     engine = WhisperEngine.load(model, precision=precision, threads=THREADS)
@@ -230,7 +236,7 @@ def bench_partial_windows(model: str, windows: list[int], clips: list[Clip],
                                            max_new_tokens=_budget(clip.audio.size))
             spent += time.perf_counter() - t0
             audio_s += clip.seconds
-            vs_ref = vs_ref + word_errors(clip.ref, tr.text)
+            vs_ref = vs_ref + word_errors(clip.ref, _as_partial(engine, tr))
         for clip, n in prefixes:
             x = clip.audio[:n]
             frames = min(melmod.N_FRAMES, max(w, -(-n // melmod.HOP_LENGTH)))
@@ -238,9 +244,10 @@ def bench_partial_windows(model: str, windows: list[int], clips: list[Clip],
                                            pad_to_frames=frames + frames % 2,
                                            max_new_tokens=_budget(n))
             key = (clip.name, n)
+            text = _as_partial(engine, tr)
             if w == melmod.N_FRAMES:
-                full_window[key] = tr.text
-            vs_full = vs_full + word_errors(full_window[key], tr.text)
+                full_window[key] = text
+            vs_full = vs_full + word_errors(full_window[key], text)
         out[str(w)] = {
             "window_s": w / 100,
             "wer_full_clips": vs_ref.wer,

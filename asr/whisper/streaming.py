@@ -124,6 +124,36 @@ class LocalAgreement:
         self._recent = []
 
 
+def trim_repetition(
+    tokens: Sequence[int], max_period: int = 12, min_repeats: int = 3
+) -> tuple[tuple[int, ...], bool]:
+    """Cut a hypothesis that ends in a loop back to one copy of the repeated part.
+
+    Short windows and cut-off audio send Whisper into loops ("ten of clubs ten of clubs
+    ten of clubs ..."); a partial should show the text once, not the loop.
+
+    Args:
+        tokens: the hypothesis.
+        max_period: longest repeated unit looked for, in tokens.
+        min_repeats: consecutive copies at the end that count as a loop (3: "no no" and
+            "five five" stay).
+
+    Returns:
+        The tokens up to and including the first copy of the loop, and whether a loop was
+        found.
+    """
+    t = tuple(tokens)
+    n = len(t)
+    for p in range(1, min(max_period, n // min_repeats) + 1):
+        unit = t[n - p :]
+        reps = 1
+        while reps * p + p <= n and t[n - (reps + 1) * p : n - reps * p] == unit:
+            reps += 1
+        if reps >= min_repeats:
+            return t[: n - (reps - 1) * p], True
+    return t, False
+
+
 def word_boundary(tok: WhisperTokenizer) -> Callable[[Sequence[int], int], bool]:
     """A ``can_cut`` for :class:`LocalAgreement` that ends stable text between words.
 
@@ -428,9 +458,10 @@ class UtteranceStream:
             # Confident enough: keep this language for the partials, so they do not flip
             # between languages (the first half second is often ambiguous).
             self.language = result.language
-        # A partial that hit its token budget is probably looping: show it, but do not
-        # let it make anything stable.
-        stable, tail = self.policy.update(result.tokens, trusted=result.finished)
+        # A partial that loops or hit its token budget is shown (loop cut to one copy) but
+        # may not make anything stable.
+        tokens, looped = trim_repetition(result.tokens)
+        stable, tail = self.policy.update(tokens, trusted=result.finished and not looped)
         self.revision += 1
         tokens = stable + tail
         return Partial(

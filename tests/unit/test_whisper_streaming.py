@@ -22,6 +22,7 @@ from asr.whisper.streaming import (
     UtteranceStream,
     common_prefix_length,
     run_partials,
+    trim_repetition,
     word_boundary,
 )
 from asr.whisper.tokenizer import WhisperTokenizer
@@ -260,3 +261,31 @@ def test_stream_goforward_real(whisper_engine: Callable[..., WhisperEngine]) -> 
     for a, b in itertools.pairwise(partials):
         assert b.stable_text.startswith(a.stable_text)
     assert normalize_english(s.finalize(dec).text) == "go forward ten meters"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "want", "looped"),
+    [
+        ([1, 2, 3, 4, 3, 4, 3, 4], [1, 2, 3, 4], True),
+        ([7, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1], [7, 1, 2, 3, 1], True),  # ends mid-copy
+        ([7, 1, 2, 3, 1, 2, 3, 1], [7, 1, 2, 3, 1, 2, 3, 1], False),  # two copies only
+        ([5, 5], [5, 5], False),  # "five five" is speech, not a loop
+        ([5, 5, 5], [5], True),
+        ([1, 2, 3], [1, 2, 3], False),
+        ([], [], False),
+    ],
+)
+def test_trim_repetition(tokens: list[int], want: list[int], looped: bool) -> None:
+    assert trim_repetition(tokens) == (tuple(want), looped)
+
+
+def test_looping_partial_is_trimmed_and_not_trusted(tmp_path: Path) -> None:
+    model, _ = fw.make(tmp_path)
+    loop = fw.text_ids("ten ")  # the token budget (12+ tokens) fits 3+ copies
+    model.by_frames = lambda n: fw.Utt(lambda hist: {loop[len(hist) % len(loop)]: 0.0})
+    eng = WhisperEngine(model)
+    dec = EnginePartialDecoder(eng)
+    s = UtteranceStream(1, eng.tok, language="en")
+    partials = _stream_all(s, dec, _tone(1.5), 8000)
+    assert [p.text for p in partials] == ["ten"] * 3
+    assert all(p.stable_text == "" for p in partials)
