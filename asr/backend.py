@@ -15,12 +15,31 @@ from .scheduler import Job
 
 @dataclass(frozen=True)
 class Recognition:
-    """The text of one utterance (partial or final)."""
+    """The text of one utterance (partial or final).
+
+    ``finished``: the decode ended on its own (False: it hit its token budget, so a
+    partial may be looping and must not make text stable).
+    """
 
     text: str
     lang: str
     no_speech_prob: float = 0.0
     tokens: tuple[int, ...] = ()
+    finished: bool = True
+
+
+class PartialPolicy(Protocol):
+    """Turns successive partial hypotheses of one utterance into text that never
+    retracts what it called stable."""
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Tokens now stable: the next partial decode may be forced to start with them."""
+        ...
+
+    def update(self, result: Recognition) -> str:
+        """The text to show for this hypothesis."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,10 @@ class Backend(Protocol):
         Job kinds: ``partial`` and ``final`` return ``Recognition``; ``lid`` returns
         ``LidResult``. ``job.options`` may carry ``lang`` and ``prompt``.
         """
+        ...
+
+    def partial_policy(self, pool: str) -> PartialPolicy | None:
+        """A fresh stable-prefix policy for one utterance (None: show raw hypotheses)."""
         ...
 
     def warmup(self) -> None:

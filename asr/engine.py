@@ -21,8 +21,19 @@ from .backend import LidResult, Recognition
 from .scheduler import Job
 from .whisper import mel as melmod
 from .whisper.decoding import Utterance, WhisperEngine
+from .whisper.streaming import (
+    EnginePartialDecoder,
+    LocalAgreement,
+    PartialJob,
+    trim_repetition,
+    word_boundary,
+)
+from .whisper.tokenizer import WhisperTokenizer
 
 log = logging.getLogger("voxgate.asr.engine")
+
+PARTIAL_TOKENS_PER_S = 8.0  # a partial's token budget: speech is ~3 tokens/s ...
+PARTIAL_EXTRA_TOKENS = 8  # ... so a looping partial stops early instead of at 224
 
 # Whisper's own rule for "this window is silence": a likely no-speech token and a
 # decode it was not sure of. Without it, silence comes back as "Thank you." and kin.
@@ -91,6 +102,28 @@ def load_pools(path: str | Path) -> tuple[dict[str, PoolSpec], str]:
     return pools, default
 
 
+class StablePartials:
+    """Local agreement over one utterance's partial hypotheses (asr.whisper.streaming).
+
+    A token prefix becomes stable once two consecutive hypotheses agree on it (cut back
+    to a word boundary); the next decode is forced to start with it, so each re-decode
+    only generates the unstable tail, and shown text never retracts what was stable.
+    """
+
+    def __init__(self, tok: WhisperTokenizer) -> None:
+        self.tok = tok
+        self.policy = LocalAgreement(2, word_boundary(tok))
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return self.policy.committed
+
+    def update(self, result: Recognition) -> str:
+        tokens, looped = trim_repetition(result.tokens)
+        stable, tail = self.policy.update(tokens, trusted=result.finished and not looped)
+        return self.tok.decode(stable + tail).strip()
+
+
 @dataclass
 class WhisperBackend:
     """Implements ``asr.backend.Backend`` with the ONNX Whisper engines."""
@@ -149,34 +182,53 @@ class WhisperBackend:
             for i in groups["lid"]:
                 res = engine.detect_language(jobs[i].audio, top_k=5)
                 out[i] = LidResult(res.lang, res.prob, res.top, res.no_speech_prob)
-        for kind in ("final", "partial"):
-            idx = groups[kind]
-            if not idx:
-                continue
-            model = spec.model if kind == "final" else (spec.partial_model or spec.model)
-            engine = self.engine(model, spec.precision)
-            beam = spec.beam_size if kind == "final" else 1
-            frames = engine.max_frames
-            if kind == "partial":
-                longest = max(len(jobs[i].audio) for i in idx)
-                window = max(spec.partial_window_s * melmod.SAMPLE_RATE, longest)
-                frames = min(engine.max_frames,
-                             int(np.ceil(window / melmod.HOP_LENGTH / 2)) * 2)
-            fixed_lang = self._fixed_language(spec, model)
-            items = []
-            for i in idx:
-                job = jobs[i]
-                audio = job.audio[: melmod.N_SAMPLES]
-                lang = job.options.get("lang") or fixed_lang
-                if lang in ("", "auto"):
-                    lang = None
-                items.append(Utterance(audio, 0.0, lang, job.options.get("prompt")))
-            results = engine.transcribe_batch(items, beam_size=beam, pad_to_frames=frames)
-            for i, t in zip(idx, results, strict=True):
-                silent = t.no_speech_prob > NO_SPEECH_PROB and t.avg_logprob < LOGPROB_THRESHOLD
-                out[i] = Recognition("" if silent else t.text, t.lang, t.no_speech_prob,
-                                     t.tokens)
+        if groups["final"]:
+            self._finals(spec, jobs, groups["final"], out)
+        if groups["partial"]:
+            self._partials(spec, jobs, groups["partial"], out)
         return [out[i] for i in range(len(jobs))]
+
+    def _language(self, spec: PoolSpec, model: str, job: Job) -> str | None:
+        lang = job.options.get("lang") or self._fixed_language(spec, model)
+        return None if lang in (None, "", "auto") else str(lang)
+
+    def _finals(self, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
+                out: dict[int, Recognition | LidResult]) -> None:
+        engine = self.engine(spec.model, spec.precision)
+        items = [Utterance(jobs[i].audio[: melmod.N_SAMPLES], 0.0,
+                           self._language(spec, spec.model, jobs[i]),
+                           jobs[i].options.get("prompt")) for i in idx]
+        results = engine.transcribe_batch(items, beam_size=spec.beam_size)
+        for i, t in zip(idx, results, strict=True):
+            silent = t.no_speech_prob > NO_SPEECH_PROB and t.avg_logprob < LOGPROB_THRESHOLD
+            out[i] = Recognition("" if silent else t.text, t.lang, t.no_speech_prob,
+                                 t.tokens)
+
+    def _partials(self, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
+                  out: dict[int, Recognition | LidResult]) -> None:
+        model = spec.partial_model or spec.model
+        engine = self.engine(model, spec.precision)
+        window = int(spec.partial_window_s * melmod.SAMPLE_RATE / melmod.HOP_LENGTH)
+        pjobs = []
+        for i in idx:
+            job = jobs[i]
+            audio = job.audio[: melmod.N_SAMPLES]
+            frames = min(melmod.N_FRAMES, max(window, -(-audio.size // melmod.HOP_LENGTH)))
+            prefix = tuple(job.options.get("prefix", ()))
+            budget = int(np.ceil(audio.size / melmod.SAMPLE_RATE * PARTIAL_TOKENS_PER_S))
+            pjobs.append(PartialJob(
+                audio=audio, window_frames=frames + frames % 2, prefix=prefix,
+                language=self._language(spec, model, job), prompt=job.options.get("prompt"),
+                max_new_tokens=max(1, budget + PARTIAL_EXTRA_TOKENS - len(prefix))))
+        for i, r in zip(idx, EnginePartialDecoder(engine).decode_partials(pjobs),
+                        strict=True):
+            silent = r.no_speech_prob > NO_SPEECH_PROB and r.avg_logprob < LOGPROB_THRESHOLD
+            out[i] = Recognition("" if silent else r.text.strip(), r.language,
+                                 r.no_speech_prob, () if silent else r.tokens, r.finished)
+
+    def partial_policy(self, pool: str) -> StablePartials:
+        spec = self.pools_spec[pool]
+        return StablePartials(self.engine(spec.partial_model or spec.model, spec.precision).tok)
 
     @staticmethod
     def _fixed_language(spec: PoolSpec, model: str) -> str | None:

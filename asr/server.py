@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from native import OpusDecoder, OpusError
 
 from . import link
-from .backend import Backend, LidResult, Recognition
+from .backend import Backend, LidResult, PartialPolicy, Recognition
 from .scheduler import Job, Scheduler, SchedulerBusy
 from .stream import CapReached, PartialDue, UtteranceAssembler
 
@@ -302,6 +302,8 @@ class LinkSession:
         self._last_partial: dict[int, str] = {}
         self._failed = False
         self._sent = trio.Event()
+        self._policy: PartialPolicy | None = None
+        self._policy_utt = -1
 
     @property
     def flow_id(self) -> str:
@@ -522,7 +524,13 @@ class LinkSession:
             if utt is None:
                 continue
             self.assembler.partial_requested()
-            job = Job("partial", self.pool, utt.audio, key=self, options=self._options())
+            if self._policy_utt != utt.index:
+                self._policy = self.app.backend.partial_policy(self.pool)
+                self._policy_utt = utt.index
+            options = self._options()
+            if self._policy is not None:
+                options["prefix"] = self._policy.prefix
+            job = Job("partial", self.pool, utt.audio, key=self, options=options)
             try:
                 result = await self.app.scheduler.submit(job)
             except SchedulerBusy:
@@ -533,11 +541,12 @@ class LinkSession:
             if job.stale or result is None or utt.index != self.assembler.index:
                 continue  # the utterance was finalized meanwhile: its final replaces this
             assert isinstance(result, Recognition)
-            if not result.text or result.text == self._last_partial.get(utt.index):
+            text = result.text if self._policy is None else self._policy.update(result)
+            if not text or text == self._last_partial.get(utt.index):
                 continue
-            self._last_partial[utt.index] = result.text
+            self._last_partial[utt.index] = text
             self._emit(link.AsrEvent("partial", self.flow_id, utterance=utt.index,
-                                     text=result.text, ts=(utt.start_ms, utt.end_ms),
+                                     text=text, ts=(utt.start_ms, utt.end_ms),
                                      lang=result.lang))
 
     # -- sender -------------------------------------------------------------------------

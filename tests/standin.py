@@ -45,6 +45,9 @@ class StandInEngine:
                                        j.options.get("lang", "en")))
         return out
 
+    def partial_policy(self, pool: str) -> None:
+        return None
+
     def warmup(self) -> None:
         pass
 
