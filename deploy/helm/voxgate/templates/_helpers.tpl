@@ -69,6 +69,21 @@ In-cluster URL of a pool's Service. Call with (dict "root" $ "pool" $name).
 {{- end -}}
 
 {{/*
+A pool's URL repeated gateway.asrConnectionsPerPool times (one HTTP/2 connection per
+entry), comma-separated; with "prefix" set, each entry is "<prefix>=<url>" (ASR_POOLS).
+Call with (dict "root" $ "pool" $name "prefix" "").
+*/}}
+{{- define "voxgate.asrUrlList" -}}
+{{- $n := int (default 1 .root.Values.gateway.asrConnectionsPerPool) -}}
+{{- if lt $n 1 -}}{{- fail "gateway.asrConnectionsPerPool must be at least 1" -}}{{- end -}}
+{{- $url := include "voxgate.asrUrl" . -}}
+{{- $entry := ternary (printf "%s=%s" .prefix $url) $url (ne .prefix "") -}}
+{{- $out := list -}}
+{{- range until $n -}}{{- $out = append $out $entry -}}{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
+{{/*
 One TOML value: string, bool, number or a list of those. Whole floats are written as
 integers (Helm reads every YAML number as a float).
 */}}
