@@ -76,7 +76,9 @@ async def _announce_ready(app: Any, scheme: str, host: str, port: int) -> None:
 
 
 def main(config: str | None, host: str | None, port: int | None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from gateway.logs import setup
+
+    setup(logging.INFO)
     cfg, pools, default = load_config(config, host=host, port=port)
     backend = WhisperBackend(pools, default)
     trio.run(run, cfg, backend)

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from .config import GatewayConfig
+from .logs import setup as setup_logs
 
 log = logging.getLogger("voxgate")
 
@@ -68,7 +69,7 @@ async def run_serve(cfg: GatewayConfig) -> None:
 
 
 def gateway_main(args: Any) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logs(logging.INFO)
     cfg = GatewayConfig.load(file=args.config, overrides={
         "host": args.host, "port": args.port, "http_port": args.http_port})
     trio.run(run_gateway, cfg)
@@ -76,7 +77,7 @@ def gateway_main(args: Any) -> int:
 
 
 def serve_main(args: Any) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    setup_logs(logging.WARNING)
     cfg = GatewayConfig.load(file=args.config, overrides={
         "host": args.host, "port": args.port, "http_port": args.http_port})
     trio.run(run_serve, cfg)

@@ -41,6 +41,7 @@ from stages.vad import VadWindow
 from .asrlink import AsrBusy, AsrPools, AsrStream, AsrUnavailable
 from .config import GatewayConfig
 from .h2client import H2ClientError
+from .logs import fields
 from .metrics import GatewayMetrics
 from .protocol import (
     ErrorCode,
@@ -135,7 +136,9 @@ class Session:
         self._first_speech_sent: float | None = None
         self.first_partial_ms: float | None = None
         self.stats: dict[str, Any] = {"bytes_in": 0, "speech_samples": 0, "utterances": 0,
-                                      "compress_ms": 0.0, "pcm_to_opus_fail": 0}
+                                      "compress_ms": 0.0, "pcm_to_opus_fail": 0,
+                                      "link_bytes": 0}
+        self._lang = ""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -236,6 +239,9 @@ class Session:
             await self._close(1008)
             return False
         self.ctx.metrics.sessions.inc()
+        log.info("session started", extra=fields(
+            flowId=self.flow_id, stage="session", sr=SAMPLE_RATE,
+            asr_link_codec=self.cfg.asr_link_codec))
         if "seq_header" in self.start.features:
             self.seqbuf = SeqBuffer()
         return True
@@ -494,8 +500,10 @@ class Session:
         if self._first_speech_sent is None:
             self._first_speech_sent = time.perf_counter()
         before = self._stream.opus_failures
+        sent_before = self.ctx.pools.counters.bytes_sent
         await self._guard(self._stream.send_audio(
             [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch]))
+        self.stats["link_bytes"] += self.ctx.pools.counters.bytes_sent - sent_before
         if self._stream is not None and self._stream.opus_failures > before:
             failed = self._stream.opus_failures - before
             self.stats["pcm_to_opus_fail"] += failed
@@ -551,6 +559,7 @@ class Session:
         elif self.first_partial_ms is None and self._first_speech_sent is not None:
             self.first_partial_ms = (time.perf_counter() - self._first_speech_sent) * 1000
             self.ctx.metrics.first_partial.observe(self.first_partial_ms)
+        self._lang = ev.lang or self._lang
         self._emit(self.ew.transcript(final, utterance=utt.index, text=ev.text,
                                       start_ms=ev.ts[0], end_ms=ev.ts[1], lang=ev.lang))
 
@@ -619,6 +628,12 @@ class Session:
             self._emit(self.ew.metrics(self._metrics()))
         self._emit(self.ew.end(reason))
         self._events_in.close()
+        m = self._metrics()
+        log.info("session ended: %s", reason, extra=fields(
+            flowId=self.flow_id, stage="session", seq=self.ew.seq, sr=SAMPLE_RATE,
+            ns=m["audio_ms"] * 1_000_000, bytes_in=m["bytes_in"],
+            bytes_out=self.stats["link_bytes"], asr_link_codec=self.cfg.asr_link_codec,
+            latency_ms=m["first_partial_ms"], lang=self._lang or None))
         with trio.move_on_after(5):
             await self._writer_done.wait()
         await self._close(1000)
@@ -652,6 +667,8 @@ class Session:
 
     def _error(self, code: ErrorCode, message: str, fatal: bool) -> None:
         self.ctx.metrics.errors.labels(code.value).inc()
+        log.info("error sent: %s", message, extra=fields(
+            flowId=self.flow_id, stage="session", err_code=code.value))
         self._emit(self.ew.error(code, message, fatal=fatal))
 
     async def _send_now(self, event: dict[str, Any]) -> None:
