@@ -27,6 +27,7 @@ NATIVE = HERE / "native"
 CFFI_MODULES = [
     "build_ext.py:ffi_dsp",
     "build_ext.py:ffi_opus",
+    "build_ext.py:ffi_opusenc",
 ]
 
 _CFLAGS = ["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-math-errno"]
@@ -90,6 +91,20 @@ ffi_opus.set_source(
     extra_compile_args=_CFLAGS,
     **{k: v + ([str(Path("native"))] if k == "include_dirs" else []) for k, v in
        _pkg_config("opus").items()},
+)
+
+# --- native._opusenc: libopusenc, Ogg Opus streams (system, via pkg-config) ------
+# The write callback is Python (extern "Python" in the cdef); the shim holds the
+# ctl wrappers and the no-op close callback.
+ffi_opusenc = FFI()
+ffi_opusenc.cdef(_read("opusenc_cdef.h"))
+ffi_opusenc.set_source(
+    "native._opusenc",
+    '#include "opusenc_shim.h"',
+    sources=[str(Path("native") / "opusenc_shim.c")],
+    extra_compile_args=_CFLAGS,
+    **{k: v + ([str(Path("native"))] if k == "include_dirs" else []) for k, v in
+       _pkg_config("libopusenc").items()},
 )
 
 

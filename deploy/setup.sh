@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(build-essential pkg-config libopus-dev libsndfile1 espeak-ng sox pocketsphinx-testdata)
+APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,4 +1,4 @@
-"""voxgate's native core: libopus, RNNoise and the project's own DSP, through cffi.
+"""voxgate's native core: libopus, libopusenc, RNNoise and the project's own DSP, through cffi.
 
 Every class here owns C memory: it is freed by ``close()`` (or ``with``), or at
 the latest when the object is collected.  Inputs are validated in Python and
@@ -6,8 +6,15 @@ rejected with ``ValueError`` before any C code runs.
 """
 
 from .dsp import Resampler, ResamplerBank, f32_to_s16, levels, peak, rms, s16_to_f32
-from .errors import NativeClosedError, NativeError, OpusError, RNNoiseUnavailableError
+from .errors import (
+    NativeClosedError,
+    NativeError,
+    OggOpusError,
+    OpusError,
+    RNNoiseUnavailableError,
+)
 from .opus import OPUS_AUTO, OPUS_BITRATE_MAX, OpusDecoder, OpusEncoder, opus_version
+from .opusenc import OggOpusWriter, opusenc_version
 from .rnnoise import Denoiser
 
 __all__ = [
@@ -16,6 +23,8 @@ __all__ = [
     "Denoiser",
     "NativeClosedError",
     "NativeError",
+    "OggOpusError",
+    "OggOpusWriter",
     "OpusDecoder",
     "OpusEncoder",
     "OpusError",
@@ -25,6 +34,7 @@ __all__ = [
     "f32_to_s16",
     "levels",
     "opus_version",
+    "opusenc_version",
     "peak",
     "rms",
     "s16_to_f32",

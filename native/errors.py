@@ -32,5 +32,22 @@ class OpusError(NativeError):
         super().__init__(f"{prefix}{message} (opus error {code})")
 
 
+class OggOpusError(NativeError):
+    """libopusenc returned a negative error code, or refused a call at this point.
+
+    Attributes:
+        code: the libopusenc error code (``OPE_BAD_ARG`` is -11, ``OPE_TOO_LATE``
+            -31, ...; libopus' own codes come back shifted by -10).
+        message: libopusenc's own description, from ``ope_strerror``.
+    """
+
+    def __init__(self, code: int, message: str, context: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.context = context
+        prefix = f"{context}: " if context else ""
+        super().__init__(f"{prefix}{message} (opusenc error {code})")
+
+
 class RNNoiseUnavailableError(NativeError, ImportError):
     """The RNNoise shared library could not be found or loaded."""
