@@ -152,8 +152,8 @@ class OggOpusWriter(Owned):
         max_page_ms: longest stretch of audio an Ogg page holds before it is
             written, in ms (20..10000).  Shorter means bytes leave sooner, at
             27 bytes of page header each time.
-        comments: Vorbis comments for the OpusTags header (tag -> value), in
-            addition to the ``ENCODER`` tag libopusenc adds.
+        comments: Vorbis comments for the OpusTags header (tag -> value); the
+            vendor string there names libopus and libopusenc.
 
     Raises:
         ValueError: an argument is out of range.
