@@ -59,7 +59,9 @@ class AsrServerConfig:
     partial_load_limit: float = 1.0  # skip partials while the scheduler holds more batches
     stream_events: int = 64  # events buffered per stream toward a slow reader
     body_drain_s: float = 5.0  # wait this long for the request body to end after `end`
-    stream_idle_timeout_s: float = 60.0  # no request data for this long ends the stream
+    # No request data for this long ends the stream. The gateway sends audio only while
+    # someone speaks, so a session may be quiet for minutes: this only reaps dead peers.
+    stream_idle_timeout_s: float = 3600.0
     retry_after_s: int = 1
     h2_max_concurrent_streams: int = 256
     keep_alive_timeout_s: float = 300.0

@@ -149,7 +149,9 @@ class H2Connection:
 
     @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        # h2's own count: a stream we finished with may still count against the peer's
+        # limit until its END_STREAM/RST has been exchanged.
+        return max(len(self._streams), int(self._h2.open_outbound_streams))
 
     @property
     def available(self) -> bool:
@@ -256,7 +258,11 @@ class H2Connection:
             self._streams[stream_id] = state
             hdrs = [(":method", method), (":scheme", self.scheme),
                     (":authority", self.authority), (":path", path), *(headers or [])]
-            self._h2.send_headers(stream_id, hdrs, end_stream=end_stream)
+            try:
+                self._h2.send_headers(stream_id, hdrs, end_stream=end_stream)
+            except h2.exceptions.TooManyStreamsError as exc:
+                self._forget(stream_id)
+                raise H2ClientError(f"the peer's stream limit is reached: {exc}") from exc
             await self._flush()
         stream = H2Stream(self, stream_id, state)
         stream._closed_local = end_stream

@@ -25,11 +25,9 @@ class GatewayMetrics:
         self.errors = Counter("client_errors", "error events sent", ["code"], registry=r)
         self.pcm_to_opus_fail = Counter("pcm_to_opus_fail", "frames sent as PCM because "
                                         "Opus encoding failed", registry=r)
+        # One batched VAD tick covers every session's pending windows. dn_latency_ms and
+        # lid_latency_ms join when the denoise and language-ID stages are wired in.
         self.vad_latency = Histogram("vad_latency_ms", "one batched VAD tick, ms",
-                                     buckets=LATENCY_BUCKETS_MS, registry=r)
-        self.dn_latency = Histogram("dn_latency_ms", "denoise of one 20 ms frame, ms",
-                                    buckets=LATENCY_BUCKETS_MS, registry=r)
-        self.lid_latency = Histogram("lid_latency_ms", "language ID round trip, ms",
                                      buckets=LATENCY_BUCKETS_MS, registry=r)
         self.compress_latency = Histogram("compress_latency_ms",
                                           "archive encode of one chunk, ms",

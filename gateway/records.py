@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -79,12 +80,11 @@ class LocalStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._seq = 0
 
     async def open(self, flow_id: str) -> LocalWriter:
         key = record_key(flow_id)
-        self._seq += 1
-        tmp = self.root / f".{key}.{os.getpid()}.{self._seq}.part"
+        # Unique across processes and hosts sharing the folder (every container is pid 1).
+        tmp = self.root / f".{key}.{uuid.uuid4().hex}.part"
         fh = await trio.open_file(tmp, "wb")
         return LocalWriter(self.root / key, tmp, fh)
 

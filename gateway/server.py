@@ -47,6 +47,7 @@ async def serve(
     pools = AsrPools(cfg.pool_urls())
     store = LocalStore(cfg.archive_dir) if cfg.enable_compress else None
     vad = vad or VadService()
+    vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(pools.run)

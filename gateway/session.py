@@ -533,6 +533,8 @@ class Session:
                         return
                     if ev.type in ("partial", "final"):
                         self._transcript(ev)
+                    elif ev.type == "error" and ev.code == "TIMEOUT":
+                        continue  # the service reaped a quiet stream: reopened on demand
                     elif ev.type == "error":
                         code = (ErrorCode.BUSY if ev.code == "BUSY" else
                                 ErrorCode.ASR_UNAVAILABLE if ev.fatal else ErrorCode.INTERNAL)
@@ -544,6 +546,11 @@ class Session:
                 self._lost_stream(str(exc))
             return
         if stream is self._stream:
+            if not stream.ended:
+                # The service ended the stream on its own (drain, idle reaping): the next
+                # utterance opens a new one; finals already delivered stand.
+                self._stream = None
+                self._utts.clear()
             self._asr_done.set()
 
     def _transcript(self, ev: link.AsrEvent) -> None:

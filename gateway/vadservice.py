@@ -9,6 +9,7 @@ pending, the loop sleeps on an event: no polling.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -41,7 +42,9 @@ class VadService:
             gather into one call (16 ms: half a VAD window).
     """
 
-    def __init__(self, model: VadModel | None = None, *, min_tick_s: float = 0.016) -> None:
+    def __init__(self, model: VadModel | None = None, *, min_tick_s: float = 0.016,
+                 on_tick: Callable[[float, int], None] | None = None) -> None:
+        self.on_tick = on_tick  # (tick ms, windows): the metrics layer observes it
         self.batcher = VadBatcher(model or VadModel())
         self.min_tick_s = min_tick_s
         self._clients: set[VadClient] = set()
@@ -81,6 +84,8 @@ class VadService:
             self.stats.last_tick_ms = elapsed * 1000
             self.stats.tick_ms.append(elapsed * 1000)
             del self.stats.tick_ms[:-1000]
+            if self.on_tick is not None:
+                self.on_tick(elapsed * 1000, sum(len(r) for r in results))
             for client, windows in zip(ready, results, strict=True):
                 if windows and not client.closed:
                     try:

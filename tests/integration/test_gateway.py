@@ -356,3 +356,19 @@ async def test_busy_when_at_max_sessions(nursery: trio.Nursery, vad_model: VadMo
         assert [e["code"] for e in r.of("error")] == ["BUSY"]
         assert r.of("flow")[0]["state"] == "BUSY"
     g.shutdown.set()
+
+
+async def test_asr_stream_reaped_while_quiet_is_reopened_for_the_next_utterance(
+    nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path
+) -> None:
+    # The ASR service ends streams that send nothing for 0.5 s; the gateway sends audio
+    # only during speech, so the 2 s pause between utterances gets the stream reaped.
+    _, asr_port, _ = await start_asr(nursery, StandInEngine(), stream_idle_timeout_s=0.5)
+    g = await start_gateway(nursery, vad_model, tmp_path, f"http://127.0.0.1:{asr_port}")
+    gap = np.zeros(32000, dtype=np.int16)
+    r = checked(await stream_audio(g.ws_url, _audio(SILENCE[:8000], GOFORWARD, gap, GOFORWARD,
+                                                    SILENCE), realtime=True))
+    assert [f["utterance"] for f in r.of("asr_final")] == [0, 1]
+    assert all(f["text"] for f in r.of("asr_final"))
+    assert not r.of("error")
+    g.shutdown.set()
