@@ -5,6 +5,10 @@ tables, and writes ``bench/out/native.json`` (and ``native.png`` when matplotlib
 is installed).  Audio is real speech (pocketsphinx-testdata), 16 kHz mono, 20 ms
 frames unless a row says otherwise.
 
+The archive rows compare the session recorder (Ogg Opus through libopusenc, as
+``stages.archive.ArchiveEncoder`` runs it) with libsndfile through ``soundfile``,
+the encoder it replaced, fed the same 20 ms frames in the same run.
+
 Each figure is the best of several repeats of a loop over many frames, timed in
 CPU time of the benchmark thread: the minimum is the run least disturbed by other
 processes, which is what a floor should report.  "raw" calls ``lib.*`` through
@@ -15,6 +19,7 @@ validation, ownership checks and result objects.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import platform
 import sys
@@ -30,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # for tests.speech when run as a script
 
 from native import (  # noqa: E402  # noqa: E402
     Denoiser,
+    OggOpusWriter,
     OpusDecoder,
     OpusEncoder,
     Resampler,
@@ -39,10 +45,12 @@ from native import (  # noqa: E402  # noqa: E402
     _rnnoise,
     levels,
     opus_version,
+    opusenc_version,
     peak,
     rms,
     s16_to_f32,
 )
+from stages.archive import DEFAULT_BITRATE, ArchiveEncoder  # noqa: E402
 from tests import speech  # noqa: E402
 
 FRAME = 320  # 20 ms at 16 kHz
@@ -305,6 +313,93 @@ def numpy_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+class _AppendSink(io.RawIOBase):
+    """Write-only, append-only bytes that libsndfile's virtual I/O can drive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chunks: list[bytes] = []
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self._chunks.append(data)
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if (offset if whence == io.SEEK_SET else self._pos + offset) != self._pos:
+            raise io.UnsupportedOperation("append only")
+        return self._pos
+
+    def take(self) -> bytes:
+        out = b"".join(self._chunks)
+        self._chunks.clear()
+        return out
+
+
+class _SndfileArchive:
+    """The libsndfile Ogg Opus recorder ``stages.archive`` used before libopusenc.
+
+    Same settings and the same I/O: 16 kHz mono at *bitrate*, the bytes taken from
+    an append-only sink after each write.
+    """
+
+    def __init__(self, bitrate: int) -> None:
+        import soundfile
+
+        # libsndfile maps its compression level linearly onto 6..256 kbit/s.
+        level = 1.0 - (bitrate - 6000) / (256000 - 6000)
+        self._sink = _AppendSink()
+        self._file = soundfile.SoundFile(
+            self._sink, "w", samplerate=16000, channels=1, format="OGG", subtype="OPUS",
+            compression_level=level,
+        )
+
+    def feed(self, samples: np.ndarray) -> bytes:
+        self._file.write(samples)
+        return self._sink.take()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def archive_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """Ogg Opus recording per 20 ms frame: libopusenc vs libsndfile, same run, same frames."""
+    n = len(frames)
+    rows = []
+    sndfile = _SndfileArchive(DEFAULT_BITRATE)
+    archive = ArchiveEncoder()
+    rows.append(
+        archive_row(
+            f"ogg opus archive {DEFAULT_BITRATE // 1000}k: ArchiveEncoder (c5, 60 ms frames)",
+            *pair_us(lambda i: archive.feed(frames[i % n]), lambda i: sndfile.feed(frames[i % n]),
+                     n, repeats),
+        )
+    )
+    writer = OggOpusWriter(bitrate=DEFAULT_BITRATE, complexity=5, signal="voice", frame_ms=20)
+    rows.append(
+        archive_row(
+            f"ogg opus {DEFAULT_BITRATE // 1000}k: OggOpusWriter (c5, 20 ms frames)",
+            *pair_us(lambda i: writer.write(frames[i % n]), lambda i: sndfile.feed(frames[i % n]),
+                     n, repeats),
+        )
+    )
+    archive.close()
+    writer.close()
+    sndfile.close()
+    return rows
+
+
 # -- output ----------------------------------------------------------------------------
 
 
@@ -333,6 +428,17 @@ def peer_row(name: str, native_us: float, numpy_us: float) -> dict[str, Any]:
         "native_us": round(native_us, 3),
         "numpy_us": round(numpy_us, 3),
         "numpy_over_native": round(numpy_us / native_us, 2),
+    }
+
+
+def archive_row(name: str, libopusenc_us: float, libsndfile_us: float) -> dict[str, Any]:
+    return {
+        "case": name,
+        "libopusenc_us": round(libopusenc_us, 3),
+        "libsndfile_us": round(libsndfile_us, 3),
+        "libsndfile_over_libopusenc": round(libsndfile_us / libopusenc_us, 2),
+        "libopusenc_core_pct": round(libopusenc_us / (FRAME / 16000 * 1e6) * 100, 3),
+        "libsndfile_core_pct": round(libsndfile_us / (FRAME / 16000 * 1e6) * 100, 3),
     }
 
 
@@ -397,9 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch = batch_rows(frames, args.sessions, args.repeats)
     peers = numpy_rows(frames, args.repeats)
+    archive = archive_rows(frames, args.repeats)
     result = {
         "meta": {
             "libopus": opus_version(),
+            "libopusenc": opusenc_version(),
             "rnnoise": str(_rnnoise.locate_library()),
             "python": platform.python_version(),
             "machine": platform.machine(),
@@ -412,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_call": per_call,
         "batch": batch,
         "numpy_peer": peers,
+        "archive_peer": archive,
     }
 
     print(f"native cost floor: {opus_version()}, {len(frames)} frames of real speech, ", end="")
@@ -438,6 +547,17 @@ def main(argv: list[str] | None = None) -> int:
             ("native µs", "native_us"),
             ("numpy µs", "numpy_us"),
             ("numpy/native", "numpy_over_native"),
+        ],
+    )
+    print_table(
+        "peer: Ogg Opus recording per 20 ms frame, libopusenc vs libsndfile (soundfile)",
+        archive,
+        [
+            ("opusenc µs", "libopusenc_us"),
+            ("sndfile µs", "libsndfile_us"),
+            ("sndfile/ope", "libsndfile_over_libopusenc"),
+            ("opusenc %cpu", "libopusenc_core_pct"),
+            ("sndfile %cpu", "libsndfile_core_pct"),
         ],
     )
 
