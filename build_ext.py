@@ -51,9 +51,10 @@ def _pkg_config(package: str) -> dict[str, list[str]]:
             ["pkg-config", "--libs", package], check=True, capture_output=True, text=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
+        dev = package if package.startswith("lib") else f"lib{package}"
         raise RuntimeError(
             f"pkg-config could not find {package!r}; install it with "
-            "`apt-get install pkg-config lib" + package + "-dev`"
+            f"`apt-get install pkg-config {dev}-dev`"
         ) from exc
     out: dict[str, list[str]] = {"include_dirs": [], "libraries": [], "library_dirs": []}
     for flag in shlex.split(cflags):

@@ -29,7 +29,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 # image tag already fixes the Debian release (bookworm).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential pkg-config libopus-dev \
+ && apt-get install -y --no-install-recommends build-essential pkg-config libopus-dev libopusenc-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml build_ext.py README.md ./
@@ -39,7 +39,8 @@ COPY gateway/ gateway/
 COPY asr/ asr/
 COPY deploy/requirements-nodeps.txt deploy/requirements-nodeps.txt
 # build_ext.py is the in-tree PEP 517 backend: it compiles the cffi modules (native._dsp,
-# native._opus against libopus found by pkg-config) into the wheel.
+# native._opus and native._opusenc against libopus/libopusenc found by pkg-config)
+# into the wheel.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -55,7 +56,7 @@ RUN pip install /wheels/voxgate-*.whl \
 FROM ${PYTHON_IMAGE} AS runtime
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libopus0 libsndfile1 \
+ && apt-get install -y --no-install-recommends libopus0 libopusenc0 libsndfile1 \
  && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 voxgate \
  && useradd --system --uid 10001 --gid voxgate --home-dir /home/voxgate --create-home \
