@@ -68,19 +68,21 @@ async def run_serve(cfg: GatewayConfig) -> None:
         asr_shutdown.set()
 
 
+def _config(args: Any) -> GatewayConfig:
+    return GatewayConfig.load(file=args.config, overrides={
+        "host": args.host, "port": args.port, "http_port": args.http_port})
+
+
 def gateway_main(args: Any) -> int:
     setup_logs(logging.INFO)
-    cfg = GatewayConfig.load(file=args.config, overrides={
-        "host": args.host, "port": args.port, "http_port": args.http_port})
-    trio.run(run_gateway, cfg)
+    trio.run(run_gateway, _config(args))
     return 0
 
 
 def serve_main(args: Any) -> int:
+    # The embedded default is for a person at a terminal: warnings only.
     setup_logs(logging.WARNING)
-    cfg = GatewayConfig.load(file=args.config, overrides={
-        "host": args.host, "port": args.port, "http_port": args.http_port})
-    trio.run(run_serve, cfg)
+    trio.run(run_serve, _config(args))
     return 0
 
 
