@@ -187,20 +187,25 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--seconds", type=float, default=15.0, help="audio per stream per level")
+    ap.add_argument("--model", default="base", help="model for finals (en pool)")
     ap.add_argument("--partial-model", default=None, help="model for partials (en pool)")
     ap.add_argument("--partial-window", type=float, default=None,
                     help="partial window in seconds (default: the pool's)")
+    ap.add_argument("--final-window", type=float, default=None,
+                    help="final window in seconds (default: the pool's, 30)")
     ap.add_argument("--name", default="asr_server")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
     port = free_port()
     cfg = Path(tempfile.mkdtemp()) / "asr.toml"
-    pool = ['model = "base"', 'languages = ["en"]']
+    pool = [f'model = "{args.model}"', 'languages = ["en"]']
     if args.partial_model:
         pool.append(f'partial_model = "{args.partial_model}"')
     if args.partial_window:
         pool.append(f"partial_window_s = {args.partial_window}")
+    if args.final_window:
+        pool.append(f"final_window_s = {args.final_window}")
     cfg.write_text("default = \"en\"\n[server]\nmax_streams = 64\n[pools.en]\n"
                    + "\n".join(pool) + "\n[pools.multi]\nmodel = \"base\"\n")
     print(f"starting {VOXGATE} asr on port {port} ({cfg.read_text().count(chr(10))} "
@@ -240,9 +245,10 @@ def main() -> int:
           f"{best / cores:.1f} ({best} streams on {cores} cores)")
     print(f"single-stream engine RTF (voxgate transcribe, same weights, "
           f"{cores} threads): {rtf:.3f}")
-    data = {"levels": results, "engine_rtf": rtf, "streams_per_core": best / cores,
+    data = {"levels": results, "engine_rtf": rtf, "model": args.model, "streams_per_core": best / cores,
             "cores": cores, "cpu": cpu_model(), "partial_model": args.partial_model,
-            "partial_window_s": args.partial_window, "final_sla_ms": FINAL_SLA_MS}
+            "partial_window_s": args.partial_window, "final_window_s": args.final_window,
+            "final_sla_ms": FINAL_SLA_MS}
     path = write_json(args.name, data)
     plot(results, OUT / f"{args.name}.png")
     print(f"wrote {path} and {args.name}.png")

@@ -104,6 +104,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="sessions per client per level")
     ap.add_argument("--partial-model", default=None)
     ap.add_argument("--partial-window", type=float, default=None)
+    ap.add_argument("--final-window", type=float, default=None)
     ap.add_argument("--name", default="e2e_latency")
     args = ap.parse_args()
 
@@ -114,6 +115,8 @@ def main() -> int:
         pool.append(f'partial_model = "{args.partial_model}"')
     if args.partial_window:
         pool.append(f"partial_window_s = {args.partial_window}")
+    if args.final_window:
+        pool.append(f"final_window_s = {args.final_window}")
     (tmp / "asr.toml").write_text("default = \"en\"\n[server]\nmax_streams = 64\n"
                                   "[pools.en]\n" + "\n".join(pool) + "\n")
     asr, _ = start(["asr", "--port", str(asr_port), "--config", str(tmp / "asr.toml")],
