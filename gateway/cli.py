@@ -22,8 +22,8 @@ def _models(args: argparse.Namespace) -> int:
         names = args.model or list(MODEL_NAMES)
         for name in names:
             for precision in args.precision or ["int8"]:
-                path = cache.prepare(name, precision)
-                print(f"{name} {precision}: {path}")
+                prepared = cache.prepare(name, precision)
+                print(f"{name} {precision}: {prepared.dir}")
         return 0
     if args.action == "path":
         from asr.whisper import weights
