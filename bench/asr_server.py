@@ -245,7 +245,8 @@ def main() -> int:
           f"{best / cores:.1f} ({best} streams on {cores} cores)")
     print(f"single-stream engine RTF (voxgate transcribe, same weights, "
           f"{cores} threads): {rtf:.3f}")
-    data = {"levels": results, "engine_rtf": rtf, "model": args.model, "streams_per_core": best / cores,
+    data = {"levels": results, "engine_rtf": rtf, "model": args.model,
+            "streams_per_core": best / cores,
             "cores": cores, "cpu": cpu_model(), "partial_model": args.partial_model,
             "partial_window_s": args.partial_window, "final_window_s": args.final_window,
             "final_sla_ms": FINAL_SLA_MS}
