@@ -94,6 +94,11 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return len(self._queue) + self._running
+
     def load(self) -> float:
         """Queued plus running jobs, relative to one full batch (1.0 = one batch waiting)."""
         return (len(self._queue) + self._running) / self.max_batch

@@ -193,6 +193,8 @@ def main() -> int:
                     help="partial window in seconds (default: the pool's)")
     ap.add_argument("--final-window", type=float, default=None,
                     help="final window in seconds (default: the pool's, 30)")
+    ap.add_argument("--partial-max-pending", type=int, default=None,
+                    help="server partial_max_pending (default: the server's, 1)")
     ap.add_argument("--name", default="asr_server")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -206,7 +208,10 @@ def main() -> int:
         pool.append(f"partial_window_s = {args.partial_window}")
     if args.final_window:
         pool.append(f"final_window_s = {args.final_window}")
-    cfg.write_text("default = \"en\"\n[server]\nmax_streams = 64\n[pools.en]\n"
+    server = "max_streams = 64\n"
+    if args.partial_max_pending is not None:
+        server += f"partial_max_pending = {args.partial_max_pending}\n"
+    cfg.write_text("default = \"en\"\n[server]\n" + server + "[pools.en]\n"
                    + "\n".join(pool) + "\n[pools.multi]\nmodel = \"base\"\n")
     print(f"starting {VOXGATE} asr on port {port} ({cfg.read_text().count(chr(10))} "
           "config lines) ...", flush=True)
