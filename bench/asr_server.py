@@ -187,7 +187,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--seconds", type=float, default=15.0, help="audio per stream per level")
-    ap.add_argument("--model", default="base", help="model for finals (en pool)")
+    ap.add_argument("--model", default=None,
+                    help="model for finals (en pool; default: the server's default pool)")
     ap.add_argument("--partial-model", default=None, help="model for partials (en pool)")
     ap.add_argument("--partial-window", type=float, default=None,
                     help="partial window in seconds (default: the pool's)")
@@ -201,13 +202,16 @@ def main() -> int:
 
     port = free_port()
     cfg = Path(tempfile.mkdtemp()) / "asr.toml"
-    pool = [f'model = "{args.model}"', 'languages = ["en"]']
+    from asr.engine import DEFAULT_POOLS
+
+    en = DEFAULT_POOLS["en"]
+    pool = [f'model = "{args.model or en.model}"', 'languages = ["en"]',
+            f"final_window_s = {args.final_window or en.final_window_s}",
+            f"partial_window_s = {args.partial_window or en.partial_window_s}"]
+    if args.model is None and not args.partial_model and en.partial_model:
+        pool.append(f'partial_model = "{en.partial_model}"')
     if args.partial_model:
         pool.append(f'partial_model = "{args.partial_model}"')
-    if args.partial_window:
-        pool.append(f"partial_window_s = {args.partial_window}")
-    if args.final_window:
-        pool.append(f"final_window_s = {args.final_window}")
     server = "max_streams = 64\n"
     if args.partial_max_pending is not None:
         server += f"partial_max_pending = {args.partial_max_pending}\n"

@@ -110,17 +110,22 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp())
     asr_port, ws_port, http_port = free_port(), free_port(), free_port()
-    pool = ['model = "base"', 'languages = ["en"]']
-    if args.partial_model:
-        pool.append(f'partial_model = "{args.partial_model}"')
-    if args.partial_window:
-        pool.append(f"partial_window_s = {args.partial_window}")
-    if args.final_window:
-        pool.append(f"final_window_s = {args.final_window}")
-    (tmp / "asr.toml").write_text("default = \"en\"\n[server]\nmax_streams = 64\n"
-                                  "[pools.en]\n" + "\n".join(pool) + "\n")
-    asr, _ = start(["asr", "--port", str(asr_port), "--config", str(tmp / "asr.toml")],
-                   "voxgate asr: ready on")
+    # The service's default pools unless a knob is given (sessions ask for English, so
+    # they land on the "en" pool).
+    asr_args = ["asr", "--port", str(asr_port)]
+    if args.partial_model or args.partial_window or args.final_window:
+        from asr.engine import DEFAULT_POOLS
+
+        en = DEFAULT_POOLS["en"]
+        pool = ['model = "base"', 'languages = ["en"]',
+                f"partial_window_s = {args.partial_window or en.partial_window_s}",
+                f"final_window_s = {args.final_window or en.final_window_s}"]
+        if args.partial_model or en.partial_model:
+            pool.append(f'partial_model = "{args.partial_model or en.partial_model}"')
+        (tmp / "asr.toml").write_text("default = \"en\"\n[server]\nmax_streams = 64\n"
+                                      "[pools.en]\n" + "\n".join(pool) + "\n")
+        asr_args += ["--config", str(tmp / "asr.toml")]
+    asr, _ = start(asr_args, "voxgate asr: ready on")
     gw, url = start(["gateway", "--port", str(ws_port), "--http-port", str(http_port)],
                     "ws://", env={"ASR_URLS": f"http://127.0.0.1:{asr_port}",
                                   "ARCHIVE_DIR": str(tmp / "records")})
