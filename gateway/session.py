@@ -54,7 +54,7 @@ from .protocol import (
     dumps,
     parse_text,
 )
-from .records import LocalStore, RecordWriter, record_key
+from .records import RecordStore, RecordWriter, record_key
 from .vadservice import VadService
 
 log = logging.getLogger("voxgate.gateway.session")
@@ -74,7 +74,7 @@ class GatewayContext:
     vad: VadService
     pools: AsrPools
     metrics: GatewayMetrics
-    store: LocalStore | None
+    store: RecordStore | None
     public_base: str
     shutting_down: trio.Event = field(default_factory=trio.Event)
     drained: trio.Event = field(default_factory=trio.Event)  # shutting down, no sessions
