@@ -64,6 +64,18 @@ def _urls(v: Any) -> str | None:
     return None
 
 
+def _lang(v: Any) -> str | None:
+    ok = isinstance(v, str) and 2 <= len(v) <= 8 and v.replace("-", "").isalpha()
+    return None if ok else "must be a language code such as 'en'"
+
+
+def _routes(v: Any) -> str | None:
+    for lang, _pool in v:
+        if lang != "*" and _lang(lang):
+            return f"{lang!r} must be a language code or '*'"
+    return None
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Gateway settings. Field names carry units; see ``describe()`` for every key."""
@@ -77,8 +89,14 @@ class GatewayConfig:
     asr_urls: tuple[str, ...] = field(default=("http://127.0.0.1:8090",), metadata=_key(
         "ASR_URLS", "ASR service endpoints of the default pool, comma-separated", _urls))
     asr_pools: tuple[tuple[str, str], ...] = field(default=(), metadata=_key(
-        "ASR_POOLS", "language -> endpoint routes, e.g. 'en=http://asr-en:8090,"
-        "multi=http://asr-multi:8090' (for language routing; not applied yet)"))
+        "ASR_POOLS", "pool -> endpoint, e.g. 'en=http://asr-en:8090,"
+        "multi=http://asr-multi:8090'; a pool routed to but not listed uses ASR_URLS"))
+    asr_routes: tuple[tuple[str, str], ...] = field(
+        default=(("en", "en"), ("*", "multi")), metadata=_key(
+            "ASR_ROUTES", "language -> pool; '*' is every other language", _routes))
+    asr_default_lang: str = field(default="en", metadata=_key(
+        "ASR_DEFAULT_LANG", "language assumed until LID decides, when user_lang_pref is "
+        "auto", _lang))
     asr_link_codec: str = field(default="opus", metadata=_key(
         "ASR_LINK_CODEC", "audio codec on the ASR link", _one_of("opus", "pcm")))
     asr_link_bitrate: int = field(default=20000, metadata=_key(
@@ -91,10 +109,13 @@ class GatewayConfig:
     flush_idle_s: float = field(default=3.0, metadata=_key(
         "FLUSH_IDLE_SEC", "no audio for this long flushes the session, s", _range(0.1, 3600)))
     lid_first_n_s: float = field(default=3.0, metadata=_key(
-        "LID_FIRST_N_SECONDS", "seconds of speech sent to language ID (not applied yet)",
+        "LID_FIRST_N_SECONDS", "at most this much speech is sent to language ID, s",
         _range(0.5, 30)))
+    lid_min_score: float = field(default=0.7, metadata=_key(
+        "LID_MIN_SCORE", "a language ID at least this sure is final before "
+        "LID_FIRST_N_SECONDS of speech", _range(0.0, 1.0)))
     enable_denoise: bool = field(default=True, metadata=_key(
-        "ENABLE_DENOISE", "run RNNoise on speech before recognition (not applied yet)"))
+        "ENABLE_DENOISE", "run RNNoise on speech before recognition"))
     enable_compress: bool = field(default=True, metadata=_key(
         "ENABLE_COMPRESS", "archive each session as Ogg Opus and return record_url"))
     public_base: str = field(default="", metadata=_key(
@@ -169,11 +190,20 @@ class GatewayConfig:
         return cls(**values)
 
     def pool_urls(self) -> dict[str, tuple[str, ...]]:
-        """Pool name -> endpoints; the pool ``default`` is ``asr_urls``."""
+        """Pool name -> endpoints. ``default`` and every pool named in ``asr_routes`` but
+        not in ``asr_pools`` use ``asr_urls``."""
         pools: dict[str, list[str]] = {"default": list(self.asr_urls)}
         for name, url in self.asr_pools:
             pools.setdefault(name, []).append(url)
+        for _lang_code, name in self.asr_routes:
+            pools.setdefault(name, list(self.asr_urls))
         return {k: tuple(v) for k, v in pools.items()}
+
+    def route(self, lang: str) -> str:
+        """The pool that recognizes ``lang`` (``default`` when no route names it)."""
+        routes = dict(self.asr_routes)
+        base = lang.split("-", 1)[0].lower()
+        return routes.get(lang, routes.get(base, routes.get("*", "default")))
 
     @classmethod
     def describe(cls) -> str:
