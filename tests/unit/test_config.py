@@ -27,7 +27,9 @@ def test_environment_and_file_precedence(tmp_path: Path) -> None:
     assert c.asr_link_codec == "pcm"
     assert c.asr_urls == ("http://a:1", "http://b:2")
     assert c.enable_denoise is False and c.flush_idle_s == 1.5 and c.port == 0
-    assert c.pool_urls() == {"default": ("http://a:1", "http://b:2"), "en": ("http://en:1",)}
+    assert c.pool_urls() == {"default": ("http://a:1", "http://b:2"), "en": ("http://en:1",),
+                             "multi": ("http://a:1", "http://b:2")}
+    assert c.route("en") == "en" and c.route("en-GB") == "en" and c.route("de") == "multi"
 
 
 def test_pools_from_environment() -> None:
