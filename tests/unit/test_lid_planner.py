@@ -1,0 +1,105 @@
+"""The language-ID planner: when it asks, what it sends, when an answer is the decision."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.lid import LidDecision, LidPlanner, LidRequest
+
+SR = 16000
+
+
+def speech(seconds: float, start: int = 0) -> np.ndarray:
+    n = int(seconds * SR)
+    return ((np.arange(start, start + n) % 2000) - 1000).astype(np.int16)
+
+
+def test_asks_at_the_first_checkpoint_and_a_sure_answer_decides() -> None:
+    p = LidPlanner(3.0, 0.7)
+    assert p.speech(speech(0.98)) is None
+    req = p.speech(speech(0.04))
+    assert isinstance(req, LidRequest) and req.speech_ms == 1020 and not req.last
+    d = p.answer("de", 0.93, [("de", 0.93), ("nl", 0.03)])
+    assert isinstance(d, LidDecision) and d.lang == "de" and d.sure and d.speech_ms == 1020
+    assert p.done and p.speech(speech(3)) is None and p.pause() is None
+
+
+def test_unsure_answers_ask_again_and_the_whole_window_is_final() -> None:
+    p = LidPlanner(3.0, 0.7)
+    first = p.speech(speech(1.0))
+    assert first is not None
+    assert p.speech(speech(1.5)) is None  # 2 s passed while in flight: due
+    nxt = p.answer("en", 0.4)
+    assert isinstance(nxt, LidRequest) and nxt.speech_ms == 2500
+    assert p.answer("en", 0.5) is None  # not sure, nothing new: wait for speech
+    last = p.speech(speech(5.0))  # only 0.5 s more is taken: the window is full
+    assert isinstance(last, LidRequest) and last.last and last.speech_ms == 3000
+    d = p.answer("en", 0.55)
+    assert isinstance(d, LidDecision) and d.lang == "en" and not d.sure
+
+
+def test_pause_asks_with_short_speech_and_finish_decides_on_the_best() -> None:
+    p = LidPlanner(3.0, 0.9)
+    assert p.speech(speech(0.3)) is None
+    assert p.pause() is None  # under min_speech
+    p.speech(speech(0.4))
+    req = p.pause()
+    assert req is not None and req.speech_ms == 700
+    assert p.answer("fr", 0.6) is None
+    d = p.finish()
+    assert isinstance(d, LidDecision) and d.lang == "fr" and d.score == 0.6
+
+
+def test_finish_asks_a_last_time_and_failure_ends_lid() -> None:
+    p = LidPlanner(3.0, 0.7)
+    p.speech(speech(0.6))
+    req = p.finish()
+    assert isinstance(req, LidRequest) and req.last
+    assert p.error() is None and p.failed and p.done
+
+
+def test_finish_while_in_flight_makes_that_answer_final() -> None:
+    p = LidPlanner(3.0, 0.99)
+    assert p.speech(speech(1.2)) is not None
+    assert p.finish() is None
+    d = p.answer("es", 0.5)
+    assert isinstance(d, LidDecision) and d.lang == "es"
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.integers(1, 12000), min_size=1, max_size=40),
+       scores=st.lists(st.floats(0, 1), min_size=1, max_size=10),
+       first_n=st.floats(0.5, 5))
+def test_requests_are_prefixes_of_the_speech_and_never_exceed_the_window(
+        chunks: list[int], scores: list[float], first_n: float) -> None:
+    p = LidPlanner(first_n, 0.8)
+    fed: list[np.ndarray] = []
+    pos = 0
+    answers = iter(scores)
+    pending: LidRequest | None = None
+    for n in chunks:
+        x = speech(n / SR, pos)
+        pos += n
+        fed.append(x)
+        got = p.speech(x)
+        if got is not None:
+            assert pending is None
+            pending = got
+        if pending is not None:
+            whole = np.concatenate(fed)
+            assert len(pending.pcm) <= p.limit
+            assert np.array_equal(pending.pcm, whole[: len(pending.pcm)])
+            score = next(answers, 0.9)
+            out = p.answer("en", score)
+            pending = out if isinstance(out, LidRequest) else None
+            if isinstance(out, LidDecision):
+                assert score >= 0.8 or out.speech_ms * SR // 1000 >= p.limit - 16
+    if not p.done and pending is None:
+        out = p.finish()
+        if isinstance(out, LidRequest):
+            assert isinstance(p.answer("en", 0.1), LidDecision)
+    # whatever happened, a session with enough speech ends with a decision
+    if pos >= p.min_speech:
+        assert p.done
