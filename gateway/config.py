@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+S3_MIN_PART_SIZE_BYTES = 5 * 1024 * 1024  # S3's smallest part (all but the last)
+
 
 def _key(env: str, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
     return {"env": env, "doc": doc, "check": check}
@@ -54,6 +56,14 @@ def _url(schemes: tuple[str, ...]) -> Callable[[Any], str | None]:
         return None
 
     return check
+
+
+def _non_empty(v: Any) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _no_leading_slash(v: Any) -> str | None:
+    return "must not start with '/'" if v.startswith("/") else None
 
 
 def _urls(v: Any) -> str | None:
@@ -138,6 +148,42 @@ class GatewayConfig:
         _range(640, 16 * 1024 * 1024)))
     archive_dir: str = field(default="./records", metadata=_key(
         "ARCHIVE_DIR", "local archive folder (the embedded default store)"))
+    archive_store: str = field(default="local", metadata=_key(
+        "ARCHIVE_STORE", "where recordings go: local (ARCHIVE_DIR, served by the gateway) "
+        "or s3 (S3-compatible object storage, /records redirects to it)",
+        _one_of("local", "s3")))
+    archive_spool_dir: str = field(default="", metadata=_key(
+        "ARCHIVE_SPOOL_DIR", "s3 store: local folder for recordings being uploaded "
+        "(empty: ARCHIVE_DIR/.spool)"))
+    s3_endpoint_url: str = field(default="", metadata=_key(
+        "S3_ENDPOINT_URL", "s3 store: endpoint of an S3-compatible service "
+        "(empty: AWS S3 in S3_REGION)", _url(("http", "https"))))
+    s3_bucket: str = field(default="", metadata=_key(
+        "S3_BUCKET", "s3 store: bucket (required with ARCHIVE_STORE=s3)"))
+    s3_prefix: str = field(default="records/", metadata=_key(
+        "S3_PREFIX", "s3 store: object key prefix; a recording is <prefix><flowId>.ogg",
+        _no_leading_slash))
+    s3_region: str = field(default="us-east-1", metadata=_key(
+        "S3_REGION", "s3 store: region used for signing", _non_empty))
+    s3_addressing_style: str = field(default="auto", metadata=_key(
+        "S3_ADDRESSING_STYLE", "s3 store: bucket in the path or in the host name "
+        "(auto: path with S3_ENDPOINT_URL, virtual on AWS)",
+        _one_of("auto", "path", "virtual")))
+    s3_access_key_id: str = field(default="", metadata=_key(
+        "S3_ACCESS_KEY_ID", "s3 store: access key (empty: the usual AWS credential chain)"))
+    # repr=False: a config printed in a log or a traceback must not show the secret.
+    s3_secret_access_key: str = field(default="", repr=False, metadata=_key(
+        "S3_SECRET_ACCESS_KEY", "s3 store: secret key (empty: the usual AWS credential "
+        "chain)"))
+    s3_part_size_bytes: int = field(default=S3_MIN_PART_SIZE_BYTES, metadata=_key(
+        "S3_PART_SIZE_BYTES", "s3 store: multipart upload part size, bytes (5 MiB at least)",
+        _range(S3_MIN_PART_SIZE_BYTES, 5 * 1024**3)))
+    s3_presign_ttl_s: int = field(default=900, metadata=_key(
+        "S3_PRESIGN_TTL_S", "s3 store: lifetime of the signed URL /records redirects to, s",
+        _range(1, 7 * 24 * 3600)))
+    s3_retry_deadline_s: float = field(default=12.0, metadata=_key(
+        "S3_RETRY_DEADLINE_S", "s3 store: longest an upload step (a part, or the commit) "
+        "is retried, s; the session waits 15 s for the commit", _range(1, 600)))
     auth_jwt_secret: str = field(default="", metadata=_key(
         "AUTH_JWT_SECRET", "HS256 secret; when set, start.auth.token must be a valid JWT"))
 
@@ -147,6 +193,11 @@ class GatewayConfig:
             problem = check(getattr(self, f.name)) if check else None
             if problem:
                 raise ValueError(f"{f.metadata['env']} ({f.name}) {problem}")
+        if self.archive_store == "s3" and not self.s3_bucket:
+            raise ValueError("S3_BUCKET (s3_bucket) is required when ARCHIVE_STORE is s3")
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            raise ValueError("S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY must be set together "
+                             "(or both left empty for the AWS credential chain)")
 
     @classmethod
     def load(

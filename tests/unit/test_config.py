@@ -67,3 +67,58 @@ def test_describe_lists_every_key() -> None:
     for key in ("ASR_LINK_CODEC", "ASR_LINK_BITRATE", "PARTIAL_INTERVAL_MS", "FLUSH_IDLE_SEC",
                 "LID_FIRST_N_SECONDS", "ENABLE_DENOISE", "ENABLE_COMPRESS", "PUBLIC_BASE"):
         assert key in text
+
+
+def test_archive_store_defaults_to_local() -> None:
+    c = GatewayConfig.load(env={})
+    assert (c.archive_store, c.archive_spool_dir) == ("local", "")
+    assert (c.s3_prefix, c.s3_region, c.s3_addressing_style) == ("records/", "us-east-1", "auto")
+    assert c.s3_part_size_bytes == 5 * 1024 * 1024 and c.s3_presign_ttl_s == 900
+
+
+def test_s3_store_from_environment() -> None:
+    env = {"ARCHIVE_STORE": "s3", "S3_BUCKET": "voice-records", "S3_PREFIX": "prod/rec/",
+           "S3_ENDPOINT_URL": "http://minio:9000", "S3_REGION": "eu-west-1",
+           "S3_ACCESS_KEY_ID": "AKIDEXAMPLE", "S3_SECRET_ACCESS_KEY": "s3cr3t-value",
+           "S3_PART_SIZE_BYTES": str(8 * 1024 * 1024), "S3_PRESIGN_TTL_S": "120",
+           "S3_RETRY_DEADLINE_S": "5", "ARCHIVE_SPOOL_DIR": "/var/spool/voxgate"}
+    c = GatewayConfig.load(env=env)
+    assert (c.archive_store, c.s3_bucket, c.s3_prefix) == ("s3", "voice-records", "prod/rec/")
+    assert (c.s3_endpoint_url, c.s3_region) == ("http://minio:9000", "eu-west-1")
+    assert (c.s3_part_size_bytes, c.s3_presign_ttl_s, c.s3_retry_deadline_s) == (
+        8 * 1024 * 1024, 120, 5.0)
+    assert c.archive_spool_dir == "/var/spool/voxgate"
+    # the secret never shows in a printed config
+    assert "s3cr3t-value" not in repr(c) and "s3cr3t-value" not in str(c)
+    assert "s3cr3t-value" not in GatewayConfig.describe()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"ARCHIVE_STORE": "s3"}, "S3_BUCKET"),
+        ({"ARCHIVE_STORE": "gcs", "S3_BUCKET": "b"}, "ARCHIVE_STORE"),
+        ({"S3_PART_SIZE_BYTES": str(5 * 1024 * 1024 - 1)}, "S3_PART_SIZE_BYTES"),
+        ({"S3_PRESIGN_TTL_S": "0"}, "S3_PRESIGN_TTL_S"),
+        ({"S3_PRESIGN_TTL_S": str(8 * 24 * 3600)}, "S3_PRESIGN_TTL_S"),
+        ({"S3_ENDPOINT_URL": "minio:9000"}, "S3_ENDPOINT_URL"),
+        ({"S3_PREFIX": "/records/"}, "S3_PREFIX"),
+        ({"S3_REGION": ""}, "S3_REGION"),
+        ({"S3_ADDRESSING_STYLE": "dns"}, "S3_ADDRESSING_STYLE"),
+        ({"S3_ACCESS_KEY_ID": "AKIDEXAMPLE"}, "S3_SECRET_ACCESS_KEY"),
+        ({"S3_SECRET_ACCESS_KEY": "s3cr3t-value"}, "S3_ACCESS_KEY_ID"),
+        ({"S3_RETRY_DEADLINE_S": "0"}, "S3_RETRY_DEADLINE_S"),
+    ],
+)
+def test_invalid_s3_settings_name_the_key(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as info:
+        GatewayConfig.load(env=env)
+    assert "s3cr3t-value" not in str(info.value)
+
+
+def test_describe_lists_the_archive_store_keys() -> None:
+    text = GatewayConfig.describe()
+    for key in ("ARCHIVE_STORE", "ARCHIVE_SPOOL_DIR", "S3_ENDPOINT_URL", "S3_BUCKET",
+                "S3_PREFIX", "S3_REGION", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY",
+                "S3_PART_SIZE_BYTES", "S3_PRESIGN_TTL_S", "S3_RETRY_DEADLINE_S"):
+        assert key in text
