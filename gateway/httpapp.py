@@ -1,19 +1,24 @@
 """The gateway's plain HTTP side (ASGI, served by hypercorn): probes, metrics, recordings.
 
 GET/HEAD /records/<flowId>.ogg serves a recording with ``audio/ogg`` and byte ranges, so a
-browser's <audio> element can seek in it.
+browser's <audio> element can seek in it. With object storage (``ARCHIVE_STORE=s3``) it
+answers 307 with a short-lived presigned URL instead, so the bytes and their ranges come
+straight from the store and the gateway stays out of the data path.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from .records import LocalStore
+from .records import LinkedRecordStore, LocalStore, RecordStore, RecordStoreError
+
+log = logging.getLogger("voxgate.http")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -24,7 +29,7 @@ CHUNK = 64 * 1024
 
 
 class GatewayHttpApp:
-    def __init__(self, *, store: LocalStore | None, metrics: Callable[[], bytes],
+    def __init__(self, *, store: RecordStore | None, metrics: Callable[[], bytes],
                  ready: Callable[[], bool]) -> None:
         self.store = store
         self.metrics = metrics
@@ -54,7 +59,10 @@ class GatewayHttpApp:
             await _json(send, 404, {"error": "NOT_FOUND"})
 
     async def _record(self, scope: Scope, send: Send, key: str, head: bool) -> None:
-        p = self.store.path(key) if self.store is not None else None
+        if isinstance(self.store, LinkedRecordStore):
+            await self._redirect(send, self.store, key, head)
+            return
+        p = self.store.path(key) if isinstance(self.store, LocalStore) else None
         if p is None:
             await _json(send, 404, {"error": "NOT_FOUND"})
             return
@@ -93,6 +101,24 @@ class GatewayHttpApp:
             await send({"type": "http.response.body", "body": b""})
 
 
+    async def _redirect(self, send: Send, store: LinkedRecordStore, key: str,
+                        head: bool) -> None:
+        try:
+            url = await store.link(key, "HEAD" if head else "GET")
+        except RecordStoreError as exc:
+            log.warning("record store unavailable for %s: %s", key, exc)
+            await _json(send, 503, {"error": "STORE_UNAVAILABLE"},
+                        [(b"retry-after", b"5")])
+            return
+        if url is None:
+            await _json(send, 404, {"error": "NOT_FOUND"})
+            return
+        # 307 keeps the method: a HEAD goes on as a HEAD, which its URL is signed for.
+        # The URL expires, so nobody may cache the redirect.
+        await _reply(send, 307, b"", "text/plain", [
+            (b"location", url.encode()), (b"cache-control", b"no-store")])
+
+
 def _range(m: re.Match[str], size: int) -> tuple[int, int] | None:
     first, last = m.group(1), m.group(2)
     if not first and not last:
@@ -107,8 +133,9 @@ def _range(m: re.Match[str], size: int) -> tuple[int, int] | None:
     return start, end
 
 
-async def _json(send: Send, status: int, obj: dict[str, Any]) -> None:
-    await _reply(send, status, json.dumps(obj).encode(), "application/json")
+async def _json(send: Send, status: int, obj: dict[str, Any],
+                headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await _reply(send, status, json.dumps(obj).encode(), "application/json", headers)
 
 
 async def _reply(send: Send, status: int, body: bytes, content_type: str,

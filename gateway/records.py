@@ -1,8 +1,11 @@
-"""Where session recordings go: a local archive folder (the embedded default).
+"""Where session recordings go: a local archive folder (the embedded default), or
+S3-compatible object storage (``ARCHIVE_STORE=s3``, :mod:`gateway.s3store`).
 
 A recording is written to a temporary file while the session runs and renamed into
 place when it is complete, so a reader never sees half a file and a retried or resumed
 session never leaves two recordings for one ``flowId``: the last complete one wins.
+The S3 store keeps the same promise with a multipart upload that becomes visible only
+when it is completed.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import trio
+
+if TYPE_CHECKING:
+    from .config import GatewayConfig
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\.ogg$")
 
@@ -25,6 +31,13 @@ class StoredRecord:
 
     key: str
     bytes: int
+
+
+class RecordStoreError(OSError):
+    """The store could not keep a recording (e.g. object storage stayed unreachable).
+
+    An ``OSError``, so the session reports it like a failed local write.
+    """
 
 
 class RecordWriter(Protocol):
@@ -39,6 +52,40 @@ class RecordStore(Protocol):
     async def open(self, flow_id: str) -> RecordWriter: ...
 
 
+@runtime_checkable
+class LinkedRecordStore(Protocol):
+    """A store whose recordings are fetched from elsewhere: ``/records/<key>`` redirects.
+
+    ``link`` returns a short-lived URL for ``key`` (signed for ``method``), or None when
+    there is no such recording; it raises :class:`RecordStoreError` when the store
+    cannot be asked.
+    """
+
+    async def open(self, flow_id: str) -> RecordWriter: ...
+
+    async def link(self, key: str, method: str = "GET") -> str | None: ...
+
+
+def store_from_config(cfg: GatewayConfig) -> RecordStore | None:
+    """The record store ``cfg`` asks for, or None when archiving is off.
+
+    Raises:
+        OSError: the archive or spool folder cannot be created.
+    """
+    if not cfg.enable_compress:
+        return None
+    if cfg.archive_store == "s3":
+        from .s3store import S3Store  # imports boto3: only when it is used
+
+        return S3Store.from_config(cfg)
+    return LocalStore(cfg.archive_dir)
+
+
+def safe_key(key: str) -> bool:
+    """Whether ``key`` is a well-formed recording key (``<flowId>.ogg``, no path)."""
+    return bool(SAFE_NAME.match(key)) and not key.startswith(".")
+
+
 def record_key(flow_id: str) -> str:
     """The store key of a session's recording.
 
@@ -46,7 +93,7 @@ def record_key(flow_id: str) -> str:
         ValueError: a flowId that is not safe as a file or object name.
     """
     key = f"{flow_id}.ogg"
-    if not SAFE_NAME.match(key) or key.startswith("."):
+    if not safe_key(key):
         raise ValueError(f"flowId {flow_id!r} cannot name a recording")
     return key
 
@@ -90,7 +137,7 @@ class LocalStore:
 
     def path(self, key: str) -> Path | None:
         """The file behind ``key``, or None if there is none (or the key is unsafe)."""
-        if not SAFE_NAME.match(key) or key.startswith("."):
+        if not safe_key(key):
             return None
         p = self.root / key
         return p if p.is_file() else None

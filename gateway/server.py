@@ -20,7 +20,7 @@ from .asrlink import AsrPools
 from .config import GatewayConfig
 from .httpapp import GatewayHttpApp
 from .metrics import GatewayMetrics
-from .records import LocalStore
+from .records import store_from_config
 from .session import GatewayContext, Session
 from .vadservice import VadService
 
@@ -45,7 +45,7 @@ async def serve(
     shutdown = trio.Event() if shutdown is None else shutdown
     metrics = GatewayMetrics()
     pools = AsrPools(cfg.pool_urls())
-    store = LocalStore(cfg.archive_dir) if cfg.enable_compress else None
+    store = store_from_config(cfg)
     vad = vad or VadService()
     vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
 
