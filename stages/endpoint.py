@@ -123,6 +123,23 @@ class Endpointer:
     def in_utterance(self) -> bool:
         return self.state in (State.SPEECH, State.TRAILING)
 
+    @property
+    def sendable(self) -> int:
+        """How far the open utterance's audio may go to recognition now: up to the last
+        speech plus the tail, never into silence that may turn out to be past its end."""
+        if self.in_utterance:
+            return min(self._last_speech + self._tail, self.position)
+        return self.position
+
+    @property
+    def horizon(self) -> int:
+        """Where the next utterance can start at the earliest, before its pre-roll: the
+        onset of speech not yet long enough to count, else how far VAD has looked. Audio
+        held for pre-roll must reach back from here, not from ``position``: when VAD
+        runs ahead in big batches (a client sending faster than real time), ``position``
+        can be well past an onset that is confirmed only by the next batch."""
+        return self._onset if self.state is State.ONSET else self.position
+
     def _symbol(self, prob: float) -> Symbol:
         if prob >= self.config.threshold:
             return Symbol.SPEECH
@@ -195,49 +212,70 @@ GateEvent = SendFrame | UtteranceStarted | UtteranceEnded
 class SpeechGate:
     """Frames and endpoint events in; what recognition should get out, in order.
 
-    Frames of no utterance are held for pre-roll and then dropped (the archive gets all
-    audio through its own path).
+    A frame goes to recognition only once VAD has looked at it (``decided``), so an
+    utterance gets exactly its own frames however far the audio runs ahead of VAD (a
+    client sending faster than real time): frames past an utterance's end stay held, as
+    pre-roll for the next one. Frames of no utterance are held for pre-roll and then
+    dropped (the archive gets all audio through its own path).
     """
 
     def __init__(self, preroll_ms: int = 300) -> None:
         self._preroll = ms_to_samples(preroll_ms)
         self._held: deque[PcmFrame] = deque()
         self._open: int | None = None  # index of the open utterance
+        self._decided = 0  # how far VAD has looked
         self._sent_until = 0  # end of the last frame sent
         self.frames_sent = 0
         self.frames_dropped = 0
 
     def frame(self, frame: PcmFrame) -> list[GateEvent]:
         """A new 20 ms frame arrived."""
-        if self._open is not None:
+        if self._open is not None and not self._held and frame.start < self._decided:
             return [self._send(self._open, frame)]
         self._held.append(frame)
         return []
 
-    def boundary(self, event: EndpointEvent, decided: int) -> list[GateEvent]:
-        """An endpoint event; ``decided`` is how far VAD has looked (samples)."""
+    def boundary(self, event: EndpointEvent, decided: int, horizon: int | None = None
+                 ) -> list[GateEvent]:
+        """An endpoint event; ``decided`` is how far VAD has looked (samples), and
+        ``horizon`` where pre-roll must reach back from (``Endpointer.horizon``)."""
+        self._decided = max(self._decided, decided)
         out: list[GateEvent] = []
         if isinstance(event, UtteranceStarted):
             self._open = event.index
             out.append(event)
-            while self._held:
-                f = self._held.popleft()
-                if f.end > event.start and f.end > self._sent_until:
-                    out.append(self._send(event.index, f))
-                else:
-                    self.frames_dropped += 1
+            while self._held and (self._held[0].end <= event.start
+                                  or self._held[0].end <= self._sent_until):
+                self._held.popleft()
+                self.frames_dropped += 1
+            out += self._release(self._decided)
         else:
+            out += self._release(event.end)
             self._open = None
             out.append(event)
-        self._trim(decided)
+        self._trim(self._decided if horizon is None else horizon)
         return out
 
-    def trim(self, decided: int) -> None:
-        """VAD has looked up to ``decided``: drop held frames older than the pre-roll."""
-        self._trim(decided)
+    def trim(self, decided: int, horizon: int | None = None) -> list[GateEvent]:
+        """VAD has looked up to ``decided``: send the open utterance's frames up to
+        there, and drop held frames older than the pre-roll before ``horizon``."""
+        self._decided = max(self._decided, decided)
+        out = self._release(self._decided)
+        self._trim(self._decided if horizon is None else horizon)
+        return out
 
-    def _trim(self, decided: int) -> None:
-        while self._held and self._held[0].end <= decided - self._preroll:
+    def _release(self, until: int) -> list[GateEvent]:
+        out: list[GateEvent] = []
+        while self._open is not None and self._held and self._held[0].start < until:
+            f = self._held.popleft()
+            if f.end > self._sent_until:
+                out.append(self._send(self._open, f))
+            else:
+                self.frames_dropped += 1
+        return out
+
+    def _trim(self, horizon: int) -> None:
+        while self._held and self._held[0].end <= horizon - self._preroll:
             self._held.popleft()
             self.frames_dropped += 1
 

@@ -15,6 +15,7 @@ tick. The Trio shell calls ``run`` from a worker thread once per tick.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,16 @@ class VadWindow:
 
 
 class VadStream:
-    """One session's VAD state: pending samples, context and recurrent state."""
+    """One session's VAD state: pending samples, context and recurrent state.
+
+    ``feed`` (the session, on the event loop) and ``take_window`` (the batcher, in a
+    worker thread) may run at the same time; a lock keeps the pending buffer whole.
+    Without it a feed that lands between the batcher's read and write of the buffer is
+    lost, and the session's decisions drift from its audio.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._pending = np.zeros(0, dtype=np.float32)
         self._context = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
         self.state = np.zeros(STATE_SHAPE, dtype=np.float32)
@@ -106,7 +114,8 @@ class VadStream:
     def feed(self, samples: npt.NDArray[np.int16]) -> None:
         """Queue int16 samples; they are evaluated at the next ``VadBatcher.run``."""
         f = samples.astype(np.float32) * np.float32(1.0 / 32768.0)
-        self._pending = np.concatenate((self._pending, f))
+        with self._lock:
+            self._pending = np.concatenate((self._pending, f))
 
     @property
     def ready(self) -> int:
@@ -115,8 +124,9 @@ class VadStream:
 
     def take_window(self) -> npt.NDArray[np.float32]:
         """The next window with its context (576 samples); advances the context."""
-        new = self._pending[:WINDOW_SAMPLES]
-        self._pending = self._pending[WINDOW_SAMPLES:]
+        with self._lock:
+            new = self._pending[:WINDOW_SAMPLES]
+            self._pending = self._pending[WINDOW_SAMPLES:]
         window = np.concatenate((self._context, new))
         self._context = new[-CONTEXT_SAMPLES:].copy()
         return window

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stages.endpoint import (
     EndpointConfig,
@@ -13,7 +15,7 @@ from stages.endpoint import (
     UtteranceEnded,
     UtteranceStarted,
 )
-from stages.reframe import Reframer
+from stages.reframe import PcmFrame, Reframer
 from stages.vad import WINDOW_SAMPLES, VadBatcher, VadModel, VadStream, VadWindow
 from tests import speech
 
@@ -159,3 +161,50 @@ def test_batched_vad_equals_per_session_vad(vad_model: VadModel) -> None:
     for a, b in zip(solo, together, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert batcher.calls == max(len(c) // W for c in clips)
+
+
+@settings(max_examples=150, deadline=None)
+@given(probs=st.lists(st.sampled_from([0.05, 0.3, 0.95]), min_size=5, max_size=120),
+       lag=st.integers(0, 40), batch=st.integers(1, 12))
+def test_gate_sends_each_utterance_exactly_its_frames_however_far_audio_runs_ahead(
+        probs: list[float], lag: int, batch: int) -> None:
+    """Frames may arrive up to ``lag`` frames ahead of VAD, whose decisions come in
+    batches: each utterance still gets the frames overlapping [start, end) and only those,
+    once each, in order, which is what it gets when audio and VAD move in lockstep."""
+
+    def gate_run(lag: int, batch: int) -> dict[int, list[int]]:
+        ep = Endpointer(EndpointConfig(min_speech_ms=64, endpoint_silence_ms=96,
+                                       preroll_ms=60, tail_ms=40))
+        gate = SpeechGate(preroll_ms=60)
+        n_samples = len(probs) * 512
+        frames = [PcmFrame(s, np.zeros(320, dtype=np.int16))
+                  for s in range(0, n_samples - 319, 320)]
+        windows = [VadWindow((i + 1) * 512, p) for i, p in enumerate(probs)]
+        out: list[object] = []
+        fi = 0
+        for wi in range(0, len(windows), batch):
+            chunk = windows[wi:wi + batch]
+            # frames up to `lag` frames past what this batch of VAD will have seen
+            while fi < len(frames) and frames[fi].start < chunk[-1].end + lag * 320:
+                out += gate.frame(frames[fi])
+                fi += 1
+            for w in chunk:
+                for e in ep.feed(w):
+                    out += gate.boundary(e, ep.sendable, ep.horizon)
+            out += gate.trim(ep.sendable, ep.horizon)
+        for e in ep.force("flush"):
+            out += gate.boundary(e, ep.sendable, ep.horizon)
+        sent: dict[int, list[int]] = {}
+        bounds: dict[int, tuple[int, int]] = {}
+        for e in out:
+            if isinstance(e, SendFrame):
+                sent.setdefault(e.utterance, []).append(e.frame.start)
+            elif isinstance(e, UtteranceEnded):
+                bounds[e.index] = (e.start, e.end)
+        for u, starts in sent.items():
+            assert starts == sorted(set(starts))
+            lo, hi = bounds[u]
+            assert all(s < hi and s + 320 > lo for s in starts)
+        return sent
+
+    assert gate_run(lag, batch) == gate_run(0, 1)
