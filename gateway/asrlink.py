@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import ssl
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -143,17 +145,68 @@ class AsrPools:
         finally:
             ep.connecting -= 1
 
-    async def open(self, pool: str, start: link.Start, *, codec: str, bitrate: int
-                   ) -> AsrStream:
+    async def open(self, pool: str, start: link.Start, *, codec: str, bitrate: int,
+                   encoder: OpusEncoder | None = None) -> AsrStream:
         """Open a recognition stream on ``pool`` and send its ``Start``.
+
+        ``encoder`` continues another stream's Opus encoder (a session moving to another
+        pool), so the packets the new stream gets after a replay follow on smoothly.
 
         Raises:
             AsrBusy: every endpoint tried answered 503.
             AsrUnavailable: no endpoint could be reached.
         """
-        stream = AsrStream(self, pool, start, codec=codec, bitrate=bitrate)
-        await stream._open()
+        stream = AsrStream(self, pool, start, codec=codec, bitrate=bitrate, encoder=encoder)
+        try:
+            await stream._open()
+        except BaseException:
+            if encoder is None:
+                stream.close_encoder()
+            raise
         return stream
+
+    async def lid(self, pool: str, pcm: bytes, *, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Ask ``pool``'s ``/v1/lid`` about PCM16 speech; returns its JSON answer.
+
+        Raises:
+            AsrBusy: the endpoints answered 503.
+            AsrUnavailable: no endpoint answered, or one answered with an error.
+        """
+        eps = self._pools.get(pool)
+        if not eps:
+            raise AsrUnavailable(f"no ASR pool named {pool!r}")
+        first = next(self._rr[pool])
+        errors = []
+        busy: AsrBusy | None = None
+        for attempt in range(max(OPEN_ATTEMPTS, len(eps))):
+            ep = eps[(first + attempt) % len(eps)]
+            try:
+                with trio.fail_after(timeout_s):
+                    conn = await self._connection(ep)
+                    h2s = await conn.open_stream("POST", "/v1/lid", [
+                        ("content-type", "application/octet-stream"),
+                        ("content-length", str(len(pcm)))])
+                    await h2s.send(pcm)
+                    await h2s.end()
+                    status = await h2s.response()
+                    body = bytearray()
+                    while (chunk := await h2s.receive()) is not None:
+                        body += chunk
+            except (H2ClientError, trio.TooSlowError, OSError) as exc:
+                errors.append(f"{ep.host}:{ep.port}: {exc or type(exc).__name__}")
+                continue
+            if status == 200:
+                answer: dict[str, Any] = json.loads(body)
+                return answer
+            if status == 503:
+                retry = float(h2s.headers.get("retry-after", "1") or 1)
+                busy = AsrBusy(f"{ep.host}:{ep.port} answered 503", retry)
+                continue
+            raise AsrUnavailable(f"{ep.host}:{ep.port} /v1/lid answered {status}: "
+                                 f"{bytes(body[:200]).decode(errors='replace')}")
+        if busy is not None:
+            raise busy
+        raise AsrUnavailable("; ".join(errors) or "no endpoint")
 
     async def _open_raw(self, pool: str, start: link.Start, exclude: set[int]
                         ) -> tuple[H2Connection, H2Stream]:
@@ -196,13 +249,13 @@ class AsrStream:
     """One session's recognition stream. Use one task to send and one to read events."""
 
     def __init__(self, pools: AsrPools, pool: str, start: link.Start, *, codec: str,
-                 bitrate: int) -> None:
+                 bitrate: int, encoder: OpusEncoder | None = None) -> None:
         self.pools = pools
         self.pool = pool
         self.start = start
         self.codec = codec
-        self._encoder: OpusEncoder | None = None
-        if codec == "opus":
+        self._encoder: OpusEncoder | None = encoder
+        if codec == "opus" and encoder is None:
             self._encoder = OpusEncoder(16000, 1, "voip", bitrate=bitrate, vbr=True,
                                         complexity=5)
         self._seq = 0
@@ -239,10 +292,35 @@ class AsrStream:
                 return link.Audio(seq, pts_ms, pcm.astype("<i2").tobytes(), pcm=True)
         return link.Audio(seq, pts_ms, pcm.astype("<i2").tobytes())
 
-    async def send_audio(self, frames: list[tuple[np.ndarray, int]]) -> None:
-        """Send 20 ms int16 frames ``(pcm, pts_ms)``, all in one DATA frame."""
+    async def send_audio(self, frames: list[tuple[np.ndarray, int]]) -> list[link.Audio]:
+        """Send 20 ms int16 frames ``(pcm, pts_ms)``, all in one DATA frame; return the
+        packets sent (a session keeps them to replay an utterance on another pool)."""
+        packets = [self._encode(pcm, pts) for pcm, pts in frames]
+        if packets:
+            await self._send(list[link.Frame](packets))
+        return packets
+
+    async def replay(self, packets: list[link.Audio], *, finalize: bool) -> None:
+        """Send packets another stream encoded (renumbered for this stream), then
+        ``Finalize`` if the utterance they hold has ended."""
+        frames: list[link.Frame] = []
+        for p in packets:
+            frames.append(link.Audio(self._seq, p.pts_ms, p.data, pcm=p.pcm))
+            self._seq += 1
+        if finalize:
+            frames.append(link.Finalize())
         if frames:
-            await self._send([self._encode(pcm, pts) for pcm, pts in frames])
+            await self._send(frames)
+
+    def take_encoder(self) -> OpusEncoder | None:
+        """Hand the Opus encoder to the stream that replaces this one."""
+        encoder, self._encoder = self._encoder, None
+        return encoder
+
+    def close_encoder(self) -> None:
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
 
     async def finalize(self) -> None:
         await self._send([link.Finalize()])
@@ -326,9 +404,8 @@ class AsrStream:
                     return
 
     async def aclose(self) -> None:
-        """Abort the stream (e.g. the session was cancelled)."""
-        if self._encoder is not None:
-            self._encoder.close()
+        """Abort the stream (e.g. the session was cancelled, or moved to another pool)."""
+        self.close_encoder()
         if not self.ended:
             self.ended = True
             with contextlib.suppress(H2ClientError):

@@ -25,8 +25,13 @@ class GatewayMetrics:
         self.errors = Counter("client_errors", "error events sent", ["code"], registry=r)
         self.pcm_to_opus_fail = Counter("pcm_to_opus_fail", "frames sent as PCM because "
                                         "Opus encoding failed", registry=r)
-        # One batched VAD tick covers every session's pending windows. dn_latency_ms and
-        # lid_latency_ms join when the denoise and language-ID stages are wired in.
+        # One batched VAD tick covers every session's pending windows.
+        self.dn_latency = Histogram("dn_latency_ms", "denoise of one 20 ms frame, ms",
+                                    buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.lid_latency = Histogram(
+            "lid_latency_ms", "one language-ID request to the ASR service, ms",
+            buckets=(25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, math.inf),
+            registry=r)
         self.vad_latency = Histogram("vad_latency_ms", "one batched VAD tick, ms",
                                      buckets=LATENCY_BUCKETS_MS, registry=r)
         self.compress_latency = Histogram("compress_latency_ms",

@@ -240,9 +240,15 @@ class EventWriter:
     def ack(self, *, session: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         return self._event("ack", protocol=PROTOCOL_VERSION, session=session, limits=limits)
 
-    def lid(self, lang: str, score: float, *, top: list[tuple[str, float]] | None = None
-            ) -> dict[str, Any]:
-        extra = {"top": [{"lang": la, "score": round(s, 4)} for la, s in top]} if top else {}
+    def lid(self, lang: str, score: float, *, top: list[tuple[str, float]] | None = None,
+            speech_ms: int | None = None, pool: str | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if top:
+            extra["top"] = [{"lang": la, "score": round(s, 4)} for la, s in top]
+        if speech_ms is not None:
+            extra["speech_ms"] = speech_ms
+        if pool is not None:
+            extra["pool"] = pool
         return self._event("lid", lang=lang, score=round(score, 4), **extra)
 
     def transcript(self, final: bool, *, utterance: int, text: str, start_ms: int,

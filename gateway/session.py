@@ -26,7 +26,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from asr import link
+from native.errors import RNNoiseUnavailableError
 from stages.archive import CONTENT_TYPE, ArchiveEncoder
+from stages.denoise import DenoiseStage
 from stages.endpoint import (
     EndpointConfig,
     Endpointer,
@@ -35,6 +37,7 @@ from stages.endpoint import (
     UtteranceEnded,
     UtteranceStarted,
 )
+from stages.lid import LidDecision, LidPlanner, LidRequest
 from stages.reframe import IngestError, PcmFrame, Reframer, SeqBuffer
 from stages.vad import VadWindow
 
@@ -64,6 +67,8 @@ FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
 HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
 LOW_WATER_S = 1.0
 SAMPLE_RATE = 16000
+LID_HOLD_S = 2.0  # an utterance's final waits at most this long for a pending LID answer
+LID_ROUTE_MIN_SCORE = 0.5  # a decision less sure than this is reported but not routed on
 
 
 @dataclass
@@ -87,6 +92,10 @@ class _Utt:
     start_sample: int
     end_sample: int | None = None
     ended_at: float | None = None
+    # The packets sent for it, kept while the session may still move to another pool.
+    packets: list[link.Audio] = field(default_factory=list)
+    replayed: bool = False
+    partial_end_ms: int = -1  # end_ms of the last partial sent for it
 
 
 class _Closed(Exception):
@@ -139,6 +148,16 @@ class Session:
                                       "compress_ms": 0.0, "pcm_to_opus_fail": 0,
                                       "link_bytes": 0}
         self._lang = ""
+        self.denoise: DenoiseStage | None = None
+        self.lid: LidPlanner | None = None
+        self._lid_route = False  # LID may move recognition (user_lang_pref is auto)
+        self._lid_decided = trio.Event()
+        self._lid_settled = False  # no move can come any more: stop keeping packets
+        self._lid_in, self._lid_out = trio.open_memory_channel[LidRequest](8)
+        self._route_lang = ""  # lang_hint of the recognition stream
+        self._route_pool = "default"
+        self.stats["denoise_ms"] = 0.0
+        self.stats["lid_ms"] = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -155,6 +174,8 @@ class Session:
                 self.ctx.drained.set()
             self.ctx.metrics.active_sessions.dec()
             self.ctx.vad.unregister(self._vad_client)
+            if self.denoise is not None:
+                self.denoise.close()
             if self._stream is not None:
                 with trio.CancelScope(shield=True):
                     await self._stream.aclose()
@@ -166,10 +187,13 @@ class Session:
         self.start = start
         if not await self._admit():
             return
+        self._setup_stages()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             self._ack()
             nursery.start_soon(self._pipeline)
+            if self.lid is not None:
+                nursery.start_soon(self._lid_task, nursery)
             nursery.start_soon(self._asr_sender, nursery)
             nursery.start_soon(self._vad_results)
             if self.cfg.enable_compress and self.ctx.store is not None:
@@ -246,6 +270,24 @@ class Session:
             self.seqbuf = SeqBuffer()
         return True
 
+    def _setup_stages(self) -> None:
+        """Denoise, language ID and the starting route, from the config and ``start``."""
+        assert self.start is not None
+        if self.cfg.enable_denoise:
+            try:
+                self.denoise = DenoiseStage()
+            except RNNoiseUnavailableError as exc:
+                log.warning("denoise is off: %s", exc)
+        pref = self.start.hints.user_lang_pref
+        auto = pref in ("", "auto")
+        self._route_lang = self.cfg.asr_default_lang if auto else pref
+        self._route_pool = self.cfg.route(self._route_lang)
+        self._lid_route = auto and "asr" in self._returns()
+        if self._lid_route or "lid" in self._returns():
+            self.lid = LidPlanner(self.cfg.lid_first_n_s, self.cfg.lid_min_score)
+        else:
+            self._lid_decided.set()
+
     def _ack(self) -> None:
         assert self.start is not None
         c = self.cfg
@@ -257,7 +299,9 @@ class Session:
                 "partial_interval_ms": c.partial_interval_ms,
                 "endpoint_silence_ms": c.endpoint_silence_ms,
                 "flush_idle_ms": int(c.flush_idle_s * 1000),
-                "denoise": False, "record": c.enable_compress and self.ctx.store is not None,
+                "denoise": self.denoise is not None,
+                "lid": self.lid is not None, "asr_pool": self._route_pool,
+                "record": c.enable_compress and self.ctx.store is not None,
                 "lang_pref": self.start.hints.user_lang_pref,
                 "flowId_generated": self.start.flow_id_generated,
             },
@@ -382,13 +426,15 @@ class Session:
             kind = item[0]
             if kind == "frame":
                 for ev in self.gate.frame(item[1]):
-                    await self._asr_in.send(ev)
+                    await self._gate_out(ev)
             elif kind == "vad":
                 for w in item[1]:
                     for ep in self.endpointer.feed(w):
-                        for ev in self.gate.boundary(ep, self.endpointer.position):
-                            await self._asr_in.send(ev)
-                self.gate.trim(self.endpointer.position)
+                        for ev in self.gate.boundary(ep, self.endpointer.sendable,
+                                                     self.endpointer.horizon):
+                            await self._gate_out(ev)
+                for ev in self.gate.trim(self.endpointer.sendable, self.endpointer.horizon):
+                    await self._gate_out(ev)
                 self._check_resume()
             elif kind == "finalize":
                 await self._force("client")
@@ -396,6 +442,8 @@ class Session:
                 flushing = True
             if flushing and self._vad_caught_up():
                 await self._force("flush")
+                if self.lid is not None:
+                    self._lid_next(self.lid.finish())
                 await self._asr_in.send(("end",))
                 self._drained.set()
                 return
@@ -406,8 +454,96 @@ class Session:
 
     async def _force(self, reason: str) -> None:
         for ep in self.endpointer.force(reason):
-            for ev in self.gate.boundary(ep, self.endpointer.position):
-                await self._asr_in.send(ev)
+            for ev in self.gate.boundary(ep, self.endpointer.sendable,
+                                         self.endpointer.horizon):
+                await self._gate_out(ev)
+
+    async def _gate_out(self, ev: Any) -> None:
+        """Speech from the gate: through denoise (delay-compensated, so frames keep their
+        session time) and language ID, to the ASR sender."""
+        if isinstance(ev, SendFrame):
+            frames = [ev.frame] if self.denoise is None else self._denoise(ev.frame)
+            for f in frames:
+                await self._speech_out(SendFrame(ev.utterance, f))
+            return
+        if isinstance(ev, UtteranceEnded):
+            if self.denoise is not None:
+                for f in self.denoise.flush():
+                    await self._speech_out(SendFrame(ev.index, f))
+            if self.lid is not None:
+                self._lid_next(self.lid.pause())
+        await self._asr_in.send(ev)
+
+    def _denoise(self, frame: PcmFrame) -> list[PcmFrame]:
+        assert self.denoise is not None
+        t0 = time.perf_counter()
+        out = self.denoise.feed(frame)
+        ms = (time.perf_counter() - t0) * 1000
+        self.stats["denoise_ms"] += ms
+        self.ctx.metrics.dn_latency.observe(ms)
+        return out
+
+    async def _speech_out(self, ev: SendFrame) -> None:
+        if self.lid is not None:
+            self._lid_next(self.lid.speech(ev.frame.samples))
+        await self._asr_in.send(ev)
+
+    # -- language ID ----------------------------------------------------------------
+
+    def _lid_next(self, step: LidRequest | LidDecision | None) -> None:
+        if isinstance(step, LidRequest):
+            try:
+                self._lid_in.send_nowait(step)
+            except (trio.WouldBlock, trio.ClosedResourceError):  # pragma: no cover
+                log.warning("%s: language ID request dropped", self.flow_id)
+        elif isinstance(step, LidDecision):
+            self._lid_decision(step)
+
+    async def _lid_task(self, nursery: trio.Nursery) -> None:
+        """Send the planner's requests to ``/v1/lid`` (one at a time) and feed back the
+        answers; runs beside recognition, which goes on on the starting pool meanwhile."""
+        assert self.lid is not None
+        lid_pool = self.cfg.route("*")
+        async for req in self._lid_out:
+            t0 = time.perf_counter()
+            try:
+                answer = await self.ctx.pools.lid(lid_pool, req.pcm.astype("<i2").tobytes())
+            except AsrUnavailable as exc:
+                log.warning("%s: language ID failed: %s", self.flow_id, exc)
+                self._lid_next(self.lid.error())
+                if self.lid.failed:
+                    self._lid_settled = True
+                    self._lid_decided.set()
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            self.stats["lid_ms"] += ms
+            self.ctx.metrics.lid_latency.observe(ms)
+            top = [(t["lang"], float(t["score"])) for t in answer.get("top", [])]
+            self._lid_next(self.lid.answer(str(answer["lang"]), float(answer["score"]), top))
+
+    def _lid_decision(self, d: LidDecision) -> None:
+        self._lang = d.lang
+        routed = self._lid_route and d.score >= LID_ROUTE_MIN_SCORE
+        pool = self.cfg.route(d.lang) if routed else self._route_pool
+        log.info("language %s (%.2f) on %d ms of speech; recognition on pool %s", d.lang,
+                 d.score, d.speech_ms, pool, extra=fields(
+                     flowId=self.flow_id, stage="lid", lang=d.lang))
+        if "lid" in self._returns():
+            self._emit(self.ew.lid(d.lang, d.score, top=list(d.top[:3]),
+                                   speech_ms=d.speech_ms, pool=pool))
+        if routed:
+            # The move happens in the sender, after the frames queued before it; until
+            # then their packets are still kept for the replay.
+            try:
+                self._asr_in.send_nowait(("route", d.lang))
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                self._lid_settled = True
+        else:
+            self._lid_settled = True
+        self._lid_decided.set()
+
+    def _may_move(self) -> bool:
+        return self._lid_route and not self._lid_settled
 
     # -- the ASR link ---------------------------------------------------------------
 
@@ -458,26 +594,79 @@ class Session:
                 self._open_utt.ended_at = time.perf_counter()
             self._open_utt = None
             self.stats["speech_samples"] += item.end - item.start
+            if self._may_move() and self._stream is not None and not self._skip_utterance:
+                # A final now would be in the assumed language; a LID answer is due soon.
+                with trio.move_on_after(LID_HOLD_S):
+                    await self._lid_decided.wait()
+                if self._lang and self._lid_route:
+                    await self._move(self._lang, nursery)
             if self._stream is not None and not self._skip_utterance:
                 await self._guard(self._stream.finalize())
+        elif isinstance(item, tuple) and item[0] == "route":
+            await self._move(item[1], nursery)
+            self._lid_settled = True
+            for utt in self._utts:
+                utt.packets.clear()
         elif item == ("end",):
             if self._stream is not None:
                 await self._guard(self._stream.end())
             else:
                 self._asr_done.set()
 
-    async def _open_stream(self, nursery: trio.Nursery) -> None:
+    def _link_start(self) -> link.Start:
         assert self.start is not None
         hints = self.start.hints
-        lang = "" if hints.user_lang_pref in ("", "auto") else hints.user_lang_pref
-        start = link.Start(
+        return link.Start(
             flow_id=self.flow_id, codec=self.cfg.asr_link_codec,
-            bitrate=self.cfg.asr_link_bitrate, lang_hint=lang,
+            bitrate=self.cfg.asr_link_bitrate, lang_hint=self._route_lang,
             domain=hints.domain or "default", hotwords=hints.hotwords,
         )
+
+    async def _move(self, lang: str, nursery: trio.Nursery) -> None:
+        """Recognize ``lang`` from now on: if that is another pool (or another language
+        hint), open a stream there, replay the utterances still waiting for their final
+        (their buffered Opus, then ``Finalize`` for those that ended), and drop the old
+        stream, whose events are ignored from here on. Finals already sent stand; none is
+        sent twice, because an utterance is replayed only while its final is missing."""
+        pool = self.cfg.route(lang)
+        if (pool, lang) == (self._route_pool, self._route_lang):
+            return
+        old_pool, old_lang = self._route_pool, self._route_lang
+        self._route_pool, self._route_lang = pool, lang
+        old = self._stream
+        if old is None:
+            return  # the next utterance opens on the new route
+        t0 = time.perf_counter()
+        try:
+            new = await self.ctx.pools.open(
+                pool, self._link_start(), codec=self.cfg.asr_link_codec,
+                bitrate=self.cfg.asr_link_bitrate, encoder=old._encoder)
+        except AsrUnavailable as exc:
+            self._route_pool, self._route_lang = old_pool, old_lang
+            self._error(ErrorCode.ASR_UNAVAILABLE, f"could not move recognition to pool "
+                        f"{pool!r} for {lang!r}, staying on {old_pool!r}: {exc}", False)
+            return
+        old.take_encoder()
+        self._stream = new
+        self._asr_done = trio.Event()
+        nursery.start_soon(self._asr_receiver, new)
+        replayed = 0
+        for utt in self._utts:
+            utt.replayed = True
+            replayed += len(utt.packets)
+            await self._guard(new.replay(utt.packets, finalize=utt.end_sample is not None))
+        with trio.CancelScope(shield=True):
+            await old.aclose()
+        log.info("recognition moved from pool %s to %s (%s), %d packets of %d utterances "
+                 "replayed in %.0f ms", old_pool, pool, lang, replayed, len(self._utts),
+                 (time.perf_counter() - t0) * 1000, extra=fields(
+                     flowId=self.flow_id, stage="lid", lang=lang))
+
+    async def _open_stream(self, nursery: trio.Nursery) -> None:
+        start = self._link_start()
         try:
             self._stream = await self.ctx.pools.open(
-                "default", start, codec=self.cfg.asr_link_codec,
+                self._route_pool, start, codec=self.cfg.asr_link_codec,
                 bitrate=self.cfg.asr_link_bitrate)
         except AsrBusy as exc:
             self._skip_utterance = True
@@ -501,20 +690,23 @@ class Session:
             self._first_speech_sent = time.perf_counter()
         before = self._stream.opus_failures
         sent_before = self.ctx.pools.counters.bytes_sent
-        await self._guard(self._stream.send_audio(
+        packets = await self._guard(self._stream.send_audio(
             [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch]))
+        if packets and self._may_move() and self._open_utt is not None:
+            self._open_utt.packets.extend(packets)
         self.stats["link_bytes"] += self.ctx.pools.counters.bytes_sent - sent_before
         if self._stream is not None and self._stream.opus_failures > before:
             failed = self._stream.opus_failures - before
             self.stats["pcm_to_opus_fail"] += failed
             self.ctx.metrics.pcm_to_opus_fail.inc(failed)
 
-    async def _guard(self, op: Any) -> None:
+    async def _guard(self, op: Any) -> Any:
         """Run a send on the ASR stream; a failure becomes an error event, not a crash."""
         try:
-            await op
+            return await op
         except (AsrUnavailable, H2ClientError) as exc:
             self._lost_stream(f"the recognition stream failed: {exc}")
+            return None
 
     def _lost_stream(self, message: str) -> None:
         if self._stream is None:
@@ -558,6 +750,12 @@ class Session:
             return
         utt = self._utts[0]
         final = ev.type == "final"
+        if not final and utt.replayed and ev.ts[1] < utt.partial_end_ms:
+            # Moved to another pool: its partials start again from the utterance's onset;
+            # hold them until they reach past what the client has seen.
+            return
+        if not final:
+            utt.partial_end_ms = max(utt.partial_end_ms, ev.ts[1])
         if final:
             self._utts.popleft()
             if utt.ended_at is not None:
@@ -656,7 +854,11 @@ class Session:
             "pcm_to_opus_fail": self.stats["pcm_to_opus_fail"],
             "first_partial_ms": None if self.first_partial_ms is None
             else round(self.first_partial_ms),
-            "stage_ms": {"compress": round(self.stats["compress_ms"], 2)},
+            "stage_ms": {"compress": round(self.stats["compress_ms"], 2),
+                         "denoise": round(self.stats["denoise_ms"], 2),
+                         "lid": round(self.stats["lid_ms"], 2)},
+            "asr_pool": self._route_pool,
+            **({"lang": self._lang} if self._lang else {}),
         }
 
     # -- events out -----------------------------------------------------------------

@@ -17,9 +17,13 @@ from asr.server import AsrApp, AsrServerConfig, serve
 class StandInEngine:
     """Answers with the duration it heard, so tests can check what audio arrived."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, *, lid: tuple[str, float] = ("en", 0.9),
+                 lid_delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
+        self.lid = lid  # what /v1/lid answers
+        self.lid_delay_s = lid_delay_s
         self.batches: list[tuple[str, int]] = []
+        self.lid_requests: list[int] = []  # samples per language-ID request
 
     def pools(self) -> dict[str, tuple[str, ...]]:
         return {"en": ("en",), "multi": ("*",)}
@@ -38,7 +42,10 @@ class StandInEngine:
         out: list[Recognition | LidResult] = []
         for j in jobs:
             if j.kind == "lid":
-                out.append(LidResult("en", 0.9, (("en", 0.9), ("de", 0.05))))
+                time.sleep(self.lid_delay_s)
+                self.lid_requests.append(len(j.audio))
+                lang, score = self.lid
+                out.append(LidResult(lang, score, ((lang, score), ("nl", 1 - score))))
             else:
                 rms = float(np.sqrt(np.mean(j.audio ** 2))) if len(j.audio) else 0.0
                 out.append(Recognition(f"{len(j.audio) / 16000:.2f}s rms={rms:.3f}",
