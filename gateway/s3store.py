@@ -250,7 +250,7 @@ class S3Store:
                 return None
             raise S3StoreError(f"s3://{self.bucket}/{obj}: {exc}") from exc
         except (botocore.exceptions.BotoCoreError, trio.TooSlowError) as exc:
-            raise S3StoreError(f"s3://{self.bucket}/{obj}: {exc or 'timed out'}") from exc
+            raise S3StoreError(f"s3://{self.bucket}/{obj}: {str(exc) or 'timed out'}") from exc
         op = "head_object" if method == "HEAD" else "get_object"
         url: str = await self.call(
             self._client.generate_presigned_url, op,
@@ -357,7 +357,7 @@ class S3Writer:
             except (trio.TooSlowError, S3StoreError) as exc:
                 self._next_try = self._size + part
                 log.warning("s3 upload of %s is behind (%s); will try again", self._obj,
-                            exc or "deadline passed")
+                            str(exc) or "deadline passed")
 
     async def commit(self) -> StoredRecord:
         """Send what is left and make the object visible.

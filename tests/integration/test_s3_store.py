@@ -365,6 +365,27 @@ async def test_killed_connections_mid_part_are_retried(
     assert pending_uploads(client, bucket) == []
 
 
+async def test_a_part_that_fails_mid_session_is_sent_later(
+        nursery: trio.Nursery, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    client = moto.client()
+    proxy = ChaosProxy(moto.port)
+    await proxy.start(nursery)
+    store = make_store(proxy.url, bucket, tmp_path, retry_deadline_s=0.5)
+    data = payload(4 * PART + 99)
+    writer = await store.open("later")
+    await write_all(writer, data[:PART + 1])
+    assert store.statistics().parts == 1
+    proxy.set_down()
+    with trio.fail_after(5):  # each part gives up after its deadline; no error
+        await write_all(writer, data[PART + 1:3 * PART + 1])
+    assert store.statistics().parts == 1 and store.statistics().failures == 0
+    proxy.down = False
+    await write_all(writer, data[3 * PART + 1:])
+    await writer.commit()
+    assert object_bytes(client, bucket, "records/later.ogg") == data
+    assert store.statistics().parts == 5 and pending_uploads(client, bucket) == []
+
+
 async def test_an_upload_that_is_gone_starts_over_from_the_spool(
         moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client = moto.client()
