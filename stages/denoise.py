@@ -8,7 +8,8 @@ frame it returns with ``start=s`` holds the denoised version of input samples
 :data:`HOLD_FRAMES` frames (40 ms) while an utterance runs and releases each one as
 later input arrives; :meth:`DenoiseStage.flush` at the end of an utterance pushes the
 held tail out by feeding silence, so an utterance leaves with exactly the frames that
-went in, with the same starts.
+went in, with the same starts. A hole in an utterance's frames is handled the same
+way: the frames before it leave as at an utterance's end, and a new run starts.
 
 One RNNoise state serves the whole session, so its picture of the noise carries over
 from one utterance to the next. Audio does not: the silence fed by ``flush`` fills the
@@ -56,6 +57,8 @@ class DenoiseStats:
         frames_processed: native calls, including the silence ``flush`` feeds.
         held_frames: frames taken in and not yet returned.
         utterances: flushes that released at least one frame.
+        discontinuities: frames that did not start where the previous one ended, within
+            an utterance (each started a new run).
         wall_s: wall time spent in the native call, in seconds.
         cpu_s: CPU time of the calling thread spent in the native call, in seconds.
         last_frame_ms: wall time of the latest native call, in ms (0 before the first).
@@ -67,6 +70,7 @@ class DenoiseStats:
     frames_processed: int
     held_frames: int
     utterances: int
+    discontinuities: int
     wall_s: float
     cpu_s: float
     last_frame_ms: float
@@ -82,8 +86,8 @@ class DenoiseStats:
 class DenoiseStage:
     """One session's denoiser: 20 ms frames of an utterance in, aligned denoised frames out.
 
-    Feed the frames of an utterance in order (each starting where the previous one
-    ended), then call :meth:`flush`. The next utterance may start anywhere.
+    Feed the frames of an utterance in order, then call :meth:`flush`. The next
+    utterance may start anywhere.
 
     Args:
         clock: wall clock for the latency counters (seconds).
@@ -116,6 +120,7 @@ class DenoiseStage:
         self._frames_out = 0
         self._processed = 0
         self._utterances = 0
+        self._discontinuities = 0
         self._wall_s = 0.0
         self._cpu_s = 0.0
         self._last_ms = 0.0
@@ -123,17 +128,21 @@ class DenoiseStage:
     def feed(self, frame: PcmFrame) -> list[PcmFrame]:
         """Take one frame of the current utterance; return the frames now ready.
 
+        A frame that does not start where the previous one ended (audio missing within
+        the utterance) is taken as the start of a new run: the frames held are pushed
+        out first, as by :meth:`flush`, and counted in ``discontinuities``. Every frame
+        still comes out once, aligned, with its own start.
+
         Args:
             frame: 320 int16 samples; the first frame of an utterance may start
-                anywhere, each later one where the previous ended.
+                anywhere.
 
         Returns:
             Denoised frames, oldest first, each with the ``start`` of the input frame
             it comes from. Empty for the first :data:`HOLD_FRAMES` frames of an utterance.
 
         Raises:
-            ValueError: wrong length or dtype, or the frame does not start where the
-                previous one ended (a missing ``flush`` between utterances).
+            ValueError: wrong length or dtype; nothing is taken in.
             NativeClosedError: the stage is closed.
         """
         samples = frame.samples
@@ -142,18 +151,19 @@ class DenoiseStage:
                 f"DenoiseStage.feed: expected {FRAME_SAMPLES} int16 samples, got "
                 f"{samples.dtype} of shape {samples.shape}"
             )
+        out: list[PcmFrame] = []
+        if self._next is not None and frame.start != self._next:
+            # A hole in the audio (or an overlap): RNNoise must not join the two sides,
+            # so the run ends here as at an utterance's end, and a new one starts.
+            self._discontinuities += 1
+            out = self._end_run()
         if self._next is None:
             self._skip = DELAY_SAMPLES
-        elif frame.start != self._next:
-            raise ValueError(
-                f"DenoiseStage.feed: frame starts at {frame.start}, the utterance's last "
-                f"frame ended at {self._next}; call flush() between utterances"
-            )
         self._run(np.ascontiguousarray(samples))
         self._next = frame.end
         self._starts.append(frame.start)
         self._frames_in += 1
-        return self._release()
+        return out + self._release()
 
     def flush(self) -> list[PcmFrame]:
         """End of the utterance: return every frame still held, denoised and aligned.
@@ -164,14 +174,9 @@ class DenoiseStage:
         Raises:
             NativeClosedError: the stage is closed while frames are held.
         """
-        out: list[PcmFrame] = []
-        while self._starts:
-            self._run(_SILENCE)
-            out += self._release()
+        out = self._end_run()
         if out:
             self._utterances += 1
-        self._next = None
-        self._tail = _EMPTY  # the denoised silence past the last frame
         return out
 
     def close(self) -> None:
@@ -205,6 +210,7 @@ class DenoiseStage:
             frames_processed=self._processed,
             held_frames=len(self._starts),
             utterances=self._utterances,
+            discontinuities=self._discontinuities,
             wall_s=self._wall_s,
             cpu_s=self._cpu_s,
             last_frame_ms=self._last_ms,
@@ -225,6 +231,16 @@ class DenoiseStage:
             self._skip -= drop
             y = y[drop:]
         self._tail = np.concatenate((self._tail, y)) if len(self._tail) else y
+
+    def _end_run(self) -> list[PcmFrame]:
+        """Push the held frames out with silence; the next frame starts a new run."""
+        out: list[PcmFrame] = []
+        while self._starts:
+            self._run(_SILENCE)
+            out += self._release()
+        self._next = None
+        self._tail = _EMPTY  # the denoised silence past the last frame
+        return out
 
     def _release(self) -> list[PcmFrame]:
         """The held frames whose aligned samples are all in the tail."""

@@ -152,24 +152,33 @@ def test_one_frame_utterance() -> None:
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(0, 20_000), st.integers(0, 12)),  # (gap before, frames)
+        st.tuples(
+            st.integers(0, 20_000),  # samples skipped before the utterance
+            # per frame, frames skipped before it (a hole in the utterance), mostly none
+            st.lists(st.sampled_from([0, 0, 0, 0, 0, 1, 7]), max_size=12),
+        ),
         min_size=1,
         max_size=5,
     ),
     st.integers(0, 2**31),
 )
-def test_frame_starts_survive_any_split(utterances: list[tuple[int, int]], seed: int) -> None:
+def test_frame_starts_survive_any_split(
+    utterances: list[tuple[int, list[int]]], seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     pos = 0
     with DenoiseStage() as stage:
-        for gap, count in utterances:
+        for gap, skips in utterances:
             pos += gap
-            x = (rng.standard_normal(count * FRAME_SAMPLES) * 3000).astype(np.int16)
-            frames = frames_of(x, pos)
+            frames = []
+            for skip in skips:
+                pos += skip * FRAME_SAMPLES
+                x = (rng.standard_normal(FRAME_SAMPLES) * 3000).astype(np.int16)
+                frames.append(PcmFrame(pos, x))
+                pos += FRAME_SAMPLES
             out = run(stage, frames)
             assert [f.start for f in out] == [f.start for f in frames]
-            pos += count * FRAME_SAMPLES
-        total = sum(c for _, c in utterances)
+        total = sum(len(skips) for _, skips in utterances)
         s = stage.statistics()
         assert s.frames_in == s.frames_out == total and s.held_frames == 0
 
@@ -260,14 +269,24 @@ def test_non_contiguous_frames_work() -> None:
         assert len(stage.flush()) == 1
 
 
-@pytest.mark.parametrize("start", [640, 0, 330])
-def test_a_frame_out_of_place_needs_a_flush(start: int) -> None:
+@pytest.mark.parametrize("start", [2240, 0, 330])  # a hole, an overlap, off the grid
+def test_a_frame_out_of_place_starts_a_new_run(start: int) -> None:
+    x = noisy(speech.goforward(), 5, "pink", seed=5)
+    before = frames_of(x[: 2 * FRAME_SAMPLES], 0)
+    after = frames_of(x[10 * FRAME_SAMPLES : 13 * FRAME_SAMPLES], start)
     with DenoiseStage() as stage:
-        stage.feed(PcmFrame(0, np.zeros(FRAME_SAMPLES, np.int16)))
-        with pytest.raises(ValueError, match=r"ended at 320; call flush\(\)"):
-            stage.feed(PcmFrame(start, np.zeros(FRAME_SAMPLES, np.int16)))
-        assert len(stage.flush()) == 1
-        stage.feed(PcmFrame(start, np.zeros(FRAME_SAMPLES, np.int16)))  # a new utterance
+        out = [f for frame in before for f in stage.feed(frame)]
+        assert out == []
+        out += stage.feed(after[0])
+        # The held frames came out at the hole, as at an utterance's end.
+        assert [f.start for f in out] == [0, 320]
+        out += run(stage, after[1:])
+        assert stage.statistics().discontinuities == 1
+    assert [f.start for f in out] == [f.start for f in before + after]
+    with DenoiseStage() as ref:
+        expected = run(ref, before)
+    for got, want in zip(out, expected, strict=False):
+        np.testing.assert_array_equal(got.samples, want.samples)
 
 
 def test_counters_use_the_injected_clocks() -> None:
