@@ -23,6 +23,9 @@ class SchedulerBusy(Exception):
     """The scheduler is at capacity; try later."""
 
 
+_RANK = {"lid": 0, "final": 1, "partial": 2}
+
+
 @dataclass(eq=False)
 class Job:
     """One recognition request.
@@ -113,7 +116,7 @@ class Scheduler:
         """
         if len(self._queue) >= self.max_queued:
             victim = next((j for j in self._queue if j.kind == "partial"), None)
-            if job.kind == "final" and victim is not None:
+            if job.kind in ("final", "lid") and victim is not None:
                 self._drop(victim)
             else:
                 self._busy += 1
@@ -142,8 +145,9 @@ class Scheduler:
         job.done.set()
 
     def _take_batch(self) -> tuple[str, list[Job]]:
-        # Finals first (a user waits on each), oldest first within a kind.
-        self._queue.sort(key=lambda j: (j.kind != "final", j.submitted))
+        # Language ID first (a session's routing, and its first final, wait on it), then
+        # finals (a user waits on each), then partials; oldest first within a kind.
+        self._queue.sort(key=lambda j: (_RANK.get(j.kind, 2), j.submitted))
         pool = self._queue[0].pool
         batch = [j for j in self._queue if j.pool == pool][: self.max_batch]
         for j in batch:

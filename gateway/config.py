@@ -121,7 +121,7 @@ class GatewayConfig:
     lid_first_n_s: float = field(default=3.0, metadata=_key(
         "LID_FIRST_N_SECONDS", "at most this much speech is sent to language ID, s",
         _range(0.5, 30)))
-    lid_min_score: float = field(default=0.7, metadata=_key(
+    lid_min_score: float = field(default=0.8, metadata=_key(
         "LID_MIN_SCORE", "a language ID at least this sure is final before "
         "LID_FIRST_N_SECONDS of speech", _range(0.0, 1.0)))
     enable_denoise: bool = field(default=True, metadata=_key(

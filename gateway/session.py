@@ -68,7 +68,7 @@ HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAU
 LOW_WATER_S = 1.0
 SAMPLE_RATE = 16000
 LID_HOLD_S = 2.0  # an utterance's final waits at most this long for a pending LID answer
-LID_ROUTE_MIN_SCORE = 0.5  # a decision less sure than this is reported but not routed on
+LID_ROUTE_MIN_SCORE = 0.4  # a decision less sure than this is reported but not routed on
 
 
 @dataclass
@@ -168,6 +168,14 @@ class Session:
             await self._run()
         except _Closed:
             pass
+        except Exception:
+            # A bug in one session must not pass silently, nor take the server down.
+            log.exception("session %s failed", self.flow_id, extra=fields(
+                flowId=self.flow_id, stage="session", err_code="INTERNAL"))
+            with contextlib.suppress(Exception):
+                await self._send_now(self.ew.error(ErrorCode.INTERNAL, "the session failed",
+                                                   fatal=True))
+                await self._close(1011)
         finally:
             self.ctx.sessions.discard(self)
             if self.ctx.shutting_down.is_set() and not self.ctx.sessions:
@@ -462,14 +470,16 @@ class Session:
         """Speech from the gate: through denoise (delay-compensated, so frames keep their
         session time) and language ID, to the ASR sender."""
         if isinstance(ev, SendFrame):
+            if self.lid is not None:  # LID hears the speech as it came, not denoised
+                self._lid_next(self.lid.speech(ev.frame.samples))
             frames = [ev.frame] if self.denoise is None else self._denoise(ev.frame)
             for f in frames:
-                await self._speech_out(SendFrame(ev.utterance, f))
+                await self._asr_in.send(SendFrame(ev.utterance, f))
             return
         if isinstance(ev, UtteranceEnded):
             if self.denoise is not None:
                 for f in self.denoise.flush():
-                    await self._speech_out(SendFrame(ev.index, f))
+                    await self._asr_in.send(SendFrame(ev.index, f))
             if self.lid is not None:
                 self._lid_next(self.lid.pause())
         await self._asr_in.send(ev)
@@ -482,11 +492,6 @@ class Session:
         self.stats["denoise_ms"] += ms
         self.ctx.metrics.dn_latency.observe(ms)
         return out
-
-    async def _speech_out(self, ev: SendFrame) -> None:
-        if self.lid is not None:
-            self._lid_next(self.lid.speech(ev.frame.samples))
-        await self._asr_in.send(ev)
 
     # -- language ID ----------------------------------------------------------------
 
@@ -820,6 +825,9 @@ class Session:
         with trio.move_on_after(FINAL_TIMEOUT_S), _shield_if(reason == "server_shutdown"):
             await self._drained.wait()
             await self._asr_done.wait()
+        if self.lid is not None and not self._lid_decided.is_set():
+            with trio.move_on_after(LID_HOLD_S):  # the lid event comes before end
+                await self._lid_decided.wait()
         if self.cfg.enable_compress and self.ctx.store is not None:
             await self._archive_in.send(None)
         with trio.move_on_after(FINAL_TIMEOUT_S):

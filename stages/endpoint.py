@@ -275,6 +275,8 @@ class SpeechGate:
         return out
 
     def _trim(self, horizon: int) -> None:
+        if self._open is not None:
+            return  # held frames of an open utterance are trailing audio it may yet need
         while self._held and self._held[0].end <= horizon - self._preroll:
             self._held.popleft()
             self.frames_dropped += 1

@@ -45,7 +45,7 @@ class StandInEngine:
                 time.sleep(self.lid_delay_s)
                 self.lid_requests.append(len(j.audio))
                 lang, score = self.lid
-                out.append(LidResult(lang, score, ((lang, score), ("nl", 1 - score))))
+                out.append(LidResult(lang, score, ((lang, score), ("nl", min(0.05, 1 - score)))))
             else:
                 rms = float(np.sqrt(np.mean(j.audio ** 2))) if len(j.audio) else 0.0
                 out.append(Recognition(f"{len(j.audio) / 16000:.2f}s rms={rms:.3f}",

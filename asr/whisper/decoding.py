@@ -669,18 +669,27 @@ class WhisperEngine:
         t2 = time.perf_counter()
         return cross, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-    def detect_language(self, audio: np.ndarray, top_k: int = 5) -> LanguageResult:
+    def detect_language(self, audio: np.ndarray, top_k: int = 5,
+                        min_window_s: float | None = None) -> LanguageResult:
         """Language and no-speech probabilities of the first 30 s of ``audio``.
 
         Args:
             audio: 16 kHz mono, int16 or float.
             top_k: languages to return.
+            min_window_s: run the encoder on a window this long (or the audio's length if
+                longer) instead of 30 s. Language ID on a few seconds of speech is about
+                3x cheaper on a 10 s window and as accurate on real speech (see
+                ``LID_WINDOW_S`` in ``asr/engine.py``).
 
         Returns:
             The result (always "en" for English-only models).
         """
         x = to_float_audio(audio)[: melmod.N_SAMPLES]
-        cross, _, _ = self.encode([x])
+        frames = None
+        if min_window_s is not None:
+            need = max(int(min_window_s * 100), -(-len(x) // 160))
+            frames = min(self.max_frames, need + need % 2)
+        cross, _, _ = self.encode([x], pad_to_frames=frames)
         return self.decoder.detect_language(cross, top_k)[0]
 
     def transcribe(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,8 +22,12 @@ def test_asks_at_the_first_checkpoint_and_a_sure_answer_decides() -> None:
     assert p.speech(speech(0.98)) is None
     req = p.speech(speech(0.04))
     assert isinstance(req, LidRequest) and req.speech_ms == 1020 and not req.last
-    d = p.answer("de", 0.93, [("de", 0.93), ("nl", 0.03)])
-    assert isinstance(d, LidDecision) and d.lang == "de" and d.sure and d.speech_ms == 1020
+    # under 2 s of speech, 0.8 is not enough: the answer must reach 0.95
+    assert p.answer("zh", 0.86, [("zh", 0.86), ("fr", 0.05)]) is None
+    req = p.speech(speech(1.0))
+    assert isinstance(req, LidRequest) and req.speech_ms == 2020
+    d = p.answer("de", 0.83, [("de", 0.83), ("nl", 0.03)])
+    assert isinstance(d, LidDecision) and d.lang == "de" and d.sure and d.speech_ms == 2020
     assert p.done and p.speech(speech(3)) is None and p.pause() is None
 
 
@@ -38,6 +43,20 @@ def test_unsure_answers_ask_again_and_the_whole_window_is_final() -> None:
     assert isinstance(last, LidRequest) and last.last and last.speech_ms == 3000
     d = p.answer("en", 0.55)
     assert isinstance(d, LidDecision) and d.lang == "en" and not d.sure
+
+
+def test_the_window_decision_pools_answers_weighted_by_speech() -> None:
+    # What Whisper base said on synthetic German at 1, 2 and 3 s of speech.
+    p = LidPlanner(3.0, 0.8)
+    assert p.speech(speech(1.0)) is not None
+    assert p.answer("en", 0.57, [("en", 0.57), ("de", 0.20)]) is None
+    assert p.speech(speech(1.0)) is not None
+    assert p.answer("de", 0.37, [("de", 0.37), ("en", 0.28)]) is None
+    assert p.speech(speech(1.0)) is not None
+    d = p.answer("de", 0.79, [("de", 0.79), ("en", 0.03)])
+    assert isinstance(d, LidDecision) and d.lang == "de" and not d.sure
+    assert d.score == pytest.approx((0.20 * 1 + 0.37 * 2 + 0.79 * 3) / 6)
+    assert d.speech_ms == 3000 and d.top[0][0] == "de"
 
 
 def test_pause_asks_with_short_speech_and_finish_decides_on_the_best() -> None:
