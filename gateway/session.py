@@ -152,6 +152,7 @@ class Session:
         self.lid: LidPlanner | None = None
         self._lid_route = False  # LID may move recognition (user_lang_pref is auto)
         self._lid_decided = trio.Event()
+        self._lid_answered = trio.Event()  # set at every answer (or failure)
         self._lid_settled = False  # no move can come any more: stop keeping packets
         self._lid_in, self._lid_out = trio.open_memory_channel[LidRequest](8)
         self._route_lang = ""  # lang_hint of the recognition stream
@@ -519,12 +520,14 @@ class Session:
                 if self.lid.failed:
                     self._lid_settled = True
                     self._lid_decided.set()
+                self._lid_answered.set()
                 continue
             ms = (time.perf_counter() - t0) * 1000
             self.stats["lid_ms"] += ms
             self.ctx.metrics.lid_latency.observe(ms)
             top = [(t["lang"], float(t["score"])) for t in answer.get("top", [])]
             self._lid_next(self.lid.answer(str(answer["lang"]), float(answer["score"]), top))
+            self._lid_answered.set()
 
     def _lid_decision(self, d: LidDecision) -> None:
         self._lang = d.lang
@@ -599,11 +602,15 @@ class Session:
                 self._open_utt.ended_at = time.perf_counter()
             self._open_utt = None
             self.stats["speech_samples"] += item.end - item.start
-            if self._may_move() and self._stream is not None and not self._skip_utterance:
-                # A final now would be in the assumed language; a LID answer is due soon.
+            if (self._may_move() and self._stream is not None and not self._skip_utterance
+                    and self.lid is not None and self.lid.waiting):
+                # A final now would be in the assumed language, and an answer that may
+                # decide it is on its way: wait for it (not for more speech).
                 with trio.move_on_after(LID_HOLD_S):
-                    await self._lid_decided.wait()
-                if self._lang and self._lid_route:
+                    while self.lid.waiting and not self._lid_decided.is_set():
+                        await self._lid_answered.wait()
+                        self._lid_answered = trio.Event()
+                if self._lid_decided.is_set() and self._lang and self._lid_route:
                     await self._move(self._lang, nursery)
             if self._stream is not None and not self._skip_utterance:
                 await self._guard(self._stream.finalize())

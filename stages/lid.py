@@ -87,6 +87,11 @@ class LidPlanner:
         return self.decision is not None or self.failed
 
     @property
+    def waiting(self) -> bool:
+        """A request is in flight."""
+        return self._in_flight is not None
+
+    @property
     def speech_samples(self) -> int:
         return self._have
 
