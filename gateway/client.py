@@ -188,7 +188,9 @@ def format_event(e: dict[str, Any]) -> str | None:
     if kind == "asr_final":
         return f"  ✔ [{_ts(e['start_ms'])}-{_ts(e['end_ms'])}] ({e['lang']}) {e['text']}"
     if kind == "lid":
-        return f"  language: {e['lang']} ({e['score']:.2f})"
+        pool = f", recognized on pool {e['pool']}" if "pool" in e else ""
+        return (f"  language: {e['lang']} ({e['score']:.2f} on "
+                f"{e.get('speech_ms', 0) / 1000:.1f} s of speech{pool})")
     if kind == "record_url":
         return f"  recording: {e['url']} ({e['duration_ms'] / 1000:.1f} s, {e['bytes']} B)"
     if kind == "error":
