@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, math.inf)
 
@@ -49,5 +51,17 @@ class GatewayMetrics:
     def gauge_fn(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         Gauge(name, doc, registry=self.registry).set_function(fn)
 
+    def counter_fn(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """A counter whose value another object keeps (exposed as ``<name>_total``)."""
+        self.registry.register(_FnCounter(name, doc, fn))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FnCounter(Collector):
+    def __init__(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        self.name, self.doc, self.fn = name, doc, fn
+
+    def collect(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name, self.doc, value=self.fn())]

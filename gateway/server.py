@@ -21,6 +21,7 @@ from .config import GatewayConfig
 from .httpapp import GatewayHttpApp
 from .metrics import GatewayMetrics
 from .records import store_from_config
+from .s3store import S3Store
 from .session import GatewayContext, Session
 from .vadservice import VadService
 
@@ -73,6 +74,16 @@ async def serve(
         ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base)
         metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
                          lambda: vad.stats.last_tick_ms)
+        if isinstance(store, S3Store):
+            s3 = store
+            for name, doc in (("recordings", "recordings committed to S3"),
+                              ("parts", "multipart parts uploaded, resends included"),
+                              ("puts", "recordings sent with one PutObject"),
+                              ("retries", "S3 calls tried again"),
+                              ("restarts", "multipart uploads started over from the spool"),
+                              ("failures", "recordings that could not be stored")):
+                metrics.counter_fn(f"archive_s3_{name}", doc,
+                                   functools.partial(_s3_stat, s3, name))
 
         async with trio.open_nursery() as sessions:
             async def handler(request: WebSocketRequest) -> None:
@@ -104,3 +115,6 @@ async def serve(
         http_stop.set()
         nursery.cancel_scope.cancel()
 
+
+def _s3_stat(store: S3Store, name: str) -> float:
+    return float(getattr(store.statistics(), name))

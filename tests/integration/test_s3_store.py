@@ -505,6 +505,9 @@ async def test_gateway_records_to_s3_and_redirects_to_it(
         head_r = await http.head(rec["url"])
         assert head_r.status_code == 200
         assert head_r.headers["content-length"] == str(rec["bytes"])
+        exposed = (await http.get(f"{g.http}/metrics")).text
+        assert "archive_s3_puts_total 1.0" in exposed
+        assert "archive_s3_failures_total 0.0" in exposed
 
     decoded, sr = soundfile.read(io.BytesIO(full.content), dtype="int16")
     assert abs(len(decoded) / sr - len(audio) / 16000) <= 0.020
