@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +52,25 @@ def proc_sample(pid: int) -> ProcSample:
 def start(args: list[str], ready_line: str, timeout_s: float = 300.0,
           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start a voxgate command; return it and the first stdout line starting with
-    ``ready_line``."""
-    proc = subprocess.Popen([VOXGATE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ``ready_line``.
+
+    Its stderr (the JSON logs) goes to a file, and its stdout is drained after the ready
+    line: a pipe nobody reads fills after a few hundred sessions and blocks the service.
+    """
+    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
+        "w+", prefix=f"voxgate-bench-{args[0]}-", suffix=".log", delete=False)
+    proc = subprocess.Popen([VOXGATE, *args], stdout=subprocess.PIPE, stderr=log_file,
                             text=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout_s
     assert proc.stdout is not None
+    out = proc.stdout
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+        line = out.readline()
         if not line:
-            err = proc.stderr.read() if proc.stderr else ""
-            raise RuntimeError(f"{args[0]} exited early: {err[-2000:]}")
+            log_file.seek(0)
+            raise RuntimeError(f"{args[0]} exited early: {log_file.read()[-2000:]}")
         if line.startswith(ready_line):
+            threading.Thread(target=lambda: [None for _ in out], daemon=True).start()
             return proc, line.strip()
     proc.kill()
     raise TimeoutError(f"{args[0]} not ready after {timeout_s} s")

@@ -124,8 +124,11 @@ class GatewayConfig:
     lid_min_score: float = field(default=0.8, metadata=_key(
         "LID_MIN_SCORE", "a language ID at least this sure is final before "
         "LID_FIRST_N_SECONDS of speech", _range(0.0, 1.0)))
-    enable_denoise: bool = field(default=True, metadata=_key(
-        "ENABLE_DENOISE", "run RNNoise on speech before recognition"))
+    # Off by default: bench/denoise_quality.py measured Whisper WER worse with RNNoise in
+    # front of it on clean speech, pink noise and babble, at 6-7% of a core per session.
+    enable_denoise: bool = field(default=False, metadata=_key(
+        "ENABLE_DENOISE", "run RNNoise on speech before recognition (off: it raised "
+        "Whisper's WER in bench/denoise_quality.py)"))
     enable_compress: bool = field(default=True, metadata=_key(
         "ENABLE_COMPRESS", "archive each session as Ogg Opus and return record_url"))
     public_base: str = field(default="", metadata=_key(

@@ -153,6 +153,7 @@ class Session:
         self._lid_route = False  # LID may move recognition (user_lang_pref is auto)
         self._lid_decided = trio.Event()
         self._lid_answered = trio.Event()  # set at every answer (or failure)
+        self._lid_target: str | None = None  # the language LID routes to, once decided
         self._lid_settled = False  # no move can come any more: stop keeping packets
         self._lid_in, self._lid_out = trio.open_memory_channel[LidRequest](8)
         self._route_lang = ""  # lang_hint of the recognition stream
@@ -532,6 +533,7 @@ class Session:
     def _lid_decision(self, d: LidDecision) -> None:
         self._lang = d.lang
         routed = self._lid_route and d.score >= LID_ROUTE_MIN_SCORE
+        self._lid_target = d.lang if routed else None
         pool = self.cfg.route(d.lang) if routed else self._route_pool
         log.info("language %s (%.2f) on %d ms of speech; recognition on pool %s", d.lang,
                  d.score, d.speech_ms, pool, extra=fields(
@@ -610,8 +612,9 @@ class Session:
                     while self.lid.waiting and not self._lid_decided.is_set():
                         await self._lid_answered.wait()
                         self._lid_answered = trio.Event()
-                if self._lid_decided.is_set() and self._lang and self._lid_route:
-                    await self._move(self._lang, nursery)
+                if self._lid_target is not None and await self._move(self._lid_target,
+                                                                     nursery):
+                    return  # the replay on the new stream ended with this Finalize
             if self._stream is not None and not self._skip_utterance:
                 await self._guard(self._stream.finalize())
         elif isinstance(item, tuple) and item[0] == "route":
@@ -634,20 +637,21 @@ class Session:
             domain=hints.domain or "default", hotwords=hints.hotwords,
         )
 
-    async def _move(self, lang: str, nursery: trio.Nursery) -> None:
+    async def _move(self, lang: str, nursery: trio.Nursery) -> bool:
         """Recognize ``lang`` from now on: if that is another pool (or another language
         hint), open a stream there, replay the utterances still waiting for their final
         (their buffered Opus, then ``Finalize`` for those that ended), and drop the old
         stream, whose events are ignored from here on. Finals already sent stand; none is
-        sent twice, because an utterance is replayed only while its final is missing."""
+        sent twice, because an utterance is replayed only while its final is missing.
+        Returns whether a stream moved (its replay finalized the ended utterances)."""
         pool = self.cfg.route(lang)
         if (pool, lang) == (self._route_pool, self._route_lang):
-            return
+            return False
         old_pool, old_lang = self._route_pool, self._route_lang
         self._route_pool, self._route_lang = pool, lang
         old = self._stream
         if old is None:
-            return  # the next utterance opens on the new route
+            return False  # the next utterance opens on the new route
         t0 = time.perf_counter()
         try:
             new = await self.ctx.pools.open(
@@ -657,10 +661,10 @@ class Session:
             self._route_pool, self._route_lang = old_pool, old_lang
             self._error(ErrorCode.ASR_UNAVAILABLE, f"could not move recognition to pool "
                         f"{pool!r} for {lang!r}, staying on {old_pool!r}: {exc}", False)
-            return
+            return False
         old.take_encoder()
         self._stream = new
-        self._asr_done = trio.Event()
+        self._renew_asr_done()
         nursery.start_soon(self._asr_receiver, new)
         replayed = 0
         for utt in self._utts:
@@ -673,6 +677,14 @@ class Session:
                  "replayed in %.0f ms", old_pool, pool, lang, replayed, len(self._utts),
                  (time.perf_counter() - t0) * 1000, extra=fields(
                      flowId=self.flow_id, stage="lid", lang=lang))
+        return True
+
+    def _renew_asr_done(self) -> None:
+        """A new stream's end is awaited on ``_asr_done``: a fresh event only if the last
+        one fired. An unfired one may already be awaited (``_finish``), and the stream it
+        stood for is gone without setting it."""
+        if self._asr_done.is_set():
+            self._asr_done = trio.Event()
 
     async def _open_stream(self, nursery: trio.Nursery) -> None:
         start = self._link_start()
@@ -692,7 +704,7 @@ class Session:
             self._error(ErrorCode.ASR_UNAVAILABLE,
                         f"recognition is unavailable, recording only: {exc}", False)
             return
-        self._asr_done = trio.Event()
+        self._renew_asr_done()
         nursery.start_soon(self._asr_receiver, self._stream)
 
     async def _send_frames(self, batch: list[SendFrame]) -> None:
@@ -831,7 +843,11 @@ class Session:
         await self._pipe_in.send(("flush",))
         with trio.move_on_after(FINAL_TIMEOUT_S), _shield_if(reason == "server_shutdown"):
             await self._drained.wait()
-            await self._asr_done.wait()
+            while True:  # the event is replaced when a new stream opens after it fired
+                done = self._asr_done
+                await done.wait()
+                if done is self._asr_done:
+                    break
         if self.lid is not None and not self._lid_decided.is_set():
             with trio.move_on_after(LID_HOLD_S):  # the lid event comes before end
                 await self._lid_decided.wait()

@@ -86,7 +86,7 @@ async def test_german_moves_to_multi_without_losing_or_doubling(
     assert [f["utterance"] for f in finals] == [0, 1]  # one final each, in order
     assert all(f["lang"] == "de" for f in finals)
     for got, want in zip(finals, ref.of("asr_final"), strict=True):
-        assert abs(heard_s(got) - heard_s(want)) <= 0.02
+        assert abs(heard_s(got) - heard_s(want)) <= 0.02, (got["text"], want["text"])
         assert (got["start_ms"], got["end_ms"]) == (want["start_ms"], want["end_ms"])
     kinds = [e["type"] for e in r.events]
     assert kinds.index("lid") < kinds.index("asr_final")
@@ -150,3 +150,22 @@ async def test_lid_off_when_not_asked_for_and_a_language_is_given(
                   {"return": ["asr"], "hints": {"user_lang_pref": "en"}})
     assert not r.of("lid") and not engine.lid_requests
     assert r.of("ack")[0]["session"]["lid"] is False
+
+
+async def test_denoise_keeps_utterance_timing_and_audio(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path) -> None:
+    """The denoise stage is delay-compensated: with it on, every utterance reaches
+    recognition with exactly the same span and length as with it off."""
+    audio = np.concatenate([SILENCE, clip(), GAP, speech.goforward(), SILENCE])
+    start = {"return": ["asr", "metrics"], "hints": {"user_lang_pref": "en"}}
+    off = await run(nursery, vad_model, tmp_path / "off", StandInEngine(), audio, start,
+                    enable_denoise=False)
+    on = await run(nursery, vad_model, tmp_path / "on", StandInEngine(), audio, start,
+                   enable_denoise=True)
+    assert on.of("ack")[0]["session"]["denoise"] is True
+    assert off.of("ack")[0]["session"]["denoise"] is False
+    spans = [[(heard_s(f), f["start_ms"], f["end_ms"]) for f in r.of("asr_final")]
+             for r in (off, on)]
+    assert len(spans[0]) == 2 and spans[0] == spans[1]
+    assert on.of("metrics")[0]["stage_ms"]["denoise"] > 0
+    assert off.of("metrics")[0]["stage_ms"]["denoise"] == 0

@@ -13,7 +13,7 @@ def test_defaults_match_the_design() -> None:
     c = GatewayConfig.load(env={})
     assert (c.asr_link_codec, c.asr_link_bitrate, c.asr_link_frame_ms) == ("opus", 20000, 20)
     assert (c.partial_interval_ms, c.flush_idle_s, c.lid_first_n_s) == (250, 3.0, 3.0)
-    assert c.enable_denoise and c.enable_compress
+    assert not c.enable_denoise and c.enable_compress
     assert (c.endpoint_silence_ms, c.max_utterance_s, c.preroll_ms) == (700, 20.0, 300)
 
 
