@@ -127,7 +127,7 @@ async def test_an_unsure_lid_is_reported_but_not_routed(
     r = await run(nursery, vad_model, tmp_path, engine, audio, {"return": ["lid", "asr"]})
     (lid,) = r.of("lid")
     assert lid["lang"] == "de" and lid["pool"] == "en" and lid["speech_ms"] == 3000
-    assert len(engine.lid_requests) == 3  # 1 s, 2 s, 3 s: none sure enough
+    assert len(engine.lid_requests) == 2  # 2 s, then 3 s: neither sure enough
     assert r.of("asr_final")[0]["lang"] == "en"
 
 

@@ -36,8 +36,8 @@ SENTENCES = {
 
 # Whisper base identifies espeak-ng's French poorly: of four sentences at 130 and 160 wpm,
 # most came out as zh, th, ja or la on 1-3 s of speech; this one, at 130 wpm, is fr at
-# 0.94 on 2 s. Real French speech is identified far more surely; this is the synthetic
-# voice, and the test pins the path (LID -> lid event -> move -> finals), not the model.
+# 0.94 on 2 s but zh at 0.35 on 1 s, so the answer depends on which lengths of speech the
+# requests carry, which depends on timing. The test is expected to fail sometimes (xfail).
 WPM = {"de": 150, "fr": 130, "es": 150}
 
 
@@ -89,13 +89,19 @@ async def test_english_is_identified_and_stays_on_the_en_pool(
         assert r.of("metrics")[0]["asr_pool"] == "en"
 
 
-@pytest.mark.parametrize("lang", sorted(SENTENCES))
+@pytest.mark.parametrize("lang", [
+    "de", "es",
+    pytest.param("fr", marks=pytest.mark.xfail(
+        reason="Whisper base calls espeak-ng's French zh/th/vi on 1-3 s of it, depending on "
+               "which checkpoints the answers fall on; French routing is tested with the "
+               "stand-in engine (test_lid_routing.py)", strict=False)),
+])
 async def test_other_languages_move_to_the_multi_pool(
         nursery: trio.Nursery, backend: WhisperBackend, tmp_path: Path, lang: str) -> None:
     url = await _start(nursery, backend, tmp_path)
     r = await _stream(url, speech.espeak(SENTENCES[lang], voice=lang, speed_wpm=WPM[lang]))
     (lid,) = r.of("lid")
-    assert (lid["lang"], lid["pool"]) == (lang, "multi"), lid
+    assert (lid["lang"], lid["pool"]) == (lang, "multi"), (lid["top"], lid["speech_ms"])
     kinds = [e["type"] for e in r.events]
     finals = _one_final_each(r)
     assert kinds.index("lid") < kinds.index("asr_final")

@@ -18,7 +18,7 @@ def speech(seconds: float, start: int = 0) -> np.ndarray:
 
 
 def test_asks_at_the_first_checkpoint_and_a_sure_answer_decides() -> None:
-    p = LidPlanner(3.0, 0.7)
+    p = LidPlanner(3.0, 0.7, checkpoints_s=(1.0, 2.0))
     assert p.speech(speech(0.98)) is None
     req = p.speech(speech(0.04))
     assert isinstance(req, LidRequest) and req.speech_ms == 1020 and not req.last
@@ -32,7 +32,7 @@ def test_asks_at_the_first_checkpoint_and_a_sure_answer_decides() -> None:
 
 
 def test_unsure_answers_ask_again_and_the_whole_window_is_final() -> None:
-    p = LidPlanner(3.0, 0.7)
+    p = LidPlanner(3.0, 0.7, checkpoints_s=(1.0, 2.0))
     first = p.speech(speech(1.0))
     assert first is not None
     assert p.speech(speech(1.5)) is None  # 2 s passed while in flight: due
@@ -47,7 +47,7 @@ def test_unsure_answers_ask_again_and_the_whole_window_is_final() -> None:
 
 def test_the_window_decision_pools_answers_weighted_by_speech() -> None:
     # What Whisper base said on synthetic German at 1, 2 and 3 s of speech.
-    p = LidPlanner(3.0, 0.8)
+    p = LidPlanner(3.0, 0.8, checkpoints_s=(1.0, 2.0))
     assert p.speech(speech(1.0)) is not None
     assert p.answer("en", 0.57, [("en", 0.57), ("de", 0.20)]) is None
     assert p.speech(speech(1.0)) is not None
@@ -60,7 +60,7 @@ def test_the_window_decision_pools_answers_weighted_by_speech() -> None:
 
 
 def test_pause_asks_with_short_speech_and_finish_decides_on_the_best() -> None:
-    p = LidPlanner(3.0, 0.9)
+    p = LidPlanner(3.0, 0.9, checkpoints_s=(1.0, 2.0))
     assert p.speech(speech(0.3)) is None
     assert p.pause() is None  # under min_speech
     p.speech(speech(0.4))
@@ -72,7 +72,7 @@ def test_pause_asks_with_short_speech_and_finish_decides_on_the_best() -> None:
 
 
 def test_finish_asks_a_last_time_and_failure_ends_lid() -> None:
-    p = LidPlanner(3.0, 0.7)
+    p = LidPlanner(3.0, 0.7, checkpoints_s=(1.0, 2.0))
     p.speech(speech(0.6))
     req = p.finish()
     assert isinstance(req, LidRequest) and req.last
@@ -80,7 +80,7 @@ def test_finish_asks_a_last_time_and_failure_ends_lid() -> None:
 
 
 def test_finish_while_in_flight_makes_that_answer_final() -> None:
-    p = LidPlanner(3.0, 0.99)
+    p = LidPlanner(3.0, 0.99, checkpoints_s=(1.0, 2.0))
     assert p.speech(speech(1.2)) is not None
     assert p.finish() is None
     d = p.answer("es", 0.5)
@@ -122,3 +122,16 @@ def test_requests_are_prefixes_of_the_speech_and_never_exceed_the_window(
     # whatever happened, a session with enough speech ends with a decision
     if pos >= p.min_speech:
         assert p.done
+
+
+def test_finish_while_in_flight_asks_once_more_when_speech_came_after() -> None:
+    p = LidPlanner(3.0, 0.9)  # default checkpoint: 2 s, then the 3 s window
+    assert p.speech(speech(1.0)) is None
+    first = p.speech(speech(1.2))
+    assert first is not None and first.speech_ms == 2200
+    assert p.speech(speech(0.5)) is None  # in flight
+    assert p.finish() is None
+    again = p.answer("de", 0.4)
+    assert isinstance(again, LidRequest) and again.last and again.speech_ms == 2700
+    d = p.answer("de", 0.6)
+    assert isinstance(d, LidDecision) and d.lang == "de" and d.speech_ms == 2700
