@@ -42,6 +42,17 @@ class ErrorCode(StrEnum):
     INTERNAL = "INTERNAL"
 
 
+class OversizedMessage:
+    """Stands in the message queue for a WebSocket message longer than the server's
+    limit, whose bytes were dropped as they arrived. The session answers it with
+    ``FRAME_TOO_LARGE`` and then closes with 1009, instead of the library closing at
+    once with no event and the audio already accepted losing its finals."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size  # bytes seen when the limit was crossed
+        self.limit = limit
+
+
 class ProtocolError(Exception):
     """The client broke protocol v1. ``fatal`` errors end the session after the event."""
 

@@ -51,6 +51,7 @@ from .protocol import (
     EventWriter,
     Finalize,
     Flush,
+    OversizedMessage,
     Ping,
     ProtocolError,
     Start,
@@ -111,6 +112,7 @@ class Session:
         self.ew = EventWriter("")
         self.flow_id = ""
         self.reason = "flush"
+        self.close_code = 1000  # 1009 after a message over the WebSocket limit
         self.reframer = Reframer(max_chunk_bytes=self.cfg.max_frame_bytes)
         self.seqbuf: SeqBuffer | None = None
         self.endpointer = Endpointer(EndpointConfig(
@@ -222,6 +224,11 @@ class Session:
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed:
+                    return None
+                if isinstance(message, OversizedMessage):
+                    await self._send_now(self.ew.error(
+                        ErrorCode.FRAME_TOO_LARGE, _oversized(message), fatal=True))
+                    await self._close(1009)
                     return None
                 if isinstance(message, bytes):
                     await self._send_now(self.ew.error(
@@ -340,7 +347,7 @@ class Session:
     async def _ingest_loop(self) -> str:
         while True:
             deadline = self._last_audio + self.cfg.flush_idle_s
-            message: str | bytes | None = None
+            message: str | bytes | OversizedMessage | None = None
             with trio.move_on_at(_trio_deadline(deadline)) as idle:
                 try:
                     message = await self.ws.get_message()
@@ -348,6 +355,11 @@ class Session:
                     return "disconnect"
             if idle.cancelled_caught or message is None:
                 return "idle"
+            if isinstance(message, OversizedMessage):
+                # Fatal, but the audio already accepted is finalized and recorded first.
+                self._error(ErrorCode.FRAME_TOO_LARGE, _oversized(message), True)
+                self.close_code = 1009
+                return "error"
             if isinstance(message, bytes):
                 await self._audio(message)
                 continue
@@ -872,7 +884,7 @@ class Session:
             latency_ms=m["first_partial_ms"], lang=self._lang or None))
         with trio.move_on_after(5):
             await self._writer_done.wait()
-        await self._close(1000)
+        await self._close(self.close_code)
 
     def _metrics(self) -> dict[str, Any]:
         audio_ms = self.reframer.samples_in * 1000 // SAMPLE_RATE
@@ -975,6 +987,11 @@ def _check_token(token: str, secret: str) -> tuple[ErrorCode, str] | None:
     except jwt.InvalidTokenError as exc:
         return ErrorCode.UNAUTHORIZED, f"invalid token: {exc}"
     return None
+
+
+def _oversized(message: OversizedMessage) -> str:
+    return (f"a message of more than {message.limit} bytes (at least {message.size}) "
+            "is refused; the session ends with what it had")
 
 
 def _trio_deadline(monotonic_deadline: float) -> float:

@@ -372,3 +372,37 @@ async def test_asr_stream_reaped_while_quiet_is_reopened_for_the_next_utterance(
     assert all(f["text"] for f in r.of("asr_final"))
     assert not r.of("error")
     g.shutdown.set()
+
+
+async def test_oversized_frame_gets_its_error_then_close_1009_and_keeps_the_audio(
+        gw: Gateway) -> None:
+    """A binary message over the WebSocket limit (8 MiB against 4 MiB): the accepted
+    audio still gets its final and its recording, the error comes before the close, and
+    the close code is 1009."""
+    from trio_websocket import ConnectionClosed
+
+    audio = _audio(SILENCE, GOFORWARD, SILENCE)
+    events: list[dict[str, Any]] = []
+    async with open_websocket_url(gw.ws_url, max_message_size=1 << 22) as ws:
+        await ws.send_message(json.dumps({"type": "start", "flowId": "big-frame"}))
+        events.append(json.loads(await ws.get_message()))
+        for i in range(0, len(audio), 3200):
+            await ws.send_message(audio[i:i + 3200].tobytes())
+        await ws.send_message(b"\x00" * (8 << 20))
+        with trio.fail_after(30):
+            try:
+                while True:
+                    events.append(json.loads(await ws.get_message()))
+            except ConnectionClosed as exc:
+                code = exc.reason.code
+    assert code == 1009
+    for e in events:
+        check_event(e)
+    kinds = [e["type"] for e in events]
+    errors = [e for e in events if e["type"] == "error"]
+    assert [(e["code"], e["fatal"]) for e in errors] == [("FRAME_TOO_LARGE", True)]
+    assert kinds[-1] == "end" and events[-1]["reason"] == "error"
+    assert "asr_final" in kinds and "record_url" in kinds
+    assert next(e for e in events if e["type"] == "metrics")["audio_ms"] == len(audio) // 16
+    data, _sr = soundfile.read(gw.archive / "big-frame.ogg", dtype="int16")
+    assert abs(len(data) - len(audio)) <= 320
