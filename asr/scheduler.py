@@ -1,10 +1,29 @@
-"""One process-wide inference scheduler: batches work across streams, bounded everywhere.
+"""One process-wide inference scheduler: deadlines, priorities and batches, bounded.
 
-Streams submit jobs (a partial or a final of one utterance). A single runner task takes
-what is ready, finals first, groups it into batches per pool, and runs each batch in a
-worker thread under a ``CapacityLimiter`` sized to the cores. Nothing queues without
-bound: past ``max_queued`` jobs a submit fails with ``SchedulerBusy``; a partial that a
-newer request of the same stream has made stale is dropped before it costs anything.
+Split in two, like the link codec:
+
+* ``SchedulerCore`` is sans-IO: jobs in, batches out, results in. It never awaits and
+  never reads a clock (the caller passes ``now`` in seconds), so its policy is tested
+  synchronously with a fake clock.
+* ``Scheduler`` is the Trio shell: it keeps one ``trio.Event`` per waiting job, takes
+  batches from the core when a worker slot is free and runs each in a worker thread
+  under a ``CapacityLimiter``.
+
+Policy (why: the issue's targets are a first partial within ~100 ms of CPU at any
+admitted load, finals at endpoint + 300 ms, and no utterance without partials):
+
+1. Language ID first: a session's routing, and so its first final, waits on it.
+2. Finals, earliest deadline first; a user waits on each.
+3. The first partial of a fresh utterance: it is what makes the service feel live.
+4. Later partials. They run only when nothing above is queued, and each stream holds at
+   most one queued partial (a newer one replaces it), so their cadence stretches with the
+   load by itself. They never starve: a partial whose utterance has had no partial for
+   ``partial_max_gap_ms`` is promoted ahead of the finals (one per utterance per gap,
+   so a bounded cost), ordered by that deadline.
+
+Past ``max_queued`` jobs a partial is refused with ``SchedulerBusy``; a final or LID job
+takes the place of the lowest queued partial instead, and is refused only when none is
+left.
 """
 
 from __future__ import annotations
@@ -18,32 +37,40 @@ from typing import Any
 import numpy as np
 import trio
 
+SAMPLE_RATE = 16000
+
 
 class SchedulerBusy(Exception):
     """The scheduler is at capacity; try later."""
 
 
-_RANK = {"lid": 0, "final": 1, "partial": 2}
+KINDS = ("lid", "final", "partial")
 
 
 @dataclass(eq=False)
 class Job:
-    """One recognition request.
+    """One recognition request. Identity is the object (``eq=False``), so it can key maps.
 
-    ``audio`` is float32 16 kHz mono. ``key`` identifies the stream: a newer partial of
-    the same key makes an older queued one stale.
+    ``audio`` is float32 16 kHz mono. ``key`` identifies the stream and ``utterance`` the
+    utterance within it: a newer partial of the same key makes an older queued one stale,
+    and a final of utterance n makes queued partials of utterances <= n stale.
+    The core fills ``submitted``, ``deadline`` and ``first`` on submit, and ``result`` or
+    ``error`` when it is done.
     """
 
-    kind: str  # "partial" or "final"
+    kind: str  # "lid", "partial" or "final"
     pool: str
     audio: np.ndarray
     key: object
     options: dict[str, Any] = field(default_factory=dict)
-    submitted: float = field(default_factory=time.perf_counter)
-    done: trio.Event = field(default_factory=trio.Event)
+    utterance: int = 0
+    submitted: float = 0.0  # scheduler clock, s
+    deadline: float = math.inf  # scheduler clock, s
+    first: bool = False  # the first partial of its utterance
     result: Any = None
     error: BaseException | None = None
     stale: bool = False
+    done: bool = False
 
 
 BatchFn = Callable[[str, Sequence[Job]], list[Any]]
@@ -51,108 +78,334 @@ BatchFn = Callable[[str, Sequence[Job]], list[Any]]
 
 @dataclass(frozen=True)
 class SchedulerStats:
+    """Counters since start (the metrics layer reads these)."""
+
     queued: int
     running: int
     batches: int
     jobs_done: int
-    partials_dropped: int
+    partials_dropped: int  # made stale (a newer partial or the final) before running
     busy_rejections: int
     audio_s: float
     compute_s: float
+    jobs_failed: int = 0
+    deadline_misses: dict[str, int] = field(default_factory=dict)  # kind -> jobs late
+    starved_promotions: int = 0  # partials promoted because their max gap ran out
 
     @property
     def rtf(self) -> float:
         return self.compute_s / self.audio_s if self.audio_s else 0.0
 
 
-class Scheduler:
-    """Args:
-        run_batch: ``(pool, jobs) -> results`` run in a worker thread; one result per job.
-        max_batch: jobs per batch.
-        max_queued: jobs waiting, beyond which ``submit`` raises ``SchedulerBusy``.
-        threads: batches in flight at once (each uses the engine's own intra-op threads).
-    """
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    """The core's knobs, in milliseconds and counts."""
 
-    def __init__(self, run_batch: BatchFn, *, max_batch: int = 8, max_queued: int = 64,
-                 threads: int = 1) -> None:
-        if max_batch < 1 or max_queued < 1 or threads < 1:
-            raise ValueError("max_batch, max_queued and threads must be positive")
-        self._run_batch = run_batch
-        self.max_batch = max_batch
-        self.max_queued = max_queued
-        self._limiter = trio.CapacityLimiter(threads)
+    max_batch: int = 8
+    max_queued: int = 64
+    # Each growing utterance gets a partial at least this often, whatever the load.
+    partial_max_gap_ms: int = 1000
+    # Deadlines: what the issue's targets allow the engine once audio is in.
+    first_partial_deadline_ms: int = 100
+    final_deadline_ms: int = 300
+    lid_deadline_ms: int = 500
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queued < 1:
+            raise ValueError("max_batch and max_queued must be positive")
+        if min(self.partial_max_gap_ms, self.first_partial_deadline_ms,
+               self.final_deadline_ms, self.lid_deadline_ms) <= 0:
+            raise ValueError("deadlines and partial_max_gap_ms must be positive")
+
+
+class SchedulerCore:
+    """The scheduling policy, sans-IO. Times are seconds on the caller's clock."""
+
+    def __init__(self, policy: SchedulerPolicy | None = None) -> None:
+        self.policy = policy or SchedulerPolicy()
         self._queue: list[Job] = []
-        self._latest_partial: dict[object, Job] = {}
-        self._wakeup = trio.Event()
+        self._seq: dict[Job, int] = {}  # submission order, for stable ties
+        self._next_seq = 0
+        # (key, utterance) -> (when its last partial completed, or when its first partial
+        # was asked for: the max-gap clock of that utterance; whether one completed).
+        self._since: dict[tuple[object, int], tuple[float, bool]] = {}
         self._running = 0
         self._batches = 0
         self._done = 0
+        self._failed = 0
         self._dropped = 0
         self._busy = 0
+        self._promoted = 0
+        self._misses = dict.fromkeys(KINDS, 0)
         self._audio_s = 0.0
         self._compute_s = 0.0
-        self.latencies_ms: list[float] = []  # recent final latencies, for metrics
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     @property
+    def running(self) -> int:
+        return self._running
+
+    def queued_jobs(self) -> list[Job]:
+        return list(self._queue)
+
+    # -- in -----------------------------------------------------------------------
+
+    def submit(self, job: Job, now: float) -> list[Job]:
+        """Queue ``job``.
+
+        Returns:
+            Jobs that are done now without running (stale partials it replaced); the
+            caller wakes their waiters.
+
+        Raises:
+            SchedulerBusy: the queue is full and ``job`` cannot take a partial's place.
+            ValueError: an unknown kind.
+        """
+        if job.kind not in KINDS:
+            raise ValueError(f"unknown job kind {job.kind!r}")
+        p = self.policy
+        finished: list[Job] = []
+        job.submitted = now
+        if job.kind == "partial":
+            finished += self._drop_partials(job.key, lambda u: True)
+            since, served = self._since.setdefault((job.key, job.utterance), (now, False))
+            # A replacement keeps the clock of the partial it replaced: asking again
+            # must not push an utterance's deadline back.
+            job.first = not served
+            if served:
+                job.deadline = since + p.partial_max_gap_ms / 1000
+            else:
+                job.deadline = since + p.first_partial_deadline_ms / 1000
+        else:
+            if job.kind == "final":
+                finished += self.retire(job.key, job.utterance)
+            budget = p.final_deadline_ms if job.kind == "final" else p.lid_deadline_ms
+            job.deadline = now + budget / 1000
+        if len(self._queue) >= p.max_queued:
+            victims = [j for j in self._queue if j.kind == "partial"]
+            if job.kind == "partial" or not victims:
+                self._busy += 1
+                raise SchedulerBusy(f"{len(self._queue)} jobs queued")
+            victim = max(victims, key=lambda j: self._order(j, now))
+            finished += self._drop(victim)
+        self._queue.append(job)
+        self._seq[job] = self._next_seq
+        self._next_seq += 1
+        return finished
+
+    def retire(self, key: object, utterance: int) -> list[Job]:
+        """Utterance ``utterance`` of ``key`` is cut: its queued partials (and those of
+        earlier utterances) are stale, and their max-gap clocks stop.
+
+        Returns: the partials dropped (done, ``stale``).
+        """
+        for k in [k for k in self._since if k[0] == key and k[1] <= utterance]:
+            del self._since[k]
+        return self._drop_partials(key, lambda u: u <= utterance)
+
+    def forget(self, key: object) -> list[Job]:
+        """The stream ``key`` ended: drop its queued partials and its state."""
+        for k in [k for k in self._since if k[0] == key]:
+            del self._since[k]
+        return self._drop_partials(key, lambda u: True)
+
+    def cancel(self, job: Job) -> None:
+        """The waiter of ``job`` went away: forget it if it has not started."""
+        if job in self._seq and job in self._queue:
+            self._queue.remove(job)
+            del self._seq[job]
+
+    def _drop_partials(self, key: object, which: Callable[[int], bool]) -> list[Job]:
+        out: list[Job] = []
+        for j in [j for j in self._queue
+                  if j.kind == "partial" and j.key == key and which(j.utterance)]:
+            out += self._drop(j)
+        return out
+
+    def _drop(self, job: Job) -> list[Job]:
+        self._queue.remove(job)
+        del self._seq[job]
+        self._dropped += 1
+        job.stale = True
+        job.done = True
+        return [job]
+
+    # -- out ----------------------------------------------------------------------
+
+    def _starving(self, job: Job, now: float) -> bool:
+        if job.kind != "partial":
+            return False
+        since, _ = self._since.get((job.key, job.utterance), (job.submitted, False))
+        return now >= since + self.policy.partial_max_gap_ms / 1000
+
+    def _rank(self, job: Job, now: float) -> int:
+        # A starving partial goes before the finals: ordering it among them by deadline
+        # (plain EDF) starves it whenever finals are backlogged, since their deadlines
+        # are then older than any partial's. Its cost is bounded: one partial per
+        # growing utterance per max gap.
+        if job.kind == "lid":
+            return 0
+        if self._starving(job, now):
+            return 1
+        if job.kind == "final":
+            return 2
+        return 3 if job.first else 4
+
+    def _order(self, job: Job, now: float) -> tuple[int, float, int]:
+        return (self._rank(job, now), job.deadline, self._seq[job])
+
+    def next_batch(self, now: float) -> tuple[str, list[Job]] | None:
+        """The batch to run next, removed from the queue (None when nothing is queued).
+
+        One pool per batch. The most urgent job picks the pool; others of that pool join
+        in priority order, except later partials, which never ride along with a final
+        (they would add their cost to its latency).
+        """
+        if not self._queue:
+            return None
+        ordered = sorted(self._queue, key=lambda j: self._order(j, now))
+        head = ordered[0]
+        head_rank = self._rank(head, now)
+        batch: list[Job] = []
+        for j in ordered:
+            if len(batch) >= self.policy.max_batch:
+                break
+            if j.pool != head.pool:
+                continue
+            rank = self._rank(j, now)
+            if rank == 4 and head_rank < 3:
+                continue
+            if rank == 1:
+                self._promoted += 1
+            batch.append(j)
+        for j in batch:
+            self._queue.remove(j)
+            del self._seq[j]
+        self._running += len(batch)
+        return head.pool, batch
+
+    def complete(self, batch: Sequence[Job], results: Sequence[Any] | BaseException,
+                 now: float, compute_s: float) -> list[Job]:
+        """A batch from ``next_batch`` finished.
+
+        Args:
+            results: one result per job, where an ``Exception`` instance fails only its
+                own job; or one exception that failed the whole batch.
+            compute_s: wall time the batch took.
+
+        Returns: the jobs, now done with ``result`` or ``error`` set.
+        """
+        if not isinstance(results, BaseException) and len(results) != len(batch):
+            results = RuntimeError(
+                f"the batch function returned {len(results)} results for {len(batch)} jobs")
+        for i, j in enumerate(batch):
+            r = results if isinstance(results, BaseException) else results[i]
+            if isinstance(r, BaseException):
+                j.error = r
+                self._failed += 1
+            else:
+                j.result = r
+            j.done = True
+            if now > j.deadline:
+                self._misses[j.kind] += 1
+            if j.kind == "partial" and j.error is None and (j.key, j.utterance) in self._since:
+                self._since[(j.key, j.utterance)] = (now, True)
+        self._running -= len(batch)
+        self._batches += 1
+        self._done += len(batch)
+        self._compute_s += compute_s
+        self._audio_s += sum(len(j.audio) for j in batch) / SAMPLE_RATE
+        return list(batch)
+
+    def statistics(self) -> SchedulerStats:
+        return SchedulerStats(len(self._queue), self._running, self._batches, self._done,
+                              self._dropped, self._busy, self._audio_s, self._compute_s,
+                              jobs_failed=self._failed, deadline_misses=dict(self._misses),
+                              starved_promotions=self._promoted)
+
+
+class Scheduler:
+    """The Trio shell around ``SchedulerCore``.
+
+    Args:
+        run_batch: ``(pool, jobs) -> results`` run in a worker thread; one result per
+            job, an ``Exception`` instance in a slot failing only that job.
+        threads: batches in flight at once (each uses the engine's own intra-op threads).
+        policy: the core's knobs; ``max_batch`` and ``max_queued`` are shortcuts.
+    """
+
+    def __init__(self, run_batch: BatchFn, *, max_batch: int = 8, max_queued: int = 64,
+                 threads: int = 1, policy: SchedulerPolicy | None = None) -> None:
+        if threads < 1:
+            raise ValueError("threads must be positive")
+        self.core = SchedulerCore(policy or SchedulerPolicy(max_batch=max_batch,
+                                                            max_queued=max_queued))
+        self._run_batch = run_batch
+        self._limiter = trio.CapacityLimiter(threads)
+        self._waiters: dict[Job, trio.Event] = {}
+        self._wakeup = trio.Event()
+        self.latencies_ms: list[float] = []  # recent final latencies, for metrics
+
+    @property
+    def max_batch(self) -> int:
+        return self.core.policy.max_batch
+
+    @property
+    def max_queued(self) -> int:
+        return self.core.policy.max_queued
+
+    @property
+    def queued(self) -> int:
+        return self.core.queued
+
+    @property
     def pending(self) -> int:
         """Jobs queued or running."""
-        return len(self._queue) + self._running
+        return self.core.queued + self.core.running
 
     def load(self) -> float:
         """Queued plus running jobs, relative to one full batch (1.0 = one batch waiting)."""
-        return (len(self._queue) + self._running) / self.max_batch
+        return self.pending / self.max_batch
+
+    def _wake(self, jobs: Sequence[Job]) -> None:
+        for j in jobs:
+            ev = self._waiters.pop(j, None)
+            if ev is not None:
+                ev.set()
+
+    def retire(self, key: object, utterance: int) -> None:
+        """See ``SchedulerCore.retire``."""
+        self._wake(self.core.retire(key, utterance))
+
+    def forget(self, key: object) -> None:
+        """See ``SchedulerCore.forget``."""
+        self._wake(self.core.forget(key))
 
     async def submit(self, job: Job) -> Any:
-        """Queue ``job`` and wait for its result.
+        """Queue ``job`` and wait for its result (None with ``job.stale`` when dropped).
 
         Raises:
             SchedulerBusy: the queue is full (finals still get in while partials are
                 dropped to make room).
-            Exception: whatever the batch function raised for this batch.
+            Exception: what the batch function raised for the batch or put in this
+                job's slot.
         """
-        if len(self._queue) >= self.max_queued:
-            victim = next((j for j in self._queue if j.kind == "partial"), None)
-            if job.kind in ("final", "lid") and victim is not None:
-                self._drop(victim)
-            else:
-                self._busy += 1
-                raise SchedulerBusy(f"{len(self._queue)} jobs queued")
-        if job.kind == "partial":
-            older = self._latest_partial.get(job.key)
-            if older is not None and not older.done.is_set():
-                self._drop(older)
-            self._latest_partial[job.key] = job
-        else:
-            older = self._latest_partial.pop(job.key, None)
-            if older is not None and not older.done.is_set():
-                self._drop(older)
-        self._queue.append(job)
+        done = trio.Event()
+        self._wake(self.core.submit(job, trio.current_time()))
+        self._waiters[job] = done
         self._wakeup.set()
-        await job.done.wait()
+        try:
+            await done.wait()
+        finally:
+            if not job.done:  # cancelled while queued: it must not cost anything
+                self._waiters.pop(job, None)
+                self.core.cancel(job)
         if job.error is not None:
             raise job.error
         return job.result
-
-    def _drop(self, job: Job) -> None:
-        job.stale = True
-        if job in self._queue:
-            self._queue.remove(job)
-            self._dropped += 1
-        job.done.set()
-
-    def _take_batch(self) -> tuple[str, list[Job]]:
-        # Language ID first (a session's routing, and its first final, wait on it), then
-        # finals (a user waits on each), then partials; oldest first within a kind.
-        self._queue.sort(key=lambda j: (_RANK.get(j.kind, 2), j.submitted))
-        pool = self._queue[0].pool
-        batch = [j for j in self._queue if j.pool == pool][: self.max_batch]
-        for j in batch:
-            self._queue.remove(j)
-        return pool, batch
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -160,52 +413,46 @@ class Scheduler:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                while not self._queue:
+                while not self.core.queued:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                 # The limiter is held on behalf of the batch, not of this task: the
                 # batch's own task releases it when the thread returns.
                 token = object()
                 await self._limiter.acquire_on_behalf_of(token)
-                if not self._queue:
+                # Choose only now that a slot is free, so the choice sees every job
+                # that arrived while the previous batch ran.
+                taken = self.core.next_batch(trio.current_time())
+                if taken is None:
                     self._limiter.release_on_behalf_of(token)
                     continue
-                pool, batch = self._take_batch()
-                self._running += len(batch)
+                pool, batch = taken
                 nursery.start_soon(self._execute, pool, batch, token)
 
     async def _execute(self, pool: str, batch: list[Job], token: object) -> None:
+        results: list[Any] | BaseException
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             try:
                 results = await trio.to_thread.run_sync(self._run_batch, pool, batch)
-                if len(results) != len(batch):
-                    raise RuntimeError("the batch function returned the wrong count")
             except Exception as exc:  # every job of the batch learns why
-                for j in batch:
-                    j.error = exc
-            else:
-                for j, r in zip(batch, results, strict=True):
-                    j.result = r
-            elapsed = time.perf_counter() - t0
-            self._batches += 1
-            self._done += len(batch)
-            self._compute_s += elapsed
-            self._audio_s += sum(len(j.audio) for j in batch) / 16000
-            now = time.perf_counter()
+                results = exc
+            now = trio.current_time()
+            self.core.complete(batch, results, now, time.perf_counter() - t0)
             for j in batch:
                 if j.kind == "final":
                     self.latencies_ms.append((now - j.submitted) * 1000)
             del self.latencies_ms[:-1000]
         finally:
-            self._running -= len(batch)
+            if not all(j.done for j in batch):  # cancelled mid-batch: release the waiters
+                self.core.complete([j for j in batch if not j.done],
+                                   RuntimeError("the scheduler stopped"),
+                                   trio.current_time(), 0.0)
             self._limiter.release_on_behalf_of(token)
-            for j in batch:
-                j.done.set()
+            self._wake(batch)
 
     def statistics(self) -> SchedulerStats:
-        return SchedulerStats(len(self._queue), self._running, self._batches, self._done,
-                              self._dropped, self._busy, self._audio_s, self._compute_s)
+        return self.core.statistics()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

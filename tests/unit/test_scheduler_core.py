@@ -1,0 +1,228 @@
+"""The scheduler's policy, sans-IO, on a fake clock (seconds passed in by the test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asr.scheduler import Job, SchedulerBusy, SchedulerCore, SchedulerPolicy
+
+AUDIO = np.zeros(16000, np.float32)  # 1 s
+
+
+def job(kind: str, key: object = "s", utt: int = 0, pool: str = "p") -> Job:
+    return Job(kind, pool, AUDIO, key=key, utterance=utt)
+
+
+def core(**kw: int) -> SchedulerCore:
+    return SchedulerCore(SchedulerPolicy(**kw))
+
+
+def run(c: SchedulerCore, now: float, cost_s: float = 0.1) -> list[Job]:
+    """Take one batch and complete it ``cost_s`` later with a result per job."""
+    taken = c.next_batch(now)
+    assert taken is not None
+    _, batch = taken
+    c.complete(batch, [f"r{i}" for i in range(len(batch))], now + cost_s, cost_s)
+    return batch
+
+
+def test_priority_lid_then_finals_then_first_partial_then_later_partials() -> None:
+    c = core(max_batch=1)
+    later = job("partial", "a")
+    c.submit(later, 0.0)
+    run(c, 0.0)  # a's first partial runs; its next one is a later partial
+    later = job("partial", "a")
+    first = job("partial", "b")
+    final = job("final", "c")
+    lid = job("lid", "d")
+    for t, j in enumerate([later, first, final, lid]):
+        c.submit(j, 0.2 + t * 0.01)
+    assert not later.first and first.first
+    order = [run(c, 0.3)[0] for _ in range(4)]
+    assert order == [lid, final, first, later]
+    assert c.next_batch(1.0) is None
+
+
+def test_finals_oldest_deadline_first_and_only_one_pool_per_batch() -> None:
+    c = core()
+    f1, f2, f3 = job("final", "a"), job("final", "b", pool="q"), job("final", "c")
+    c.submit(f1, 0.0)
+    c.submit(f2, 0.1)
+    c.submit(f3, 0.2)
+    assert run(c, 0.3) == [f1, f3]
+    assert run(c, 0.4) == [f2]
+
+
+def test_first_partial_jumps_ahead_of_older_later_partials() -> None:
+    c = core(max_batch=1)
+    for key in ("a", "b", "c"):
+        c.submit(job("partial", key), 0.0)
+        run(c, 0.0)
+    olds = [job("partial", k) for k in ("a", "b", "c")]
+    for j in olds:
+        c.submit(j, 0.2)
+    fresh = job("partial", "d")
+    c.submit(fresh, 0.25)
+    assert run(c, 0.3) == [fresh]
+
+
+def test_later_partials_do_not_ride_along_with_finals() -> None:
+    c = core()
+    c.submit(job("partial", "a"), 0.0)
+    run(c, 0.0)
+    later, final, first = job("partial", "a"), job("final", "b"), job("partial", "c")
+    c.submit(later, 0.2)
+    c.submit(final, 0.2)
+    c.submit(first, 0.2)
+    assert run(c, 0.3) == [final, first]
+    assert run(c, 0.5) == [later]
+
+
+def test_partials_never_starve_under_a_steady_stream_of_finals() -> None:
+    """Finals arrive faster than the engine clears them (0.15 s each, one every 0.1 s),
+    forever. Every utterance still gets a partial within the max gap (plus one batch)."""
+    gap_ms, cost = 1000, 0.15
+    c = core(max_batch=1, partial_max_gap_ms=gap_ms, max_queued=10_000)
+    streams = ["a", "b", "c"]
+    last_partial = {}
+    now, next_final, n = 0.0, 0.0, 0
+    for k in streams:
+        c.submit(job("partial", k), now)
+        last_partial[k] = now
+    worst = 0.0
+    while now < 30.0:
+        while next_final <= now:
+            c.submit(job("final", f"f{n}"), next_final)
+            n, next_final = n + 1, next_final + 0.1
+        taken = c.next_batch(now)
+        assert taken is not None
+        _, batch = taken
+        now += cost
+        c.complete(batch, ["x"] * len(batch), now, cost)
+        for j in batch:
+            if j.kind == "partial":
+                worst = max(worst, now - last_partial[j.key])
+                last_partial[j.key] = now
+                c.submit(job("partial", j.key), now)  # the stream keeps growing
+    assert all(now - t <= gap_ms / 1000 + 2 * cost for t in last_partial.values())
+    assert worst <= gap_ms / 1000 + 4 * cost  # gap, plus the batches ahead of it
+    stats = c.statistics()
+    assert stats.starved_promotions > 0
+    assert stats.jobs_done > 200
+
+
+def test_newer_partial_of_a_stream_makes_the_queued_one_stale() -> None:
+    c = core()
+    old, new = job("partial", "a"), job("partial", "a")
+    c.submit(old, 0.0)
+    assert c.submit(new, 0.1) == [old]
+    assert old.stale and old.done and c.queued == 1
+    assert new.first  # still the first partial of utterance 0: its clock kept going
+    assert c.statistics().partials_dropped == 1
+
+
+def test_final_retires_partials_of_its_utterance_but_not_of_the_next() -> None:
+    c = core()
+    p0 = job("partial", "a", utt=0)
+    c.submit(p0, 0.0)
+    assert c.retire("a", 0) == [p0]
+    p1 = job("partial", "a", utt=1)
+    c.submit(p1, 0.1)
+    assert c.submit(job("final", "a", utt=0), 0.2) == []
+    assert not p1.stale and c.queued == 2
+
+
+def test_busy_refuses_partials_and_finals_evict_partials() -> None:
+    c = core(max_queued=2)
+    pa, pb = job("partial", "a"), job("partial", "b")
+    c.submit(pa, 0.0)
+    c.submit(pb, 0.1)
+    with pytest.raises(SchedulerBusy):
+        c.submit(job("partial", "c"), 0.2)
+    fa = job("final", "x")
+    assert c.submit(fa, 0.3) == [pb]  # the least urgent partial made room
+    c.submit(job("final", "y"), 0.3)
+    with pytest.raises(SchedulerBusy):
+        c.submit(job("final", "z"), 0.4)
+    assert c.statistics().busy_rejections == 2
+
+
+def test_one_failing_job_fails_only_itself() -> None:
+    c = core()
+    jobs = [job("final", k) for k in "abc"]
+    for j in jobs:
+        c.submit(j, 0.0)
+    taken = c.next_batch(0.0)
+    assert taken is not None
+    boom = ValueError("unsupported language 'xx'")
+    c.complete(taken[1], ["A", boom, "C"], 0.1, 0.1)
+    assert [j.result for j in jobs] == ["A", None, "C"]
+    assert [j.error for j in jobs] == [None, boom, None]
+    assert all(j.done for j in jobs)
+    assert c.statistics().jobs_failed == 1
+
+
+def test_whole_batch_failure_and_wrong_count_fail_every_job() -> None:
+    c = core()
+    jobs = [job("final", k) for k in "ab"]
+    for j in jobs:
+        c.submit(j, 0.0)
+    taken = c.next_batch(0.0)
+    assert taken is not None
+    c.complete(taken[1], ["only one"], 0.1, 0.1)
+    assert all(isinstance(j.error, RuntimeError) for j in jobs)
+    j3 = job("final", "c")
+    c.submit(j3, 0.2)
+    err = OSError("engine died")
+    c.complete(run_take(c, 0.2), err, 0.3, 0.1)
+    assert j3.error is err and j3.result is None
+    s = c.statistics()
+    assert (s.jobs_failed, s.jobs_done, s.running, s.queued) == (3, 3, 0, 0)
+
+
+def run_take(c: SchedulerCore, now: float) -> list[Job]:
+    taken = c.next_batch(now)
+    assert taken is not None
+    return taken[1]
+
+
+def test_deadline_accounting() -> None:
+    c = core(final_deadline_ms=300, first_partial_deadline_ms=100, lid_deadline_ms=500,
+             partial_max_gap_ms=1000)
+    f_ok, f_late, lid, part = (job("final", "a"), job("final", "b"), job("lid", "c"),
+                               job("partial", "d"))
+    c.submit(f_ok, 10.0)
+    c.submit(f_late, 10.0)
+    c.submit(lid, 10.0)
+    c.submit(part, 10.0)
+    assert (f_ok.deadline, lid.deadline, part.deadline) == pytest.approx((10.3, 10.5, 10.1))
+    c.complete(run_take(c, 10.0), ["x"] * 4, 10.2, 0.2)  # all four in one batch at 10.2
+    s = c.statistics()
+    assert s.deadline_misses == {"lid": 0, "final": 0, "partial": 1}
+    later = job("partial", "d")
+    c.submit(later, 10.3)
+    assert later.deadline == pytest.approx(11.2)  # max gap from the last partial's answer
+    c.submit(f_late, 20.0)
+    c.complete(run_take(c, 20.0), ["x", "y"], 21.0, 1.0)
+    assert c.statistics().deadline_misses == {"lid": 0, "final": 1, "partial": 2}
+
+
+def test_cancel_and_forget_leave_nothing_behind() -> None:
+    c = core()
+    p, f = job("partial", "a"), job("final", "b")
+    c.submit(p, 0.0)
+    c.submit(f, 0.0)
+    c.cancel(f)
+    assert c.forget("a") == [p]
+    assert c.queued == 0 and c.next_batch(1.0) is None
+    assert not c._since  # no per-utterance clock outlives its stream
+
+
+def test_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        SchedulerPolicy(max_batch=0)
+    with pytest.raises(ValueError):
+        SchedulerPolicy(partial_max_gap_ms=0)
+    with pytest.raises(ValueError):
+        core().submit(job("nope"), 0.0)
