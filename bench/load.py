@@ -31,6 +31,7 @@ Writes ``bench/out/<name>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -203,10 +204,8 @@ class _Ws:
                 elif isinstance(ev, Ping):
                     await self.stream.send_all(self.ws.send(ev.response()))
                 elif isinstance(ev, CloseConnection):
-                    try:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await self.stream.send_all(self.ws.send(ev.response()))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
                     self.closed = True
                     return
                 elif isinstance(ev, BytesMessage):
@@ -422,10 +421,10 @@ def verify_archives(results: list[SessionResult], timeout_s: float = 30.0) -> No
     for r in results:
         if not r.record_url:
             continue
-        with urllib.request.urlopen(r.record_url, timeout=timeout_s) as resp:  # noqa: S310
+        with urllib.request.urlopen(r.record_url, timeout=timeout_s) as resp:
             data = resp.read()
         info = soundfile.info(io.BytesIO(data))
-        r.archived_samples = int(round(info.frames * SAMPLE_RATE / info.samplerate))
+        r.archived_samples = round(info.frames * SAMPLE_RATE / info.samplerate)
 
 
 # -- report -----------------------------------------------------------------------------
