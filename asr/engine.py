@@ -9,8 +9,10 @@ thread; nothing touches the event loop.
 from __future__ import annotations
 
 import logging
+import math
 import tomllib
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ import numpy as np
 from .backend import LidResult, Recognition
 from .scheduler import Job
 from .whisper import mel as melmod
-from .whisper.decoding import Utterance, WhisperEngine
+from .whisper.decoding import FallbackPolicy, Utterance, WhisperEngine
+from .whisper.normalize import normalize_english
 from .whisper.streaming import (
     EnginePartialDecoder,
     LocalAgreement,
@@ -28,7 +31,7 @@ from .whisper.streaming import (
     trim_repetition,
     word_boundary,
 )
-from .whisper.tokenizer import WhisperTokenizer
+from .whisper.tokenizer import LANGUAGES, WhisperTokenizer
 
 log = logging.getLogger("voxgate.asr.engine")
 
@@ -40,6 +43,83 @@ PARTIAL_EXTRA_TOKENS = 8  # ... so a looping partial stops early instead of at 2
 NO_SPEECH_PROB = 0.6
 LOGPROB_THRESHOLD = -1.0
 
+# Finals that loop or are unsure are decoded again at these temperatures (Whisper's
+# schedule), best of FALLBACK_BEST_OF samples each; what is still looping after the last
+# one is cut to one copy of the loop.
+FALLBACK = FallbackPolicy(temperatures=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), best_of=5,
+                          logprob_min=LOGPROB_THRESHOLD, no_speech_prob=NO_SPEECH_PROB)
+
+# Text Whisper makes up on silence, music and noise (its training subtitles' closing
+# lines). A partial that says only this (after normalisation) is not shown: the final,
+# decoded with the no-speech rule and a full margin, almost never supports it.
+SILENCE_PHRASES = frozenset({
+    "thank you", "thanks", "thank you very much", "thanks for watching",
+    "thank you for watching", "thank you so much for watching", "thanks for listening",
+    "you", "bye", "bye bye", "the end", "please subscribe", "subscribe", "music",
+    "applause", "silence", "laughter",
+})  # not "okay" or "so": real one-word utterances, which need their partial
+
+WINDOW_STEP_FRAMES = 100  # windows are rounded up to whole seconds, so jobs batch
+
+
+class UnsupportedLanguage(ValueError):
+    """A language code that Whisper does not know (``"xx"``), or not a language code.
+
+    The caller's fault: the server answers it with a coded error for that stream only.
+    """
+
+
+def normalize_language(code: str | None) -> str:
+    """A language hint as Whisper's code: ``"en-US"``, ``"EN_us"`` and ``"en"`` -> ``"en"``.
+
+    Args:
+        code: a BCP 47-ish tag, Whisper code, ``"auto"``, ``""`` or None.
+
+    Returns:
+        The Whisper code, or ``"auto"`` for no hint (None, ``""``, ``"auto"``).
+
+    Raises:
+        UnsupportedLanguage: a code that is not one of Whisper's languages.
+    """
+    if code is None:
+        return "auto"
+    text = str(code).strip().lower()
+    if text in ("", "auto"):
+        return "auto"
+    primary = text.replace("_", "-").split("-", 1)[0]
+    if primary not in LANGUAGES:
+        raise UnsupportedLanguage(f"unsupported language {code!r}: not one of Whisper's")
+    return primary
+
+
+def window_frames(samples: int, margin_s: float, min_window_s: float) -> int:
+    """Encoder window for ``samples`` of audio: ``clamp(audio + margin, min, 30 s)``.
+
+    The trailing margin of padding is what keeps Whisper from looping: a 20 s utterance
+    in a window of exactly 20 s decoded to 188 words instead of 60 (issue 10); with 4 s
+    of margin or with 30 s it was right. Rounded up to whole seconds so that jobs of
+    nearby lengths share one encoder run.
+
+    Args:
+        samples: audio length (16 kHz).
+        margin_s: padding after the audio, in seconds.
+        min_window_s: the shortest window, in seconds.
+
+    Returns:
+        Mel frames (even, at most 3000).
+    """
+    want = max(min_window_s, samples / melmod.SAMPLE_RATE + margin_s)
+    frames = math.ceil(want * 100 / WINDOW_STEP_FRAMES - 1e-9) * WINDOW_STEP_FRAMES
+    frames = max(frames, -(-min(samples, melmod.N_SAMPLES) // melmod.HOP_LENGTH))
+    return min(melmod.N_FRAMES, frames + frames % 2)
+
+
+def supported_text(text: str) -> bool:
+    """Whether a partial's text is worth showing: not empty, not only punctuation, not
+    one of :data:`SILENCE_PHRASES`."""
+    norm = normalize_english(text)
+    return bool(norm) and norm not in SILENCE_PHRASES
+
 
 @dataclass(frozen=True)
 class PoolSpec:
@@ -49,49 +129,64 @@ class PoolSpec:
         model: model for finals (``base`` or ``tiny.en``).
         languages: languages it serves; ``("*",)`` is any (language detected).
         partial_model: model for partials (default: ``model``).
-        partial_window_s: partials pad to this many seconds instead of 30 (a shorter
-            window is cheaper; the growing audio must fit).
-        final_window_s: finals pad to this many seconds (longer utterances to their
-            length). 30 is Whisper's own window and the safe default; on the
-            pocketsphinx set base keeps its WER at 15 (``bench/asr_quality.py
-            --partial-windows``), which halves a final's encoder cost.
+        final_margin_s: padding after a final's audio in its encoder window, seconds.
+        final_min_window_s: the shortest encoder window of a final, seconds.
+        partial_margin_s: the same for partials.
+        partial_min_window_s: the same for partials.
+        partial_window_s: legacy name of ``partial_min_window_s`` (wins when given).
+        final_window_s: legacy name of ``final_min_window_s`` (wins when given).
         precision: ``int8`` or ``fp32``.
         beam_size: beam for finals (partials are always greedy).
+
+    The window of a decode is ``clamp(audio + margin, min_window, 30 s)``
+    (:func:`window_frames`); see ``DEFAULT_POOLS`` for the measured defaults.
     """
 
     model: str = "base"
     languages: tuple[str, ...] = ("*",)
     partial_model: str | None = None
-    partial_window_s: float = 30.0
-    final_window_s: float = 30.0
+    final_margin_s: float = 5.0
+    final_min_window_s: float = 8.0
+    partial_margin_s: float = 5.0
+    partial_min_window_s: float = 8.0
+    partial_window_s: float | None = None
+    final_window_s: float | None = None
     precision: str = "int8"
     beam_size: int = 1
 
     def __post_init__(self) -> None:
         if self.model.endswith(".en") and self.languages != ("en",):
             raise ValueError(f"{self.model} is English-only: languages must be ['en']")
-        if not 1.0 <= self.partial_window_s <= 30.0:
-            raise ValueError("partial_window_s must be between 1 and 30")
-        if not 5.0 <= self.final_window_s <= 30.0:
-            raise ValueError("final_window_s must be between 5 and 30")
+        # The legacy names set the minimum window (the margin still applies on top).
+        if self.final_window_s is not None:
+            object.__setattr__(self, "final_min_window_s", float(self.final_window_s))
+        if self.partial_window_s is not None:
+            object.__setattr__(self, "partial_min_window_s", float(self.partial_window_s))
+        object.__setattr__(self, "final_window_s", self.final_min_window_s)
+        object.__setattr__(self, "partial_window_s", self.partial_min_window_s)
+        for name in ("final", "partial"):
+            margin = getattr(self, f"{name}_margin_s")
+            low = getattr(self, f"{name}_min_window_s")
+            if not 0.0 <= margin <= 30.0:
+                raise ValueError(f"{name}_margin_s must be between 0 and 30, got {margin}")
+            if not 1.0 <= low <= 30.0:
+                raise ValueError(f"{name}_min_window_s must be between 1 and 30, got {low}")
         if not 1 <= self.beam_size <= 5:
             raise ValueError("beam_size must be between 1 and 5")
 
 
 # Chosen with bench/asr_server.py (2 cores, real-time streams; see the project notes):
-# English finals on base at a 15 s window (same WER as 30 s on the pocketsphinx set,
-# half the encoder cost) with tiny.en partials at 15 s gave the lowest final and
-# first-partial latency of the strategies measured. Other languages keep Whisper's
-# 30 s window for finals (15 s was measured on English only) and cheaper 10 s partials.
+# English finals on base with tiny.en partials gave the lowest final and first-partial
+# latency of the strategies measured. Windows are sized to the audio with a trailing
+# margin (PoolSpec defaults; measured with bench/asr_quality.py --margins, see there).
 # Language ID runs the encoder on a 10 s window, not 30 s: on this 2-core machine that took
 # a request from ~1.5 s to ~0.4 s under load, and on LibriVox speech it answered en at
 # 0.88-1.00 from 1 s of speech on either window.
 LID_WINDOW_S = 10.0
 
 DEFAULT_POOLS: dict[str, PoolSpec] = {
-    "en": PoolSpec(model="base", languages=("en",), partial_model="tiny.en",
-                   partial_window_s=15.0, final_window_s=15.0),
-    "multi": PoolSpec(model="base", languages=("*",), partial_window_s=10.0),
+    "en": PoolSpec(model="base", languages=("en",), partial_model="tiny.en"),
+    "multi": PoolSpec(model="base", languages=("*",)),
 }
 DEFAULT_POOL = "multi"
 
@@ -110,7 +205,7 @@ def load_pools(path: str | Path) -> tuple[dict[str, PoolSpec], str]:
             if "languages" in table:
                 table = {**table, "languages": tuple(table["languages"])}
             pools[name] = PoolSpec(**table)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"pool {name!r}: {exc}") from exc
     if not pools:
         raise ValueError(f"{path}: no [pools.<name>] tables")
@@ -126,6 +221,9 @@ class StablePartials:
     A token prefix becomes stable once two consecutive hypotheses agree on it (cut back
     to a word boundary); the next decode is forced to start with it, so each re-decode
     only generates the unstable tail, and shown text never retracts what was stable.
+    A hypothesis the final would not support is not shown (``update`` returns ""): one
+    on audio Whisper calls no-speech (the backend sends it without tokens), and one that
+    is only punctuation or a silence phrase ("Thank you.") and has no stable text yet.
     """
 
     def __init__(self, tok: WhisperTokenizer) -> None:
@@ -137,23 +235,42 @@ class StablePartials:
         return self.policy.committed
 
     def update(self, result: Recognition) -> str:
+        """The text to show for this hypothesis ("" for none)."""
+        if not result.tokens:
+            return ""  # no-speech, or nothing decoded: nothing the final would back
         tokens, looped = trim_repetition(result.tokens)
         stable, tail = self.policy.update(tokens, trusted=result.finished and not looped)
-        return self.tok.decode(stable + tail).strip()
+        text = self.tok.decode(stable + tail).strip()
+        return text if supported_text(text) else ""
+
+
+def _seed(job: Job) -> int:
+    """A job's sampling seed: given, or from its audio (the same audio, the same text)."""
+    seed = job.options.get("seed")
+    if seed is not None:
+        return int(seed)
+    return zlib.crc32(np.ascontiguousarray(job.audio).tobytes())
 
 
 @dataclass
 class WhisperBackend:
-    """Implements ``asr.backend.Backend`` with the ONNX Whisper engines."""
+    """Implements ``asr.backend.Backend`` with the ONNX Whisper engines.
+
+    ``run_batch`` isolates jobs: a job that cannot run (an unknown language, a decode
+    that raises) gets its exception in its own slot of the result list, and the other
+    jobs of the batch still get their text.
+    """
 
     pools_spec: dict[str, PoolSpec] = field(default_factory=lambda: dict(DEFAULT_POOLS))
     default_pool: str = DEFAULT_POOL
     threads: int = 2
+    fallback: FallbackPolicy = FALLBACK
     _engines: dict[tuple[str, str], WhisperEngine] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.default_pool not in self.pools_spec:
             raise ValueError(f"default pool {self.default_pool!r} is not defined")
+        self.fallback.validate()
 
     # -- Backend ---------------------------------------------------------------------
 
@@ -164,8 +281,11 @@ class WhisperBackend:
         """A pool named by ``domain``, else one serving ``lang_hint``, else the default."""
         if domain and domain != "default":
             return domain if domain in self.pools_spec else None
-        hint = lang_hint.lower()
-        if hint and hint != "auto":
+        try:
+            hint = normalize_language(lang_hint)
+        except UnsupportedLanguage:
+            return None
+        if hint != "auto":
             for name, spec in self.pools_spec.items():
                 if hint in spec.languages:
                     return name
@@ -189,66 +309,127 @@ class WhisperBackend:
                                                     threads=self.threads)
         return self._engines[key]
 
-    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
+    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Any]:
+        """Run ``jobs`` of ``pool``; a failing job gets its exception in its slot.
+
+        Returns:
+            One ``Recognition``, ``LidResult`` or ``Exception`` per job (typed ``Any``
+            until ``Backend.run_batch`` in asr/backend.py admits exceptions).
+        """
         spec = self.pools_spec[pool]
-        out: dict[int, Recognition | LidResult] = {}
+        out: dict[int, Recognition | LidResult | Exception] = {}
         groups: dict[str, list[int]] = {"final": [], "partial": [], "lid": []}
         for i, job in enumerate(jobs):
-            groups[job.kind].append(i)
-        if groups["lid"]:
-            engine = self.engine(spec.model, spec.precision)
-            for i in groups["lid"]:
-                res = engine.detect_language(jobs[i].audio, top_k=5,
-                                             min_window_s=LID_WINDOW_S)
-                out[i] = LidResult(res.lang, res.prob, res.top, res.no_speech_prob)
-        if groups["final"]:
-            self._finals(spec, jobs, groups["final"], out)
-        if groups["partial"]:
-            self._partials(spec, jobs, groups["partial"], out)
+            if job.kind not in groups:
+                out[i] = ValueError(f"unknown job kind {job.kind!r}")
+            else:
+                groups[job.kind].append(i)
+        for kind, run in (("lid", self._lid), ("final", self._finals),
+                          ("partial", self._partials)):
+            idx = groups[kind]
+            if idx:
+                self._isolated(run, spec, jobs, idx, out)
         return [out[i] for i in range(len(jobs))]
 
+    def _isolated(self, run: _Runner, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
+                  out: dict[int, Recognition | LidResult | Exception]) -> None:
+        """Run ``idx`` together; if that raises, run each alone so one bad job fails
+        alone."""
+        try:
+            run(spec, jobs, idx, out)
+            return
+        except Exception as exc:
+            if len(idx) == 1:
+                log.exception("%s job failed", jobs[idx[0]].kind)
+                out[idx[0]] = exc
+                return
+        for i in idx:
+            try:
+                run(spec, jobs, [i], out)
+            except Exception as exc:
+                log.exception("%s job failed alone", jobs[i].kind)
+                out[i] = exc
+
     def _language(self, spec: PoolSpec, model: str, job: Job) -> str | None:
-        lang = job.options.get("lang") or self._fixed_language(spec, model)
-        return None if lang in (None, "", "auto") else str(lang)
+        lang = normalize_language(job.options.get("lang"))
+        if lang == "auto":
+            return self._fixed_language(spec, model)
+        if model.endswith(".en") and lang != "en":
+            raise UnsupportedLanguage(f"{model} is English-only, asked for {lang!r}")
+        return lang
+
+    def _lid(self, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
+             out: dict[int, Recognition | LidResult | Exception]) -> None:
+        engine = self.engine(spec.model, spec.precision)
+        for i in idx:
+            res = engine.detect_language(jobs[i].audio, top_k=5, min_window_s=LID_WINDOW_S)
+            out[i] = LidResult(res.lang, res.prob, res.top, res.no_speech_prob)
+
+    def _valid(self, spec: PoolSpec, model: str, jobs: Sequence[Job], idx: list[int],
+               out: dict[int, Recognition | LidResult | Exception]
+               ) -> list[tuple[int, str | None]]:
+        """The jobs of ``idx`` whose language is valid, with it; the others fail."""
+        ok = []
+        for i in idx:
+            try:
+                ok.append((i, self._language(spec, model, jobs[i])))
+            except UnsupportedLanguage as exc:
+                out[i] = exc
+        return ok
 
     def _finals(self, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
-                out: dict[int, Recognition | LidResult]) -> None:
+                out: dict[int, Recognition | LidResult | Exception]) -> None:
         engine = self.engine(spec.model, spec.precision)
-        items = [Utterance(jobs[i].audio[: melmod.N_SAMPLES], 0.0,
-                           self._language(spec, spec.model, jobs[i]),
-                           jobs[i].options.get("prompt")) for i in idx]
-        longest = max(len(u.audio) for u in items)
-        frames = min(melmod.N_FRAMES, max(
-            int(spec.final_window_s * melmod.SAMPLE_RATE / melmod.HOP_LENGTH),
-            -(-longest // melmod.HOP_LENGTH)))
-        results = engine.transcribe_batch(items, beam_size=spec.beam_size,
-                                          pad_to_frames=frames + frames % 2)
-        for i, t in zip(idx, results, strict=True):
-            silent = t.no_speech_prob > NO_SPEECH_PROB and t.avg_logprob < LOGPROB_THRESHOLD
-            out[i] = Recognition("" if silent else t.text, t.lang, t.no_speech_prob,
-                                 t.tokens)
+        by_window: dict[int, list[tuple[int, str | None]]] = {}
+        for i, lang in self._valid(spec, spec.model, jobs, idx, out):
+            n = min(jobs[i].audio.size, melmod.N_SAMPLES)
+            frames = window_frames(n, spec.final_margin_s, spec.final_min_window_s)
+            by_window.setdefault(frames, []).append((i, lang))
+        for frames, group in sorted(by_window.items()):
+            items = [Utterance(jobs[i].audio[: melmod.N_SAMPLES], 0.0, lang,
+                               jobs[i].options.get("prompt"), seed=_seed(jobs[i]))
+                     for i, lang in group]
+            results = engine.transcribe_batch(items, beam_size=spec.beam_size,
+                                              pad_to_frames=frames, fallback=self.fallback)
+            for (i, _), t in zip(group, results, strict=True):
+                silent = (t.no_speech_prob > NO_SPEECH_PROB
+                          and t.avg_logprob < LOGPROB_THRESHOLD)
+                if t.temperature > 0 or t.loop_cut:
+                    log.info("final fell back: temperature %.1f, loop cut %s",
+                             t.temperature, t.loop_cut)
+                out[i] = Recognition("" if silent else t.text, t.lang, t.no_speech_prob,
+                                     () if silent else t.tokens)
 
     def _partials(self, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
-                  out: dict[int, Recognition | LidResult]) -> None:
+                  out: dict[int, Recognition | LidResult | Exception]) -> None:
         model = spec.partial_model or spec.model
         engine = self.engine(model, spec.precision)
-        window = int(spec.partial_window_s * melmod.SAMPLE_RATE / melmod.HOP_LENGTH)
+        valid = self._valid(spec, model, jobs, idx, out)
         pjobs = []
-        for i in idx:
+        for i, lang in valid:
             job = jobs[i]
             audio = job.audio[: melmod.N_SAMPLES]
-            frames = min(melmod.N_FRAMES, max(window, -(-audio.size // melmod.HOP_LENGTH)))
             prefix = tuple(job.options.get("prefix", ()))
             budget = int(np.ceil(audio.size / melmod.SAMPLE_RATE * PARTIAL_TOKENS_PER_S))
             pjobs.append(PartialJob(
-                audio=audio, window_frames=frames + frames % 2, prefix=prefix,
-                language=self._language(spec, model, job), prompt=job.options.get("prompt"),
+                audio=audio,
+                window_frames=window_frames(audio.size, spec.partial_margin_s,
+                                            spec.partial_min_window_s),
+                prefix=prefix, language=lang, prompt=job.options.get("prompt"),
                 max_new_tokens=max(1, budget + PARTIAL_EXTRA_TOKENS - len(prefix))))
-        for i, r in zip(idx, EnginePartialDecoder(engine).decode_partials(pjobs),
-                        strict=True):
+        if not pjobs:
+            return
+        results = EnginePartialDecoder(engine).decode_partials(pjobs)
+        for (i, _), r in zip(valid, results, strict=True):
             silent = r.no_speech_prob > NO_SPEECH_PROB and r.avg_logprob < LOGPROB_THRESHOLD
-            out[i] = Recognition("" if silent else r.text.strip(), r.language,
-                                 r.no_speech_prob, () if silent else r.tokens, r.finished)
+            text = r.text.strip()
+            if silent or not supported_text(text):
+                # Nothing the final would support: no text, and no tokens, so the
+                # stable-prefix policy shows nothing either.
+                out[i] = Recognition("", r.language, r.no_speech_prob, (), r.finished)
+            else:
+                out[i] = Recognition(text, r.language, r.no_speech_prob, r.tokens,
+                                     r.finished)
 
     def partial_policy(self, pool: str) -> StablePartials:
         spec = self.pools_spec[pool]
@@ -278,6 +459,14 @@ class WhisperBackend:
     def describe(self) -> dict[str, Any]:
         return {name: {"model": s.model, "languages": list(s.languages),
                        "partial_model": s.partial_model or s.model,
-                       "partial_window_s": s.partial_window_s,
-                       "final_window_s": s.final_window_s, "precision": s.precision}
+                       "final_margin_s": s.final_margin_s,
+                       "final_min_window_s": s.final_min_window_s,
+                       "partial_margin_s": s.partial_margin_s,
+                       "partial_min_window_s": s.partial_min_window_s,
+                       "precision": s.precision}
                 for name, s in self.pools_spec.items()}
+
+
+_Runner = Callable[[PoolSpec, Sequence[Job], list[int],
+                    dict[int, Recognition | LidResult | Exception]], None]
+

@@ -32,18 +32,40 @@ import os
 import time
 import wave
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from asr.whisper import loops
 from asr.whisper import mel as melmod
 from asr.whisper.model import CrossKV, SelfKV, WhisperModel
 from asr.whisper.tokenizer import WhisperTokenizer, load_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 224  # Whisper's sample_len: n_text_ctx // 2
 SAMPLE_RATE = melmod.SAMPLE_RATE  # Hz
+# Token budget per second of audio. Measured output of base and tiny.en (int8): LibriVox
+# read speech 3.0-4.0 tokens/s, espeak-ng at 220 wpm 4.1-4.4, cards and digits 1.2-3.7.
+# Other languages take up to about twice the tokens per word in Whisper's BPE, so 8/s
+# never cuts real speech, while a loop on 5 s of audio stops at 50 tokens, not 224.
+BUDGET_TOKENS_PER_S = 8.0
+BUDGET_EXTRA_TOKENS = 10  # room for punctuation and a short clip's first word
+
+
+def token_budget(samples: int, tokens_per_s: float = BUDGET_TOKENS_PER_S,
+                 extra: int = BUDGET_EXTRA_TOKENS) -> int:
+    """Most tokens a decode of ``samples`` of 16 kHz audio may generate.
+
+    Args:
+        samples: audio length in samples.
+        tokens_per_s: budget per second of audio.
+        extra: added to every budget.
+
+    Returns:
+        ``ceil(seconds * tokens_per_s) + extra``, at most Whisper's 224.
+    """
+    return min(DEFAULT_MAX_NEW_TOKENS, math.ceil(samples / SAMPLE_RATE * tokens_per_s) + extra)
 
 
 # -- results ----------------------------------------------------------------------------
@@ -74,6 +96,7 @@ class DecodeRequest:
     prompt: str | None = None
     prefix: tuple[int, ...] = ()
     max_new_tokens: int | None = None  # None: DecodeOptions.max_new_tokens
+    seed: int = 0  # sampling (temperature > 0) draws from its own RNG seeded with this
 
 
 @dataclass(frozen=True)
@@ -86,9 +109,16 @@ class DecodeOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     suppress_blank: bool = True  # no " " or end-of-text as the first token
     task: str = "transcribe"
+    # > 0: sample each token from softmax(logits / temperature) instead of searching
+    # (beam_size must then be 1); what Whisper falls back to when greedy text loops.
+    temperature: float = 0.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.temperature > 0 and self.beam_size != 1:
+            raise ValueError("sampling (temperature > 0) needs beam_size 1")
         if not 1 <= self.beam_size <= 16:
             raise ValueError(f"beam_size must be in 1..16, got {self.beam_size}")
         if self.patience < 1.0:
@@ -117,6 +147,51 @@ class DecodeResult:
     sum_logprob: float
     avg_logprob: float  # sum_logprob / (sampled tokens + 1), as faster-whisper reports it
     finished: bool  # ended with end-of-text (False: hit the token limit)
+    temperature: float = 0.0  # the temperature of the decode that was kept
+    loop_cut: bool = False  # no decode came out clean: a repeated tail was cut off
+
+    @property
+    def compression_ratio(self) -> float:
+        """zlib ratio of the text: above ~2.4 the text repeats itself (a loop)."""
+        return loops.compression_ratio(self.text)
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """When a decode is bad and what to try next (OpenAI Whisper's
+    ``decode_with_fallback``, plus a token-budget check and a last-resort loop cut).
+
+    A decode needs a fallback when its text compresses too well (a loop), its average
+    log-probability is too low (the model was guessing), or it ran out of token budget
+    (with a budget proportional to the audio, only a loop does). Audio the model calls
+    no-speech with a low log-probability is left alone: the caller empties it.
+    """
+
+    # Whisper's own schedule; the first entry is the search given by DecodeOptions.
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    best_of: int = 5  # samples per temperature above 0, best by mean log-probability
+    compression_ratio_max: float = loops.COMPRESSION_RATIO_MAX
+    logprob_min: float = -1.0  # Whisper's logprob_threshold
+    no_speech_prob: float = 0.6  # Whisper's no_speech_threshold
+    cut_loops: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field."""
+        if not self.temperatures or any(not 0 <= t <= 2 for t in self.temperatures):
+            raise ValueError(f"temperatures must be in [0, 2], got {self.temperatures}")
+        if not 1 <= self.best_of <= 16:
+            raise ValueError(f"best_of must be in 1..16, got {self.best_of}")
+
+    def silent(self, r: DecodeResult) -> bool:
+        """Whisper's no-speech rule: likely no-speech and an unsure decode."""
+        return r.no_speech_prob > self.no_speech_prob and r.avg_logprob < self.logprob_min
+
+    def needs_fallback(self, r: DecodeResult) -> bool:
+        """Whether ``r`` should be decoded again at the next temperature."""
+        if self.silent(r):
+            return False
+        return (r.compression_ratio > self.compression_ratio_max
+                or r.avg_logprob < self.logprob_min or not r.finished)
 
 
 @dataclass(frozen=True)
@@ -149,6 +224,8 @@ class Transcript:
     rtf: float
     model: str = ""
     beam_size: int = 1
+    temperature: float = 0.0  # of the decode kept (above 0: greedy text looped or was unsure)
+    loop_cut: bool = False  # every decode looped; the repeated tail was cut off
 
     @property
     def audio_ms(self) -> float:
@@ -349,6 +426,74 @@ class WhisperDecoder:
                 results[row.index] = res
         return [r for r in results if r is not None]
 
+    def decode_with_fallback(
+        self,
+        cross: CrossKV,
+        requests: Sequence[DecodeRequest],
+        options: DecodeOptions | None = None,
+        policy: FallbackPolicy | None = None,
+    ) -> list[DecodeResult]:
+        """Decode every row; rows whose text loops or is unsure are decoded again.
+
+        The first pass is ``options`` as given (greedy or beam). Each later temperature
+        samples ``policy.best_of`` candidates per failing row (seeded from the row's
+        ``seed``, so the same request always gives the same text) and keeps the best by
+        mean log-probability. A row that passes stops there. A row that never passes
+        keeps, like faster-whisper, the most likely candidate that does not loop (or the
+        most likely of all), and a loop left in it is cut to one copy. The encoder output
+        is reused by every pass.
+
+        Args:
+            cross: encoder output, one row per request.
+            requests: per-utterance language, prompt, prefix, token limit and seed.
+            options: search settings of the first pass.
+            policy: thresholds and temperatures.
+
+        Returns:
+            One result per request, in order; ``temperature`` says which pass won.
+        """
+        opts = options or DecodeOptions()
+        pol = policy or FallbackPolicy()
+        pol.validate()
+        first = replace(opts, temperature=pol.temperatures[0],
+                        beam_size=opts.beam_size if pol.temperatures[0] == 0 else 1)
+        results = self.decode(cross, requests, first)
+        tried: dict[int, list[DecodeResult]] = {
+            i: [r] for i, r in enumerate(results) if pol.needs_fallback(r)}
+        pending = list(tried)
+        for ti, temp in enumerate(pol.temperatures[1:], start=1):
+            if not pending:
+                break
+            n = pol.best_of if temp > 0 else 1
+            rows = [i for i in pending for _ in range(n)]
+            reqs = [replace(requests[i], seed=(requests[i].seed * 1_000_003 + ti * 101 + k))
+                    for i in pending for k in range(n)]
+            sub = take_rows(cross, np.array(rows))
+            cand = self.decode(sub, reqs, replace(opts, temperature=temp,
+                                                  beam_size=opts.beam_size if temp == 0 else 1))
+            still = []
+            for j, i in enumerate(pending):
+                best = max(cand[j * n : (j + 1) * n], key=lambda r: r.avg_logprob)
+                best = replace(best, temperature=temp)
+                tried[i].append(best)
+                if pol.needs_fallback(best):
+                    still.append(i)
+                else:
+                    results[i] = best
+            pending = still
+        for i in pending:
+            cands = tried[i]
+            clean = [r for r in cands if r.compression_ratio <= pol.compression_ratio_max]
+            best = max(clean or cands, key=lambda r: r.avg_logprob)
+            if pol.cut_loops and (best.compression_ratio > pol.compression_ratio_max
+                                  or not best.finished):
+                tokens, cut = loops.cut_loop(best.tokens)
+                if cut:
+                    best = replace(best, tokens=tokens, text=self.tok.decode(tokens),
+                                   loop_cut=True)
+            results[i] = best
+        return results
+
     def _plan(self, index: int, req: DecodeRequest, opts: DecodeOptions) -> _Row:
         if req.language is not None:
             # Validate early: the SOT sequence needs it after the first call.
@@ -453,10 +598,17 @@ class WhisperDecoder:
         suppress_begin = np.array(
             [opts.suppress_blank and not r.request.prefix for r in group], dtype=bool
         )
+        rngs = [np.random.default_rng(r.request.seed) for r in group]
         step = 0
         while True:
             lp = self._filtered_logprobs(logits, suppress_begin[alive] & (step == 0))
-            nxt = lp.argmax(axis=-1)
+            if opts.temperature > 0:
+                # One RNG per row: a row's sample does not depend on its batch mates.
+                probs = softmax(lp / opts.temperature)
+                nxt = np.array([rngs[row_i].choice(probs.shape[1], p=probs[j])
+                                for j, row_i in enumerate(alive)], dtype=np.int64)
+            else:
+                nxt = lp.argmax(axis=-1)
             keep = []
             for j, row_i in enumerate(alive):
                 t = int(nxt[j])
@@ -611,6 +763,8 @@ class Utterance:
     start_ms: float = 0.0
     language: str | None = None
     prompt: str | None = None
+    max_new_tokens: int | None = None  # None: token_budget(audio), at most the call's limit
+    seed: int = 0  # for fallback sampling: the same utterance always decodes the same
 
 
 class WhisperEngine:
@@ -756,17 +910,21 @@ class WhisperEngine:
         beam_size: int = 1,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         pad_to_frames: int | None = None,
+        fallback: FallbackPolicy | None = None,
     ) -> list[Transcript]:
         """Transcribe several utterances (each at most 30 s) in one encoder run and one
         decoder run per step.
 
         Args:
             utterances: clips, or :class:`Utterance` items with their own start offset,
-                language and prompt.
+                language, prompt, token budget and seed.
             beam_size: beam width (1 = greedy).
-            max_new_tokens: token limit per utterance.
+            max_new_tokens: token limit per utterance (each also gets a budget
+                proportional to its audio, :func:`token_budget`).
             pad_to_frames: mel frames per row; default a full 30 s window (the accurate
-                setting; shorter windows are for partials, see ``streaming``).
+                setting; shorter windows need a trailing margin, see ``asr.engine``).
+            fallback: re-decode text that loops or is unsure
+                (:meth:`WhisperDecoder.decode_with_fallback`); None decodes once.
 
         Returns:
             One transcript per utterance, in order. Timings are the batch's, shared.
@@ -778,7 +936,7 @@ class WhisperEngine:
         if not items:
             return []
         return self._transcribe_rows(items, beam_size, max_new_tokens,
-                                     pad_to_frames or self.max_frames)
+                                     pad_to_frames or self.max_frames, fallback=fallback)
 
     def _transcribe_rows(
         self,
@@ -788,6 +946,7 @@ class WhisperEngine:
         frames: int,
         *,
         language_from_first: bool = False,
+        fallback: FallbackPolicy | None = None,
     ) -> list[Transcript]:
         audios = [to_float_audio(u.audio) for u in items]
         for a in audios:
@@ -803,12 +962,16 @@ class WhisperEngine:
             # Whisper picks the language of long audio from its first window.
             lang = self.decoder.detect_language(take_rows(cross, np.array([0])), top_k=1)[0].lang
             languages = [lang] * len(items)
-        results = self.decoder.decode(
-            cross,
-            [DecodeRequest(language=lang, prompt=u.prompt)
-             for u, lang in zip(items, languages, strict=True)],
-            DecodeOptions(beam_size=beam_size, max_new_tokens=max_new_tokens),
-        )
+        requests = [
+            DecodeRequest(language=lang, prompt=u.prompt, seed=u.seed,
+                          max_new_tokens=min(max_new_tokens, u.max_new_tokens
+                                             or token_budget(a.size)))
+            for u, lang, a in zip(items, languages, audios, strict=True)]
+        options = DecodeOptions(beam_size=beam_size, max_new_tokens=max_new_tokens)
+        if fallback is None:
+            results = self.decoder.decode(cross, requests, options)
+        else:
+            results = self.decoder.decode_with_fallback(cross, requests, options, fallback)
         t2 = time.perf_counter()
         total_ms = (t2 - t0) * 1e3
         timings = Timings(mel_ms, enc_ms, (t2 - t1) * 1e3, total_ms)
@@ -830,6 +993,8 @@ class WhisperEngine:
                     rtf=total_ms / max(audio_ms_total, 1e-9),
                     model=self.model.name,
                     beam_size=beam_size,
+                    temperature=r.temperature,
+                    loop_cut=r.loop_cut,
                 )
             )
         return out

@@ -1,4 +1,5 @@
-"""Streaming partials: the local-agreement policy, utterance streams on a scripted fake
+"""Streaming partials: the local-agreement policy, the production partial path
+(``WhisperBackend`` partial jobs shown through ``StablePartials``) on a scripted fake
 model, and (slow) the real model on a recording."""
 
 from __future__ import annotations
@@ -12,16 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asr.backend import Recognition
+from asr.engine import PoolSpec, WhisperBackend
+from asr.scheduler import Job
 from asr.whisper.decoding import WhisperEngine
 from asr.whisper.normalize import normalize_english
 from asr.whisper.streaming import (
-    EnginePartialDecoder,
     LocalAgreement,
-    Partial,
-    StreamConfig,
-    UtteranceStream,
     common_prefix_length,
-    run_partials,
     trim_repetition,
     word_boundary,
 )
@@ -111,7 +110,7 @@ def test_stable_text_never_retracts(tok: WhisperTokenizer, hyps: list[str], n: i
         prev_stable, prev_tokens = text, stable
 
 
-# -- utterance streams on the fake model -------------------------------------------------
+# -- the production partial path on the fake model -------------------------------------------------
 
 SENTENCE = "go forward ten meters"
 
@@ -138,111 +137,138 @@ def fake(tmp_path: Path) -> fw.ScriptedWhisper:
     return model
 
 
-def _stream_all(stream: UtteranceStream, dec: EnginePartialDecoder, audio: np.ndarray,
-                chunk: int) -> list[Partial]:
-    out: list[Partial] = []
-    for i in range(0, audio.size, chunk):
-        stream.feed(audio[i : i + chunk])
-        out += stream.step(dec)
-    return out
+def _backend(model: fw.ScriptedWhisper, **spec: object) -> WhisperBackend:
+    """The production backend with one pool on the fake model (key ``("fake", "int8")``)."""
+    pool = PoolSpec(model="fake", **spec)  # type: ignore[arg-type]
+    return WhisperBackend(pools_spec={"p": pool}, default_pool="p",
+                          _engines={("fake", "int8"): WhisperEngine(model)})
 
 
-def test_stream_partials_and_final(fake: fw.ScriptedWhisper) -> None:
-    eng = WhisperEngine(fake)
-    dec = EnginePartialDecoder(eng)
-    s = UtteranceStream(7, eng.tok, start_sample=16000, language="en")
-    partials = _stream_all(s, dec, _tone(2.6), 1600)
-    # One partial per 0.5 s of audio.
-    assert [p.revision for p in partials] == [1, 2, 3, 4, 5]
-    assert [p.end_ms for p in partials] == [1500.0, 2000.0, 2500.0, 3000.0, 3500.0]
-    assert all(p.utterance == 7 and p.start_ms == 1000.0 for p in partials)
-    stables = [p.stable_text for p in partials]
-    for a, b in itertools.pairwise(stables):
-        assert b.startswith(a)
-    for p in partials:
-        assert p.text.startswith(p.stable_text)
-    assert stables[-1].startswith("go forward")
-    assert partials[-1].text == SENTENCE
-    final = s.finalize(dec)
-    assert (final.utterance, final.text) == (7, SENTENCE)
-    assert (final.start_ms, final.end_ms) == (1000.0, 1000.0 + 2600.0)
-    with pytest.raises(RuntimeError):
-        s.feed(_tone(0.1))
+def _stream(backend: WhisperBackend, audio: np.ndarray, step: int,
+            lang: str = "en") -> tuple[list[str], list[tuple[int, ...]]]:
+    """What the server does for one utterance: a partial job every ``step`` samples of
+    growing audio, forced with the policy's stable prefix, shown through the policy.
+
+    Returns:
+        The texts shown ("" = no partial sent) and the stable prefix after each.
+    """
+    policy = backend.partial_policy("p")
+    shown, prefixes = [], []
+    for end in range(step, audio.size + 1, step):
+        job = Job("partial", "p", audio[:end], key=None,
+                  options={"lang": lang, "prefix": policy.prefix})
+        [res] = backend.run_batch("p", [job])
+        assert isinstance(res, Recognition)
+        shown.append(policy.update(res))
+        prefixes.append(policy.prefix)
+    return shown, prefixes
+
+
+def test_stable_partials_grow_and_never_retract(fake: fw.ScriptedWhisper) -> None:
+    backend = _backend(fake, languages=("*",))
+    shown, prefixes = _stream(backend, _tone(2.6), 1600)
+    for a, b in itertools.pairwise(prefixes):
+        assert b[: len(a)] == a  # stable tokens only grow
+    tok = backend.engine("fake", "int8").tok
+    for text, prefix in zip(shown, prefixes, strict=True):
+        assert text.startswith(tok.decode(prefix).strip())
+    assert tok.decode(prefixes[-1]).startswith("go forward")
+    assert shown[-1] == SENTENCE
+    final = backend.run_batch("p", [Job("final", "p", _tone(2.6), key=None,
+                                        options={"lang": "en"})])[0]
+    assert isinstance(final, Recognition) and final.text == SENTENCE
 
 
 def test_stable_prefix_is_forced_not_redecoded(fake: fw.ScriptedWhisper) -> None:
-    eng = WhisperEngine(fake)
-    dec = EnginePartialDecoder(eng)
-    s = UtteranceStream(1, eng.tok, language="en")
-    _stream_all(s, dec, _tone(2.0), 8000)
-    assert s.policy.committed  # something became stable
+    backend = _backend(fake, languages=("*",))
+    policy = backend.partial_policy("p")
+    for sec in (1.5, 2.0):
+        [r] = backend.run_batch("p", [Job("partial", "p", _tone(sec), key=None,
+                                          options={"lang": "en", "prefix": policy.prefix})])
+        policy.update(r)
+    assert policy.prefix  # something became stable
     fake.calls.clear()
-    s.feed(_tone(0.5))
-    [p] = s.step(dec)
+    [r] = backend.run_batch("p", [Job("partial", "p", _tone(2.5), key=None,
+                                      options={"lang": "en", "prefix": policy.prefix})])
+    assert isinstance(r, Recognition)
     # Second prompt call = language, task, notimestamps + the stable tokens.
-    assert fake.calls[1].n == 3 + p.stable_tokens
+    assert fake.calls[1].n == 3 + len(policy.prefix)
     # Then only the tail is generated, one step per token.
-    assert len(fake.calls) == 2 + len(p.tokens) - p.stable_tokens
+    assert len(fake.calls) == 2 + len(r.tokens) - len(policy.prefix)
 
 
-def test_stream_window_and_budget(fake: fw.ScriptedWhisper) -> None:
-    eng = WhisperEngine(fake)
-    cfg = StreamConfig(partial_window_frames=1000, tokens_per_second=4, extra_tokens=2)
-    s = UtteranceStream(1, eng.tok, language="en", config=cfg)
-    s.feed(_tone(1.0))
-    job = s.partial_job()
-    assert job.window_frames == 1000 and job.max_new_tokens == 6
-    s.feed(_tone(11.0))
-    assert s.partial_job().window_frames == 1200  # grows with the audio, stays even
-    for bad in (StreamConfig(partial_window_frames=4000), StreamConfig(agreement=0)):
-        with pytest.raises(ValueError):
-            UtteranceStream(1, eng.tok, config=bad)
+def test_partial_window_has_a_margin_and_budget(fake: fw.ScriptedWhisper) -> None:
+    backend = _backend(fake, languages=("*",), partial_margin_s=2.0, partial_min_window_s=4.0)
+    for sec, frames in ((1.0, 400), (3.2, 600), (11.0, 1300), (29.0, 3000)):
+        fake.encode_calls.clear()
+        backend.run_batch("p", [Job("partial", "p", _tone(sec), key=None)])
+        assert fake.encode_calls == [(1, 80, frames)], sec
 
 
-def test_language_is_kept_for_partials(tmp_path: Path) -> None:
-    model, _ = fw.make(tmp_path)
-    model.by_frames = lambda n: fw.Utt(fw.say("ja"), lang="de")
-    eng = WhisperEngine(model)
-    dec = EnginePartialDecoder(eng)
-    s = UtteranceStream(1, eng.tok)
-    [p] = _stream_all(s, dec, _tone(0.5), 8000)
-    assert p.language == "de" and s.partial_job().language == "de"
-    assert s.finalize(dec).language == "de"
-    # Below the lock probability (the fake says 0.9) partials keep detecting.
-    unsure = UtteranceStream(2, eng.tok, config=StreamConfig(language_lock_prob=0.95))
-    [p] = _stream_all(unsure, dec, _tone(0.5), 8000)
-    assert p.language == "de" and unsure.partial_job().language is None
-
-
-def test_run_partials_batches_streams(fake: fw.ScriptedWhisper) -> None:
-    eng = WhisperEngine(fake)
-    dec = EnginePartialDecoder(eng)
-    streams = [UtteranceStream(i, eng.tok, language="en") for i in range(3)]
-    for s, sec in zip(streams, (1.0, 1.5, 0.2), strict=True):
-        s.feed(_tone(sec))
+def test_partials_of_a_batch_share_windows(fake: fw.ScriptedWhisper) -> None:
+    backend = _backend(fake, languages=("*",), partial_margin_s=2.0, partial_min_window_s=4.0)
     fake.encode_calls.clear()
-    events = run_partials(dec, streams)
-    assert [e.utterance for e in events] == [0, 1]  # the third has too little audio
-    assert fake.encode_calls == [(2, 80, 3000)]
-    assert run_partials(dec, streams) == []  # nothing new since
+    jobs = [Job("partial", "p", _tone(s), key=None, options={"lang": "en"})
+            for s in (1.0, 1.5, 6.0)]
+    res = backend.run_batch("p", jobs)
+    assert [isinstance(r, Recognition) and r.text for r in res] == [
+        "go forward", "go forward ten", SENTENCE]
+    # 1 s and 1.5 s pad to the 4 s minimum together; 6 s + 2 s margin runs alone.
+    assert sorted(fake.encode_calls) == [(1, 80, 800), (2, 80, 400)]
+
+
+@pytest.mark.parametrize("said", [".", "...", "Thank you.", " thanks for watching!",
+                                  "you", "Bye."])
+def test_unsupported_partials_are_suppressed(tmp_path: Path, said: str) -> None:
+    model, _ = fw.make(tmp_path)
+    model.by_frames = lambda n: fw.Utt(fw.say(said, p=0.95))
+    backend = _backend(model, languages=("*",))
+    [r] = backend.run_batch("p", [Job("partial", "p", _tone(1.0), key=None)])
+    assert isinstance(r, Recognition) and r.text == "" and r.tokens == ()
+    shown, _ = _stream(backend, _tone(1.5), 8000)
+    assert shown == ["", "", ""]
+
+
+def test_partial_on_no_speech_is_suppressed(tmp_path: Path) -> None:
+    model, _ = fw.make(tmp_path)
+    # Whisper's no-speech rule: likely no-speech and an unsure decode.
+    model.by_frames = lambda n: fw.Utt(fw.say("Hello there", p=0.3), no_speech=0.9)
+    backend = _backend(model, languages=("*",))
+    shown, _ = _stream(backend, _tone(1.0), 8000)
+    assert shown == ["", ""]
+    # The same text said confidently is shown.
+    model.by_frames = lambda n: fw.Utt(fw.say("Hello there", p=0.95), no_speech=0.9)
+    assert _stream(backend, _tone(1.0), 8000)[0][-1] == "Hello there"
+
+
+def test_a_real_word_after_a_silence_phrase_is_shown(tmp_path: Path) -> None:
+    model, _ = fw.make(tmp_path)
+    model.by_frames = lambda n: fw.Utt(fw.say("thank you" if n < 100 else "thank you all"))
+    backend = _backend(model, languages=("*",))
+    shown, _ = _stream(backend, _tone(2.0), 8000)
+    assert shown[0] == "" and shown[-1] == "thank you all"
 
 
 @settings(max_examples=20, deadline=None)
-@given(chunks=st.lists(st.integers(400, 12000), min_size=1, max_size=10),
-       force=st.booleans())
+@given(chunks=st.lists(st.integers(400, 12000), min_size=1, max_size=10))
 def test_stream_never_retracts(tmp_path_factory: pytest.TempPathFactory,
-                               chunks: Sequence[int], force: bool) -> None:
+                               chunks: Sequence[int]) -> None:
     model, _ = fw.make(tmp_path_factory.mktemp("s"))
     model.by_frames = _growing
-    eng = WhisperEngine(model)
-    dec = EnginePartialDecoder(eng)
-    s = UtteranceStream(1, eng.tok, language="en", config=StreamConfig(force_prefix=force))
-    prev = ""
+    backend = _backend(model, languages=("*",))
+    tok = backend.engine("fake", "int8").tok
+    policy = backend.partial_policy("p")
+    audio = _tone(sum(chunks) / 16000)
+    end, prev = 0, ""
     for n in chunks:
-        s.feed(_tone(n / 16000))
-        for p in s.step(dec):
-            assert p.stable_text.startswith(prev) and p.text.startswith(p.stable_text)
-            prev = p.stable_text
+        end += n
+        [r] = backend.run_batch("p", [Job("partial", "p", audio[:end], key=None,
+                                          options={"lang": "en", "prefix": policy.prefix})])
+        assert isinstance(r, Recognition)
+        text = policy.update(r)
+        stable = tok.decode(policy.prefix).strip()
+        assert stable.startswith(prev) and (not text or text.startswith(stable))
+        prev = stable
 
 
 # -- the real model -----------------------------------------------------------------------
@@ -252,15 +278,15 @@ def test_stream_never_retracts(tmp_path_factory: pytest.TempPathFactory,
 def test_stream_goforward_real(whisper_engine: Callable[..., WhisperEngine]) -> None:
     from tests import speech
 
-    eng = whisper_engine("tiny.en")
-    dec = EnginePartialDecoder(eng)
-    s = UtteranceStream(1, eng.tok, config=StreamConfig(partial_interval_samples=8000))
-    audio = speech.goforward()
-    partials = _stream_all(s, dec, audio, 1600)
-    assert len(partials) == audio.size // 8000
-    for a, b in itertools.pairwise(partials):
-        assert b.stable_text.startswith(a.stable_text)
-    assert normalize_english(s.finalize(dec).text) == "go forward ten meters"
+    backend = WhisperBackend(
+        pools_spec={"p": PoolSpec(model="tiny.en", languages=("en",))}, default_pool="p",
+        _engines={("tiny.en", "int8"): whisper_engine("tiny.en")})
+    audio = speech.goforward().astype(np.float32) / 32768
+    shown, prefixes = _stream(backend, audio, 8000)
+    assert len(shown) == audio.size // 8000
+    for a, b in itertools.pairwise(prefixes):
+        assert b[: len(a)] == a
+    assert normalize_english(shown[-1]) == "go forward ten meters"
 
 
 @pytest.mark.parametrize(
@@ -283,9 +309,7 @@ def test_looping_partial_is_trimmed_and_not_trusted(tmp_path: Path) -> None:
     model, _ = fw.make(tmp_path)
     loop = fw.text_ids("ten ")  # the token budget (12+ tokens) fits 3+ copies
     model.by_frames = lambda n: fw.Utt(lambda hist: {loop[len(hist) % len(loop)]: 0.0})
-    eng = WhisperEngine(model)
-    dec = EnginePartialDecoder(eng)
-    s = UtteranceStream(1, eng.tok, language="en")
-    partials = _stream_all(s, dec, _tone(1.5), 8000)
-    assert [p.text for p in partials] == ["ten"] * 3
-    assert all(p.stable_text == "" for p in partials)
+    backend = _backend(model, languages=("*",))
+    shown, prefixes = _stream(backend, _tone(1.5), 8000)
+    assert shown == ["ten"] * 3
+    assert all(p == () for p in prefixes)
