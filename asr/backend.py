@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .scheduler import Job
 
@@ -67,11 +67,14 @@ class Backend(Protocol):
         """The pool whose model answers language ID, or None without one."""
         ...
 
-    def run_batch(self, pool: str, jobs: Sequence[Job]) -> list[Recognition | LidResult]:
+    def run_batch(self, pool: str, jobs: Sequence[Job]
+                  ) -> Sequence[Recognition | LidResult | Exception]:
         """Run ``jobs`` (all of ``pool``) at once; called in a worker thread.
 
         Job kinds: ``partial`` and ``final`` return ``Recognition``; ``lid`` returns
-        ``LidResult``. ``job.options`` may carry ``lang`` and ``prompt``.
+        ``LidResult``. ``job.options`` may carry ``lang`` and ``prompt``. An
+        ``Exception`` instance in a job's slot fails that job alone (its stream gets an
+        error, the other jobs their results); raising fails the whole batch.
         """
         ...
 
@@ -81,4 +84,31 @@ class Backend(Protocol):
 
     def warmup(self) -> None:
         """Run each model once so the first user does not pay for lazy init."""
+        ...
+
+
+# Optional backend methods. The server calls them only when the backend has them, so a
+# backend (or a stand-in in tests) may leave them out.
+
+
+@runtime_checkable
+class LanguageNormalizer(Protocol):
+    """A backend that can validate a ``Start.lang_hint`` before any audio costs CPU
+    (an unknown language used to fail a whole batch of other streams' jobs)."""
+
+    def normalize_language(self, code: str) -> str:
+        """The backend's code for ``code`` (``"en-US"`` -> ``"en"``).
+
+        Raises:
+            ValueError: the language is unknown or malformed.
+        """
+        ...
+
+
+@runtime_checkable
+class HealthReporter(Protocol):
+    """A backend that knows whether it can serve (e.g. its inference workers are up)."""
+
+    def health(self) -> dict[str, Any]:
+        """At least ``{"ok": bool}``, plus whatever explains it; must not block."""
         ...

@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any, ClassVar
 
-VERSION = 1
-CONTENT_TYPE = "application/vnd.voxgate.asr-link.v1"
+VERSION = 2
+# Versions this module speaks. v2 adds the ``flow`` event, which a v1 receiver would
+# reject as an unknown event type, so the server sends it only on v2 streams.
+SUPPORTED_VERSIONS = frozenset({1, 2})
+CONTENT_TYPES = {v: f"application/vnd.voxgate.asr-link.v{v}" for v in SUPPORTED_VERSIONS}
+CONTENT_TYPE = CONTENT_TYPES[VERSION]
 HEADER = struct.Struct("<BI")
 AUDIO_HEADER = struct.Struct("<II")
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
@@ -44,6 +48,7 @@ class ErrorCode(StrEnum):
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     TRUNCATED = "TRUNCATED"
     BAD_START = "BAD_START"
+    UNSUPPORTED_LANGUAGE = "UNSUPPORTED_LANGUAGE"
     NO_START = "NO_START"
     DUPLICATE_START = "DUPLICATE_START"
     BAD_FRAME = "BAD_FRAME"
@@ -92,8 +97,9 @@ class Start:
             LinkProtocolError: ``BAD_START`` naming the first field that is wrong.
         """
         problems = []
-        if self.version != VERSION:
-            problems.append(f"version {self.version!r} is not supported (want {VERSION})")
+        if self.version not in SUPPORTED_VERSIONS:
+            problems.append(f"version {self.version!r} is not supported "
+                            f"(want one of {sorted(SUPPORTED_VERSIONS)})")
         if not self.flow_id or len(self.flow_id) > MAX_ID_CHARS:
             problems.append(f"flow_id must be 1..{MAX_ID_CHARS} characters")
         if self.codec not in self.CODECS:
@@ -195,9 +201,11 @@ class End:
 
 @dataclass(frozen=True)
 class AsrEvent:
-    """Server to gateway: ``partial``, ``final``, ``end`` or ``error``.
+    """Server to gateway: ``partial``, ``final``, ``end``, ``error`` or (v2) ``flow``.
 
-    ``ts`` is ``(start_ms, end_ms)`` in session time.
+    ``ts`` is ``(start_ms, end_ms)`` in session time. ``flow`` fires when the stream's
+    audio waiting for recognition crosses the server's threshold (``code="BEHIND"``: the
+    gateway should slow its client) and when it has drained to half of it (``"OK"``).
     """
 
     type: str
@@ -211,7 +219,8 @@ class AsrEvent:
     fatal: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    TYPES: ClassVar[frozenset[str]] = frozenset({"partial", "final", "end", "error"})
+    TYPES: ClassVar[frozenset[str]] = frozenset({"partial", "final", "end", "error", "flow"})
+    FLOW_CODES: ClassVar[frozenset[str]] = frozenset({"BEHIND", "OK"})
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -224,6 +233,8 @@ class AsrEvent:
         }
         if self.type == "error":
             obj.update(code=self.code, message=self.message, fatal=self.fatal)
+        elif self.type == "flow":
+            obj.update(code=self.code, message=self.message)
         obj.update(self.extra)
         return obj
 
@@ -234,6 +245,9 @@ class AsrEvent:
             kind = obj["type"]
             if kind not in cls.TYPES:
                 raise ValueError(f"unknown event type {kind!r}")
+            if kind == "flow" and obj.get("code") not in cls.FLOW_CODES:
+                raise ValueError(f"flow code {obj.get('code')!r} is not one of "
+                                 f"{sorted(cls.FLOW_CODES)}")
             ts = obj.get("ts", [0, 0])
             known = {"type", "flow_id", "utterance", "text", "ts", "lang", "code", "message",
                      "fatal"}

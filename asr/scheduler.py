@@ -73,7 +73,7 @@ class Job:
     done: bool = False
 
 
-BatchFn = Callable[[str, Sequence[Job]], list[Any]]
+BatchFn = Callable[[str, Sequence[Job]], Sequence[Any]]
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,10 @@ class SchedulerCore:
 
     def queued_jobs(self) -> list[Job]:
         return list(self._queue)
+
+    def is_queued(self, job: Job) -> bool:
+        """``job`` waits in the queue (not yet taken into a batch)."""
+        return job in self._seq
 
     # -- in -----------------------------------------------------------------------
 
@@ -376,6 +380,9 @@ class Scheduler:
             if ev is not None:
                 ev.set()
 
+    def is_queued(self, job: Job) -> bool:
+        return self.core.is_queued(job)
+
     def retire(self, key: object, utterance: int) -> None:
         """See ``SchedulerCore.retire``."""
         self._wake(self.core.retire(key, utterance))
@@ -430,7 +437,7 @@ class Scheduler:
                 nursery.start_soon(self._execute, pool, batch, token)
 
     async def _execute(self, pool: str, batch: list[Job], token: object) -> None:
-        results: list[Any] | BaseException
+        results: Sequence[Any] | BaseException
         t0 = time.perf_counter()
         try:
             try:

@@ -8,9 +8,11 @@ Routes:
   GET  /metrics        Prometheus text
 
 Per stream, three tasks in one nursery: the *reader* always drains the request body
-(it never waits on recognition, so one slow stream cannot stall the connection), the
-*worker* turns finalize/end into finals, and the *partial* task asks for partials when
-they are due and the scheduler has room. Events go out through a bounded channel.
+(it never waits on recognition, so one slow stream cannot stall the connection) and cuts
+each utterance the moment its ``Finalize`` (or ``End``, or the length cap) is parsed; the
+*worker* submits the cut utterances' finals in order; the *partial* task asks for a
+partial whenever one is due and leaves the pacing under load to the scheduler. Events go
+out through a bounded channel.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from native import OpusDecoder, OpusError
 
 from . import link
-from .backend import Backend, LidResult, PartialPolicy, Recognition
-from .scheduler import Job, Scheduler, SchedulerBusy
-from .stream import CapReached, PartialDue, UtteranceAssembler
+from .backend import (
+    Backend,
+    HealthReporter,
+    LanguageNormalizer,
+    LidResult,
+    PartialPolicy,
+    Recognition,
+)
+from .scheduler import Job, Scheduler, SchedulerBusy, SchedulerPolicy
+from .stream import SAMPLE_RATE, CapReached, PartialDue, Utterance, UtteranceAssembler
 
 log = logging.getLogger("voxgate.asr")
 
@@ -56,10 +65,29 @@ class AsrServerConfig:
     partial_interval_ms: int = 250
     max_utterance_s: float = 30.0  # server-side cap; a final is forced
     max_frame_bytes: int = link.DEFAULT_MAX_FRAME_BYTES
-    # A partial is asked for only while at most this many jobs are queued or running:
-    # partials use what finals leave (bench/asr_server.py: at 4 streams this cut the
-    # final p50 from 1540 to 1005 ms and made partials more regular, not rarer).
-    partial_max_pending: int = 1
+    # Scheduler (asr/scheduler.py). It replaces partial_max_pending: later partials run
+    # only when no LID job, final or first partial waits, and never ride in a final's
+    # batch, which is what that gate bought (bench/asr_server.py: at 4 streams it cut
+    # the final p50 from 1540 to 1005 ms), without letting an utterance go partial-less.
+    # The issue's bound on the gap between two partials of a growing utterance.
+    partial_max_gap_ms: int = 1000
+    # Deadlines once the audio is in: the issue asks a fresh utterance's first partial
+    # within about 100 ms of CPU, and finals at endpoint + 300 ms.
+    first_partial_deadline_ms: int = 100
+    final_deadline_ms: int = 300
+    lid_deadline_ms: int = 500  # LID holds routing; the gateway waits up to ~1 s for it
+    # Jobs in one engine call; 8 amortizes the encoder without making one batch long.
+    scheduler_max_batch: int = 8
+    # Jobs waiting, then BUSY: 64 is 2 jobs per admitted stream at max_streams = 32.
+    scheduler_max_queued: int = 64
+    # Audio of a stream waiting for recognition (queued finals, plus the growing
+    # utterance's audio that no partial has covered yet) beyond which the stream gets a
+    # `flow BEHIND` event, and `flow OK` at half of it. 10 s: a real-time stream stays
+    # under 2 s at the partial max gap; a file uploaded at 40x passes it in 0.25 s.
+    behind_threshold_s: float = 10.0
+    # /v1/lid requests in flight at once, then 503 BUSY: each holds up to 30 s of PCM
+    # and a LID job; the gateway asks once or twice per session.
+    lid_max_inflight: int = 16
     stream_events: int = 64  # events buffered per stream toward a slow reader
     body_drain_s: float = 5.0  # wait this long for the request body to end after `end`
     # No request data for this long ends the stream. The gateway sends audio only while
@@ -75,6 +103,21 @@ class AsrServerConfig:
     def __post_init__(self) -> None:
         if self.max_streams < 1 or self.partial_interval_ms < 20:
             raise ValueError("max_streams must be >= 1 and partial_interval_ms >= 20")
+        if self.behind_threshold_s <= 0 or self.lid_max_inflight < 1:
+            raise ValueError("behind_threshold_s and lid_max_inflight must be positive")
+        self.scheduler_policy()  # validates the scheduler's knobs
+
+    def scheduler_policy(self) -> SchedulerPolicy:
+        """The scheduler knobs of this config.
+
+        Raises:
+            ValueError: a knob out of range.
+        """
+        return SchedulerPolicy(
+            max_batch=self.scheduler_max_batch, max_queued=self.scheduler_max_queued,
+            partial_max_gap_ms=self.partial_max_gap_ms,
+            first_partial_deadline_ms=self.first_partial_deadline_ms,
+            final_deadline_ms=self.final_deadline_ms, lid_deadline_ms=self.lid_deadline_ms)
 
 
 def install_hypercorn_guard() -> None:
@@ -167,6 +210,20 @@ class Metrics:
         g = Gauge("asr_partials_dropped", "partial jobs made stale before running",
                   registry=r)
         g.set_function(lambda: app.scheduler.statistics().partials_dropped)
+        g = Gauge("asr_jobs_failed", "jobs that failed alone or with their batch",
+                  registry=r)
+        g.set_function(lambda: app.scheduler.statistics().jobs_failed)
+        g = Gauge("asr_partials_promoted", "partials run early: their max gap ran out",
+                  registry=r)
+        g.set_function(lambda: app.scheduler.statistics().starved_promotions)
+        self.deadline_misses = Gauge("asr_deadline_misses", "jobs done past their deadline",
+                                     ["kind"], registry=r)
+        for kind in ("lid", "final", "partial"):
+            self.deadline_misses.labels(kind).set_function(
+                functools.partial(lambda k: app.scheduler.statistics().deadline_misses.get(
+                    k, 0), kind))
+        self.flow = Counter("asr_flow_events", "flow events sent to streams", ["code"],
+                            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -183,6 +240,7 @@ class AsrApp:
         self.ready = False
         self.ready_event = trio.Event()  # set with ``ready``: models loaded and warmed
         self.active = 0
+        self.lid_inflight = 0
         self.draining = trio.Event()
         self.metrics = Metrics(self)
 
@@ -198,7 +256,7 @@ class AsrApp:
         elif route == ("POST", "/v1/lid"):
             await self._lid(receive, send)
         elif route == ("GET", "/healthz"):
-            await _respond(send, 200, {"status": "ok"})
+            await self._healthz(send)
         elif route == ("GET", "/readyz"):
             ok = self.ready and not self.draining.is_set()
             await _respond(send, 200 if ok else 503, {"ready": ok})
@@ -217,6 +275,20 @@ class AsrApp:
                 self.draining.set()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _healthz(self, send: Send) -> None:
+        """200 while the process serves; with a backend that reports its health (worker
+        processes), 503 and its report when it says it cannot."""
+        if not isinstance(self.backend, HealthReporter):
+            await _respond(send, 200, {"status": "ok"})
+            return
+        try:
+            report = dict(self.backend.health())
+        except Exception as exc:  # a broken health check is itself unhealthy
+            report = {"ok": False, "error": f"health() failed: {exc}"}
+        ok = report.get("ok") is True
+        report.setdefault("status", "ok" if ok else "unhealthy")
+        await _respond(send, 200 if ok else 503, report)
 
     def _refusal(self) -> tuple[int, str] | None:
         if not self.ready:
@@ -239,7 +311,7 @@ class AsrApp:
         self.metrics.streams.inc()
         try:
             await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", link.CONTENT_TYPE.encode())]})
+                        "headers": [(b"content-type", _content_type(scope).encode())]})
             await LinkSession(self, receive, send).run()
         finally:
             self.active -= 1
@@ -249,6 +321,19 @@ class AsrApp:
         if pool is None:
             await _respond(send, 404, {"error": "NO_LID_MODEL"})
             return
+        if self.lid_inflight >= self.cfg.lid_max_inflight:
+            self.metrics.busy.inc()
+            await _drain(receive)
+            await _respond(send, 503, {"error": "BUSY"},
+                           headers=[(b"retry-after", str(self.cfg.retry_after_s).encode())])
+            return
+        self.lid_inflight += 1
+        try:
+            await self._lid_inner(pool, receive, send)
+        finally:
+            self.lid_inflight -= 1
+
+    async def _lid_inner(self, pool: str, receive: Receive, send: Send) -> None:
         body = bytearray()
         while True:
             message = await receive()
@@ -284,6 +369,19 @@ class AsrApp:
         })
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """An utterance cut by the reader, for the worker to finalize in order.
+
+    ``utt`` is None when there was nothing to cut; ``end`` closes the stream after it;
+    ``at`` is when the cut happened (``perf_counter``), for the latency metric.
+    """
+
+    utt: Utterance | None
+    end: bool
+    at: float
+
+
 class LinkSession:
     """One ``/v1/recognize`` stream."""
 
@@ -295,42 +393,52 @@ class LinkSession:
         self.stream = link.ServerStream(max_frame_bytes=self.cfg.max_frame_bytes)
         self.start: link.Start | None = None
         self.pool = ""
+        self.lang = ""  # the backend's code for Start.lang_hint ("" = auto)
         self.decoder: OpusDecoder | None = None
         self.assembler = UtteranceAssembler(partial_interval_ms=self.cfg.partial_interval_ms,
                                             max_utterance_s=self.cfg.max_utterance_s)
         self._events_in, self._events_out = trio.open_memory_channel[link.AsrEvent](
             self.cfg.stream_events)
-        self._control_in, self._control_out = trio.open_memory_channel[str](1024)
+        self._cuts_in, self._cuts_out = trio.open_memory_channel[_Cut](1024)
         self._partial_due = trio.Event()
         self._body_done = trio.Event()
-        self._finalize_times: list[float] = []
+        self._ended = False  # an end was queued: later cuts have nothing to add
         self._last_partial: dict[int, str] = {}
         self._failed = False
         self._sent = trio.Event()
         self._policy: PartialPolicy | None = None
         self._policy_utt = -1
+        self._partial_job: Job | None = None  # this stream's partial, queued or running
+        self._due_while_running = False
+        # Backpressure accounting, in samples (see AsrServerConfig.behind_threshold_s).
+        self._queued_final_samples = 0
+        self._covered_samples = 0  # of the growing utterance, by its latest partial
+        self._behind = False
 
     @property
     def flow_id(self) -> str:
         return self.start.flow_id if self.start else ""
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader, nursery.cancel_scope)
-            nursery.start_soon(self._sender)
-            nursery.start_soon(self._partials)
-            nursery.start_soon(self._watch_drain)
-            await self._worker()
-            # Everything is said. Let the request body end first, so the response never
-            # completes under a client still sending (see install_hypercorn_guard).
-            with trio.move_on_after(self.cfg.body_drain_s):
-                await self._body_done.wait()
-            self._events_in.close()
-            nursery.cancel_scope.deadline = min(
-                nursery.cancel_scope.deadline, trio.current_time() + 5)
-            # the sender ends when the channel drains; then cancel the reader
-            await self._sent.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, nursery.cancel_scope)
+                nursery.start_soon(self._sender)
+                nursery.start_soon(self._partials, nursery)
+                nursery.start_soon(self._watch_drain)
+                await self._worker()
+                # Everything is said. Let the request body end first, so the response
+                # never completes under a client still sending (install_hypercorn_guard).
+                with trio.move_on_after(self.cfg.body_drain_s):
+                    await self._body_done.wait()
+                self._events_in.close()
+                nursery.cancel_scope.deadline = min(
+                    nursery.cancel_scope.deadline, trio.current_time() + 5)
+                # the sender ends when the channel drains; then cancel the reader
+                await self._sent.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.app.scheduler.forget(self)
         # If the client is gone there is nothing left to tell it.
         with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._send({"type": "http.response.body", "body": b"",
@@ -341,7 +449,7 @@ class LinkSession:
     async def _watch_drain(self) -> None:
         """Graceful shutdown: finish this stream (its final, then ``end``)."""
         await self.app.draining.wait()
-        self._control("end")
+        self._cut(end=True)
 
     # -- reader: always drains the body, never waits on recognition ------------------
 
@@ -369,7 +477,7 @@ class LinkSession:
                             self.stream.close()
                         except link.LinkProtocolError as exc:
                             self._protocol_error(exc)
-                    self._control("end")
+                    self._cut(end=True)
                     return
         finally:
             self._body_done.set()
@@ -388,21 +496,30 @@ class LinkSession:
             elif isinstance(item, link.AudioIn):
                 self._on_audio(item)
             elif isinstance(item, link.Finalize):
-                self._control("finalize")
+                self._cut(end=False)
             elif isinstance(item, link.End):
-                self._control("end")
+                self._cut(end=True)
             if self._failed:
                 return
 
     def _on_start(self, start: link.Start) -> None:
-        pool = self.app.backend.select_pool(start.lang_hint, start.domain)
+        lang = start.lang_hint
+        if lang and isinstance(self.app.backend, LanguageNormalizer):
+            try:
+                lang = self.app.backend.normalize_language(lang)
+            except ValueError as exc:
+                self._protocol_error(link.LinkProtocolError(
+                    link.ErrorCode.UNSUPPORTED_LANGUAGE,
+                    f"lang_hint {start.lang_hint!r} is not supported: {exc}", fatal=True))
+                return
+        pool = self.app.backend.select_pool(lang, start.domain)
         if pool is None:
             self._protocol_error(link.LinkProtocolError(
                 link.ErrorCode.BAD_START,
                 f"no pool serves lang_hint={start.lang_hint!r} domain={start.domain!r}",
                 fatal=True))
             return
-        self.start, self.pool = start, pool
+        self.start, self.pool, self.lang = start, pool, lang
         if start.codec == "opus":
             self.decoder = OpusDecoder(16000, 1)
 
@@ -439,16 +556,29 @@ class LinkSession:
         pts = max(0, packet.pts_ms - 20 * item.lost)
         for action in self.assembler.add(pcm, pts):
             if isinstance(action, CapReached):
-                self._control("finalize")
+                self._cut(end=False)
             elif isinstance(action, PartialDue):
                 self._partial_due.set()
+        self._check_flow()
 
-    def _control(self, what: str) -> None:
+    def _cut(self, *, end: bool) -> None:
+        """Close the current utterance now, in arrival order, and queue its final.
+
+        Cutting here rather than when the worker gets to it keeps utterances apart
+        however far recognition lags behind the audio.
+        """
+        if self._ended:
+            return
+        self._ended = end
+        utt = self.assembler.finish()
+        if utt is not None:
+            self._queued_final_samples += len(utt.audio)
+            self._covered_samples = 0
+            self.app.scheduler.retire(self, utt.index)
         try:
-            if what == "finalize":
-                self._finalize_times.append(time.perf_counter())
-            self._control_in.send_nowait(what)
+            self._cuts_in.send_nowait(_Cut(utt, end, time.perf_counter()))
         except trio.WouldBlock:
+            self._ended = False
             self._protocol_error(link.LinkProtocolError(
                 link.ErrorCode.BUSY, "too many finalize frames pending", fatal=True))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -459,7 +589,7 @@ class LinkSession:
         self._emit_error(exc.code, exc.message, exc.fatal)
         if exc.fatal and not self._failed:
             self._failed = True
-            self._control("end")
+            self._cut(end=True)
 
     def _emit_error(self, code: link.ErrorCode, message: str, fatal: bool) -> None:
         self._emit(link.AsrEvent("error", self.flow_id, utterance=self.assembler.index,
@@ -471,26 +601,56 @@ class LinkSession:
             self._events_in.send_nowait(event)
         except trio.WouldBlock:
             self._failed = True
-            self._control("end")
+            self._cut(end=True)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
-    # -- worker: finals -------------------------------------------------------------
+    # -- backpressure ---------------------------------------------------------------
+
+    def backlog_s(self) -> float:
+        """Audio waiting for recognition: queued finals, plus the growing utterance's
+        audio that no partial has covered yet."""
+        uncovered = max(0, self.assembler.samples - self._covered_samples)
+        return (self._queued_final_samples + uncovered) / SAMPLE_RATE
+
+    def _check_flow(self) -> None:
+        # v1 receivers reject unknown event types, so only v2 streams hear about flow.
+        if self.start is None or self.start.version < 2:
+            return
+        backlog = self.backlog_s()
+        threshold = self.cfg.behind_threshold_s
+        if not self._behind and backlog > threshold:
+            code = "BEHIND"
+        elif self._behind and backlog < threshold / 2:
+            code = "OK"
+        else:
+            return
+        self._behind = code == "BEHIND"
+        self.app.metrics.flow.labels(code).inc()
+        self._emit(link.AsrEvent("flow", self.flow_id, utterance=self.assembler.index,
+                                 code=code, message=f"{backlog:.1f} s of audio waiting for "
+                                 f"recognition (threshold {threshold:g} s)"))
+
+    # -- worker: finals, in the order their utterances were cut -----------------------
 
     async def _worker(self) -> None:
         while True:
-            what = await self._control_out.receive()
-            await self._finalize()
-            if what == "end":
+            cut = await self._cuts_out.receive()
+            if cut.utt is not None:
+                try:
+                    await self._final(cut.utt, cut.at)
+                finally:
+                    self._queued_final_samples -= len(cut.utt.audio)
+                self._check_flow()
+            if cut.end:
                 self._emit(link.AsrEvent("end", self.flow_id, utterance=self.assembler.index))
                 return
 
-    async def _finalize(self) -> None:
-        utt = self.assembler.finish()
-        started = self._finalize_times.pop(0) if self._finalize_times else time.perf_counter()
-        if utt is None or self.start is None:
+    async def _final(self, utt: Utterance, started: float) -> None:
+        if self.start is None:
             return
-        job = Job("final", self.pool, utt.audio, key=self, options=self._options())
+        job = Job("final", self.pool, utt.audio, key=self, options=self._options(),
+                  utterance=utt.index)
         try:
             with trio.CancelScope(shield=self.app.draining.is_set()):
                 result = await self.app.scheduler.submit(job)
@@ -511,20 +671,24 @@ class LinkSession:
     def _options(self) -> dict[str, Any]:
         assert self.start is not None
         opts: dict[str, Any] = {}
-        if self.start.lang_hint:
-            opts["lang"] = self.start.lang_hint
+        if self.lang:
+            opts["lang"] = self.lang
         if self.start.hotwords:
             opts["prompt"] = ", ".join(self.start.hotwords)
         return opts
 
-    # -- partials: when due and the engine has room ------------------------------------
+    # -- partials: ask whenever due; the scheduler paces them under load ----------------
 
-    async def _partials(self) -> None:
+    async def _partials(self, nursery: trio.Nursery) -> None:
         while True:
             await self._partial_due.wait()
             self._partial_due = trio.Event()
-            if self.start is None or self.app.scheduler.pending > self.cfg.partial_max_pending:
-                continue  # under load, partials thin out; finals never do
+            if self.start is None:
+                continue
+            running = self._partial_job
+            if running is not None and not self.app.scheduler.is_queued(running):
+                self._due_while_running = True  # it asks again when it is done
+                continue
             utt = self.assembler.snapshot()
             if utt is None:
                 continue
@@ -535,24 +699,38 @@ class LinkSession:
             options = self._options()
             if self._policy is not None:
                 options["prefix"] = self._policy.prefix
-            job = Job("partial", self.pool, utt.audio, key=self, options=options)
-            try:
-                result = await self.app.scheduler.submit(job)
-            except SchedulerBusy:
-                continue
-            except Exception:
-                log.exception("partial failed for %s", self.flow_id)
-                continue
-            if job.stale or result is None or utt.index != self.assembler.index:
-                continue  # the utterance was finalized meanwhile: its final replaces this
-            assert isinstance(result, Recognition)
-            text = result.text if self._policy is None else self._policy.update(result)
-            if not text or text == self._last_partial.get(utt.index):
-                continue
-            self._last_partial[utt.index] = text
-            self._emit(link.AsrEvent("partial", self.flow_id, utterance=utt.index,
-                                     text=text, ts=(utt.start_ms, utt.end_ms),
-                                     lang=result.lang))
+            # A queued partial of this stream is replaced (made stale) by this fresher
+            # one; one already running is never doubled.
+            job = Job("partial", self.pool, utt.audio, key=self, options=options,
+                      utterance=utt.index)
+            self._partial_job = job
+            nursery.start_soon(self._partial, job, utt)
+
+    async def _partial(self, job: Job, utt: Utterance) -> None:
+        try:
+            result = await self.app.scheduler.submit(job)
+        except SchedulerBusy:
+            return
+        except Exception:
+            log.exception("partial failed for %s", self.flow_id)
+            return
+        finally:
+            if self._partial_job is job:
+                self._partial_job = None
+                if self._due_while_running:
+                    self._due_while_running = False
+                    self._partial_due.set()
+        if job.stale or result is None or utt.index != self.assembler.index:
+            return  # replaced, or the utterance was cut meanwhile: its final replaces this
+        assert isinstance(result, Recognition)
+        self._covered_samples = max(self._covered_samples, len(utt.audio))
+        self._check_flow()
+        text = result.text if self._policy is None else self._policy.update(result)
+        if not text or text == self._last_partial.get(utt.index):
+            return
+        self._last_partial[utt.index] = text
+        self._emit(link.AsrEvent("partial", self.flow_id, utterance=utt.index,
+                                 text=text, ts=(utt.start_ms, utt.end_ms), lang=result.lang))
 
     # -- sender -------------------------------------------------------------------------
 
@@ -571,6 +749,14 @@ class LinkSession:
                                   "body": link.encode_many(list(batch)), "more_body": True})
         finally:
             self._sent.set()
+
+
+def _content_type(scope: Scope) -> str:
+    """Answer in the link version the client named (a v1 client gets v1's type)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type" and value.decode("latin-1") in link.CONTENT_TYPES.values():
+            return str(value.decode("latin-1"))
+    return link.CONTENT_TYPE
 
 
 async def _drain(receive: Receive) -> None:
@@ -612,7 +798,7 @@ async def serve(
 
     cfg = cfg or AsrServerConfig()
     install_hypercorn_guard()
-    scheduler = scheduler or Scheduler(backend.run_batch)
+    scheduler = scheduler or Scheduler(backend.run_batch, policy=cfg.scheduler_policy())
     app = AsrApp(backend, scheduler, cfg)
     shutdown = trio.Event() if shutdown is None else shutdown
 

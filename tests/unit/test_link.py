@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from asr import link
 from asr.link import (
     CLIENT_FRAMES,
     SERVER_FRAMES,
@@ -39,7 +41,7 @@ def test_end_frame_exact_bytes() -> None:
 def test_start_is_json_object() -> None:
     raw = encode(Start(flow_id="f1"))
     assert raw[0] == 0x01
-    assert raw[5:].startswith(b'{"version":1,"flow_id":"f1","codec":"opus"')
+    assert raw[5:].startswith(b'{"version":2,"flow_id":"f1","codec":"opus"')
 
 
 audio = st.builds(
@@ -144,7 +146,8 @@ def test_truncated_stream() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("codec", "mp3"), ("sr", 8000), ("channels", 2), ("frame_ms", 10), ("bitrate", 64000),
-     ("version", 2), ("flow_id", ""), ("sr", True), ("hotwords", [1]), ("surprise", 1)],
+     ("version", 3), ("version", 0), ("flow_id", ""), ("sr", True), ("hotwords", [1]),
+     ("surprise", 1)],
 )
 def test_bad_start_fields(field: str, value: object) -> None:
     obj = Start(flow_id="f").to_json()
@@ -190,3 +193,28 @@ def test_server_stream_state_errors(frames: list, code: ErrorCode, fatal: bool) 
         s.receive(encode_many(frames))
     assert info.value.code is code
     assert info.value.fatal is fatal
+
+
+def test_version_1_starts_are_still_accepted() -> None:
+    obj = Start(flow_id="f").to_json()
+    obj["version"] = 1
+    assert Start.from_json(obj).version == 1
+    assert link.CONTENT_TYPES[1].endswith(".v1") and link.CONTENT_TYPE.endswith(".v2")
+
+
+@pytest.mark.parametrize("code", ["BEHIND", "OK"])
+def test_flow_event_round_trip(code: str) -> None:
+    ev = AsrEvent("flow", "f", utterance=3, code=code, message="12.0 s of audio waiting")
+    raw = encode(ev)
+    obj = json.loads(raw[5:])
+    assert (obj["type"], obj["code"], obj["message"]) == ("flow", code, ev.message)
+    assert "fatal" not in obj
+    dec = FrameDecoder(accept=link.SERVER_FRAMES)
+    assert dec.feed(raw) == [ev]
+
+
+def test_flow_event_with_an_unknown_code_is_rejected() -> None:
+    raw = encode(AsrEvent("flow", "f", code="SLOWER"))
+    with pytest.raises(LinkProtocolError) as info:
+        FrameDecoder(accept=link.SERVER_FRAMES).feed(raw)
+    assert info.value.code is ErrorCode.BAD_FRAME
