@@ -1,17 +1,24 @@
 """``voxgate asr``: run the ASR service until SIGINT/SIGTERM, then drain.
 
-The optional TOML file holds ``[server]`` settings (the fields of ``AsrServerConfig``), a
-``default`` pool name and ``[pools.<name>]`` tables (the fields of ``PoolSpec``)::
+The optional TOML file holds ``[server]`` settings (the fields of ``AsrServerConfig``),
+``[workers]`` settings (the fields of ``asr.workers.WorkerConfig``), a ``default`` pool
+name and ``[pools.<name>]`` tables (the fields of ``PoolSpec``)::
 
     default = "multi"
     [server]
     max_streams = 32
+    [workers]
+    workers = 2
+    worker_threads = 1
     [pools.en]
     model = "base"
     languages = ["en"]
     [pools.multi]
     model = "base"
     languages = ["*"]
+
+Command-line options win over the file. With ``workers = 0`` the models run inside the
+server process (the behaviour before worker processes existed).
 """
 
 from __future__ import annotations
@@ -26,40 +33,76 @@ from typing import Any
 
 import trio
 
+from .backend import Backend
 from .engine import DEFAULT_POOL, DEFAULT_POOLS, PoolSpec, WhisperBackend, load_pools
+from .logs import setup
+from .scheduler import Scheduler
 from .server import AsrServerConfig, serve
+from .workers import ProcessBackend, WorkerConfig
+
+TOP_LEVEL_KEYS = {"default", "server", "workers", "pools"}
 
 
-def load_config(path: str | Path | None, **overrides: Any
-                ) -> tuple[AsrServerConfig, dict[str, PoolSpec], str]:
-    """Server settings and pools from an optional TOML file, then ``overrides``.
+def load_config(path: str | Path | None, *, workers: dict[str, Any] | None = None,
+                **overrides: Any
+                ) -> tuple[AsrServerConfig, dict[str, PoolSpec], str, WorkerConfig]:
+    """Server settings, pools and worker settings from an optional TOML file, then the
+    overrides (``None`` values are ignored): ``overrides`` for ``[server]``, ``workers``
+    for ``[workers]``.
 
     Raises:
         ValueError: an unknown key or an invalid value.
     """
     server: dict[str, Any] = {}
+    wtable: dict[str, Any] = {}
     pools, default = dict(DEFAULT_POOLS), DEFAULT_POOL
     if path is not None:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
+        unknown_top = set(data) - TOP_LEVEL_KEYS
+        if unknown_top:
+            raise ValueError(f"{path}: unknown keys or tables {sorted(unknown_top)}")
         server = dict(data.get("server", {}))
         known = {f.name for f in dataclasses.fields(AsrServerConfig)}
         unknown = set(server) - known
         if unknown:
             raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}")
+        wtable = dict(data.get("workers", {}))
         if "pools" in data:
             pools, default = load_pools(path)
     server.update({k: v for k, v in overrides.items() if v is not None})
-    return AsrServerConfig(**server), pools, default
+    wtable.update({k: v for k, v in (workers or {}).items() if v is not None})
+    wcfg = WorkerConfig.from_dict(wtable, f"{path or 'options'}: [workers]")
+    return AsrServerConfig(**server), pools, default, wcfg
 
 
-async def run(cfg: AsrServerConfig, backend: WhisperBackend) -> None:
+def build_backend(pools: dict[str, PoolSpec], default: str, wcfg: WorkerConfig,
+                  cfg: AsrServerConfig, *, log_level: int | None = logging.INFO
+                  ) -> tuple[Backend, Scheduler | None]:
+    """The backend for ``wcfg`` and, with worker processes, a scheduler that keeps one
+    batch in flight per worker (None: ``serve``'s default scheduler).
+
+    With ``wcfg.workers == 0`` the engine runs in this process with
+    ``wcfg.worker_threads`` onnxruntime threads.
+    """
+    if wcfg.workers == 0:
+        return WhisperBackend(pools, default, threads=wcfg.worker_threads), None
+    backend = ProcessBackend.whisper(pools, default, wcfg, log_level=log_level)
+    # One batch in flight per worker: more would only queue on the pipes, fewer would
+    # leave a worker idle while jobs wait.
+    scheduler = Scheduler(backend.run_batch, threads=wcfg.workers,
+                          policy=cfg.scheduler_policy())
+    return backend, scheduler
+
+
+async def run(cfg: AsrServerConfig, backend: Backend,
+              scheduler: Scheduler | None = None) -> None:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             app, port = await nursery.start(
-                lambda task_status: serve(backend, cfg, shutdown=shutdown,
-                                          task_status=task_status))
+                lambda task_status: serve(backend, cfg, scheduler=scheduler,
+                                          shutdown=shutdown, task_status=task_status))
             scheme = "https" if cfg.certfile else "http"
             print(f"voxgate asr: listening on {scheme}://{cfg.host}:{port} "
                   "(ready once /readyz says so)", flush=True)
@@ -75,11 +118,19 @@ async def _announce_ready(app: Any, scheme: str, host: str, port: int) -> None:
     print(f"voxgate asr: ready on {scheme}://{host}:{port}", flush=True)
 
 
-def main(config: str | None, host: str | None, port: int | None) -> int:
-    from gateway.logs import setup
+def main(config: str | None, host: str | None = None, port: int | None = None,
+         **workers: Any) -> int:
+    """Run the service; ``workers`` are ``[workers]`` overrides (None: keep the file's).
 
+    Raises:
+        ValueError: invalid configuration.
+    """
     setup(logging.INFO)
-    cfg, pools, default = load_config(config, host=host, port=port)
-    backend = WhisperBackend(pools, default)
-    trio.run(run, cfg, backend)
+    cfg, pools, default, wcfg = load_config(config, workers=workers, host=host, port=port)
+    backend, scheduler = build_backend(pools, default, wcfg, cfg)
+    try:
+        trio.run(run, cfg, backend, scheduler)
+    finally:
+        if isinstance(backend, ProcessBackend):
+            backend.close()
     return 0

@@ -58,11 +58,10 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
+if TYPE_CHECKING:  # at run time only the workers and run_batch need these
+    import numpy as np
 
-from .backend import Backend, LidResult, PartialPolicy, Recognition
-
-if TYPE_CHECKING:
+    from .backend import Backend, LidResult, PartialPolicy, Recognition
     from .engine import PoolSpec
     from .scheduler import Job
 
@@ -324,7 +323,6 @@ class ProcessBackend:
         """The Whisper engine in workers: the same pools, ``cfg.worker_threads`` each."""
         cfg = cfg or WorkerConfig()
         front = WhisperFront(pools, default_pool)
-        front.prepare()  # export missing models once here, not racing in N workers
         factory = functools.partial(_make_whisper, pools, default_pool, cfg.worker_threads)
         return cls(front, factory, cfg, log_level=log_level)
 
@@ -345,9 +343,15 @@ class ProcessBackend:
     def warmup(self) -> None:
         """Start the workers (each loads and warms its models) and wait until all are ready.
 
+        The front's ``prepare()`` (if it has one) runs first, here: a missing model is
+        exported once, not by N workers racing for the cache.
+
         Raises:
             WorkersUnavailable: they did not all get ready within ``start_timeout_s``.
         """
+        prepare = getattr(self.front, "prepare", None)
+        if callable(prepare):
+            prepare()
         self.start()
         self.wait_ready(self.cfg.start_timeout_s)
 
@@ -369,6 +373,8 @@ class ProcessBackend:
             WorkersUnavailable: no worker was ready within ``WAIT_FOR_WORKER_S``.
             Exception: whatever the backend raised for the whole batch.
         """
+        import numpy as np
+
         wire = [WireJob(j.kind, j.pool, np.asarray(j.audio, dtype=np.float32),
                         dict(j.options)) for j in jobs]
         audio_s = sum(w.audio.size for w in wire) / SAMPLE_RATE

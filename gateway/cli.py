@@ -48,7 +48,9 @@ def _transcribe(args: argparse.Namespace) -> int:
 def _asr(args: argparse.Namespace) -> int:
     from asr.main import main
 
-    return main(args.config, args.host, args.port)
+    return main(args.config, args.host, args.port, workers=args.workers,
+                worker_threads=args.worker_threads, standby_workers=args.standby_workers,
+                job_timeout_s=args.job_timeout_s)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -86,16 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="precision to prepare (repeatable; default: int8)")
     models.set_defaults(func=_models)
 
+    from asr.workers import WorkerConfig
+
+    wdef = WorkerConfig()
     asr = sub.add_parser(
         "asr", help="run the ASR service (HTTP/2, link v1)",
         description="Run the ASR service: POST /v1/recognize (link v1), POST /v1/lid, "
         "/healthz, /readyz, /metrics. SIGINT/SIGTERM drain in-flight streams. The TOML "
-        "file holds [server] settings (AsrServerConfig fields), default = \"<pool>\" and "
+        "file holds [server] settings (AsrServerConfig fields), [workers] settings (the "
+        "worker options below, plus job_timeout_per_audio_s, start_timeout_s, "
+        "crash_loop_restarts, crash_loop_window_s), default = \"<pool>\" and "
         "[pools.<name>] tables (model, languages, partial_model, partial_window_s, "
-        "precision, beam_size).")
+        "final_window_s, precision, beam_size). Options given here win over the file.")
     asr.add_argument("--host", help="listen address (default 127.0.0.1)")
     asr.add_argument("--port", type=int, help="listen port (default 8090)")
-    asr.add_argument("--config", help="TOML file: [server] settings and [pools.*]")
+    asr.add_argument("--config", help="TOML file: [server], [workers] and [pools.*]")
+    asr.add_argument("--workers", type=int, metavar="N",
+                     help="inference worker processes running batches at once; 0 runs "
+                     f"the models in the server process (default {wdef.workers})")
+    asr.add_argument("--worker-threads", type=int, metavar="T",
+                     help="onnxruntime threads per worker, or in-process with --workers 0 "
+                     f"(default {wdef.worker_threads})")
+    asr.add_argument("--standby-workers", type=int, metavar="N",
+                     help="extra warm worker processes that take over at once when one "
+                     f"crashes; each costs one set of models in RAM "
+                     f"(default {wdef.standby_workers})")
+    asr.add_argument("--job-timeout-s", type=float, metavar="S",
+                     help="a batch's deadline is S plus job_timeout_per_audio_s "
+                     f"({wdef.job_timeout_per_audio_s:g}) per second of its audio; past it "
+                     f"the worker is killed and replaced (default {wdef.job_timeout_s:g})")
     asr.set_defaults(func=_asr)
 
     from gateway.config import GatewayConfig

@@ -294,7 +294,7 @@ def test_real_whisper_in_a_worker_matches_in_process() -> None:
         policy = backend.partial_policy("en")
     assert isinstance(got_final, Recognition) and isinstance(want_final, Recognition)
     assert got_final.text == want_final.text
-    assert "ill disposed young man" in got_final.text.lower()
+    assert "not an ill" in got_final.text.lower() and "young man" in got_final.text.lower()
     assert isinstance(got_lid, LidResult) and got_lid.lang == "en" == want_lid.lang
     # The parent's partial policy (tokenizer only, no model) reads the worker's tokens.
     assert isinstance(partial, Recognition) and partial.tokens

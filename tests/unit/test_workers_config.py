@@ -1,0 +1,86 @@
+"""Worker settings: validation, the [workers] TOML table, command-line overrides."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asr.main import load_config
+from asr.workers import WorkerConfig
+from gateway.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"workers": -1}, {"workers": 65}, {"worker_threads": 0}, {"standby_workers": -1},
+    {"job_timeout_s": 0.0}, {"job_timeout_per_audio_s": -1.0}, {"start_timeout_s": -5.0},
+    {"crash_loop_restarts": 0}, {"crash_loop_window_s": 0.0},
+])
+def test_invalid_values_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        WorkerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("table", "match"), [
+    ({"wrokers": 2}, "unknown keys"),
+    ({"workers": "2"}, "workers must be int"),
+    ({"workers": 1.5}, "workers must be int"),
+    ({"standby_workers": True}, "standby_workers must be int"),
+    ({"job_timeout_s": "10"}, "job_timeout_s must be float"),
+])
+def test_bad_table_is_refused(table: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        WorkerConfig.from_dict(table)
+
+
+def test_toml_table_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "asr.toml"
+    path.write_text("[server]\nmax_streams = 8\n[workers]\nworkers = 3\njob_timeout_s = 4\n"
+                    "standby_workers = 0\n")
+    cfg, pools, default, wcfg = load_config(path, workers={"workers": 1,
+                                                           "worker_threads": None})
+    assert cfg.max_streams == 8 and default in pools
+    assert wcfg == WorkerConfig(workers=1, job_timeout_s=4.0, standby_workers=0)
+    assert isinstance(wcfg.job_timeout_s, float)
+
+
+def test_unknown_table_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "asr.toml"
+    path.write_text("[worker]\nworkers = 3\n")
+    with pytest.raises(ValueError, match="unknown keys or tables"):
+        load_config(path)
+
+
+def test_shipped_asr_toml_loads() -> None:
+    _, pools, default, wcfg = load_config(ROOT / "deploy/docker/asr.toml")
+    assert wcfg == WorkerConfig()  # the image runs the code defaults
+    assert set(pools) == {"en", "multi"} and default == "multi"
+
+
+def test_help_lists_every_worker_knob_with_its_default() -> None:
+    sub = build_parser()._subparsers._group_actions[0].choices["asr"]  # type: ignore[union-attr]
+    text = " ".join(sub.format_help().split("options:", 1)[1].split())
+    d = WorkerConfig()
+    for flag, value in (("--workers", d.workers), ("--worker-threads", d.worker_threads),
+                        ("--standby-workers", d.standby_workers),
+                        ("--job-timeout-s", f"{d.job_timeout_s:g}")):
+        # Up to the next option (a flag followed by its upper-case metavar).
+        entry = re.split(r" --[a-z-]+ [A-Z]+ ", text.split(f" {flag} ", 1)[1])[0]
+        assert f"(default {value})" in entry, (flag, entry)
+    args = build_parser().parse_args(["asr", "--workers", "0", "--job-timeout-s", "2.5"])
+    assert args.workers == 0 and args.job_timeout_s == 2.5 and args.standby_workers is None
+
+
+@pytest.mark.timeout(60)
+def test_asr_does_not_import_gateway() -> None:
+    code = ("import sys, asr.main, asr.workers; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'gateway'); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
