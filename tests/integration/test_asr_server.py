@@ -348,3 +348,131 @@ async def test_tls_with_alpn_h2(nursery: trio.Nursery, tls_files: tuple[Path, Pa
         await ls.stream.end()
         assert [e.type for e in await ls.rest()][-2:] == ["final", "end"]
     shutdown.set()
+
+
+# -- finals cut at Finalize, Start validation, flow events, health (issue 10) -----------
+
+
+async def _utterances_at_once(ls: object, spans: list[tuple[int, int]]) -> None:
+    """Send each (pts_ms, samples) utterance followed by its Finalize, then End, in one
+    write: far faster than the engine answers."""
+    frames: list[link.Frame] = []
+    seq = 0
+    for pts, n in spans:
+        packets = opus_packets(GOFORWARD[:n])
+        frames += audio_frames(packets, first_seq=seq, first_pts_ms=pts)
+        frames.append(link.Finalize())
+        seq += len(packets)
+    frames.append(link.End())
+    await ls.send(*frames)  # type: ignore[attr-defined]
+    await ls.stream.end()  # type: ignore[attr-defined]
+
+
+async def test_each_finalize_cuts_its_own_final_however_far_behind_the_engine_is(
+        nursery: trio.Nursery) -> None:
+    engine = StandInEngine(delay_s=0.3)  # every batch takes longer than sending it all
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0)
+    spans = [(0, 16000), (5000, 9600), (9000, 24000)]  # 1 s, 0.6 s, 1.5 s
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="fast"))
+        await _utterances_at_once(ls, spans)
+        events = await ls.rest()
+    finals = [e for e in events if e.type == "final"]
+    assert [f.utterance for f in finals] == [0, 1, 2]
+    assert [f.ts for f in finals] == [(0, 1000), (5000, 5600), (9000, 10500)]
+    assert [f.text.split()[0] for f in finals] == ["1.00s", "0.60s", "1.50s"]
+    assert events[-1].type == "end"
+    shutdown.set()
+
+
+async def test_unsupported_language_gets_a_coded_error_and_spares_other_streams(
+        server: tuple[AsrApp, int]) -> None:
+    _, port = server
+    async with connect("127.0.0.1", port) as conn:
+        good = await open_recognize(conn, link.Start(flow_id="good", lang_hint="en-US"))
+        bad = [await open_recognize(conn, link.Start(flow_id=f"bad{i}", lang_hint=hint))
+               for i, hint in enumerate(("xx", "e$", "english"))]
+        for ls in bad:
+            await ls.send(*audio_frames(opus_packets(GOFORWARD[:8000])), link.End())
+            await ls.stream.end()
+            events = await ls.rest()
+            assert [e.type for e in events] == ["error", "end"]
+            assert events[0].code == "UNSUPPORTED_LANGUAGE" and events[0].fatal
+        await good.send(*audio_frames(opus_packets(GOFORWARD[:8000])), link.End())
+        await good.stream.end()
+        final = await good.until("final")
+        assert final.lang == "en"  # "en-US" was normalised before it reached the engine
+        assert final.text.startswith("0.50s")
+
+
+async def test_flow_behind_then_ok_on_v2_and_nothing_on_v1(nursery: trio.Nursery) -> None:
+    engine = StandInEngine(delay_s=0.25)
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0,
+                                               behind_threshold_s=2.0)
+    spans = [(i * 2000, 16000) for i in range(5)]  # 5 s of speech, sent at once
+    async with connect("127.0.0.1", port) as conn:
+        v2 = await open_recognize(conn, link.Start(flow_id="v2"))
+        v1_stream = await conn.open_stream(
+            "POST", "/v1/recognize", [("content-type", link.CONTENT_TYPES[1])])
+        from tests.linkclient import LinkStream
+        v1 = LinkStream(v1_stream)
+        await v1.send(link.Start(flow_id="v1", version=1))
+        assert await v1.stream.response() == 200
+        assert v1.stream.headers["content-type"] == link.CONTENT_TYPES[1]
+        assert await v2.stream.response() == 200
+        assert v2.stream.headers["content-type"] == link.CONTENT_TYPE
+        await _utterances_at_once(v2, spans)
+        await _utterances_at_once(v1, spans)
+        ev2, ev1 = await v2.rest(), await v1.rest()
+    flows = [(e.code, i) for i, e in enumerate(ev2) if e.type == "flow"]
+    assert [c for c, _ in flows] == ["BEHIND", "OK"], ev2
+    finals_before_ok = sum(1 for e in ev2[:flows[1][1]] if e.type == "final")
+    assert flows[0][1] == 0 and finals_before_ok >= 3  # behind at once; OK below 1 s left
+    assert "2 s" in ev2[0].message
+    assert not any(e.type == "flow" for e in ev1)
+    assert [e.type for e in ev1].count("final") == 5
+    shutdown.set()
+
+
+async def test_healthz_reports_the_backends_worker_health(nursery: trio.Nursery) -> None:
+    from tests.standin import WorkerStandIn
+    engine = WorkerStandIn()
+    _app, port, shutdown = await _start_server(nursery, engine)
+    r = await _get(port, "/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"ok": True, "workers": 2, "restarts": 0, "status": "ok"}
+    engine.health_report = {"ok": False, "workers": 1, "hung": [0]}
+    r = await _get(port, "/healthz")
+    assert r.status_code == 503
+    assert r.json() == {"ok": False, "workers": 1, "hung": [0], "status": "unhealthy"}
+
+    def broken() -> dict[str, object]:
+        raise RuntimeError("pipe closed")
+
+    engine.health = broken  # type: ignore[method-assign]
+    r = await _get(port, "/healthz")
+    assert r.status_code == 503 and "pipe closed" in r.json()["error"]
+    shutdown.set()
+
+
+async def test_lid_requests_past_the_bound_get_busy(nursery: trio.Nursery) -> None:
+    engine = StandInEngine(lid_delay_s=0.5)
+    _app, port, shutdown = await _start_server(nursery, engine, lid_max_inflight=1)
+    codes: list[int] = []
+
+    async def ask() -> None:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            r = await client.post("/v1/lid", content=GOFORWARD[:16000].tobytes())
+            codes.append(r.status_code)
+            if r.status_code == 503:
+                assert r.json() == {"error": "BUSY"} and r.headers["retry-after"] == "1"
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(ask)
+        await trio.sleep(0.2)
+        inner.start_soon(ask)
+    assert sorted(codes) == [200, 503]
+    async with trio.open_nursery() as inner:  # the slot is free again
+        inner.start_soon(ask)
+    assert codes[-1] == 200
+    shutdown.set()
