@@ -20,6 +20,18 @@ copy as a stream shows it (``trim_repetition``), and compared with the
 reference (whole clips) and with the 30 s decode of the same prefix (how much a cheap
 partial differs from a full-window one).
 
+``--margins 3:5,4:6,5:8`` is a separate study of the encoder windows the service uses
+(``asr.engine.window_frames``: ``clamp(audio + margin, minimum, 30 s)``), against the
+30 s window measured in the same run, on a larger corpus: every pocketsphinx-testdata
+clip (LibriVox, cards, goforward, numbers, something, the 8 kHz TIDIGITS clip),
+concatenations of them up to ~25 s, and espeak-ng passages (10-25 s). Each clip is
+decoded once as a final would be (greedy, audio-proportional token budget, no fallback,
+so a loop shows up as errors; how often the fallback would have fired is counted), and
+every 3 s prefix as a partial would be (partial budget, trailing loop cut). It prints
+WER against the reference, WER of the same audio against the 30 s window, and
+compute / audio, each as a ratio or a difference against the 30 s window; writes
+``bench/out/asr_margins.json`` and ``.png``. It does not need faster-whisper.
+
 faster-whisper is a bench-only peer (``pip install faster-whisper``); nothing outside
 ``bench/`` imports it.
 
@@ -50,11 +62,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from asr.engine import (  # noqa: E402
+    FALLBACK,
+    PARTIAL_EXTRA_TOKENS,
+    PARTIAL_TOKENS_PER_S,
+    window_frames,
+)
 from asr.whisper import export, weights  # noqa: E402
 from asr.whisper import mel as melmod  # noqa: E402
-from asr.whisper.decoding import Transcript, Utterance, WhisperEngine  # noqa: E402
+from asr.whisper.decoding import (  # noqa: E402
+    Transcript,
+    Utterance,
+    WhisperEngine,
+    token_budget,
+)
 from asr.whisper.normalize import WordErrors, normalize_english, word_errors  # noqa: E402
-from asr.whisper.streaming import StreamConfig, trim_repetition  # noqa: E402
+from asr.whisper.streaming import trim_repetition  # noqa: E402
 from tests import speech  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -168,9 +191,9 @@ def bench_model(model: str, beam: int, repeats: int, clips: list[Clip], workdir:
             results[k].rtf_per_repeat.append(spent[k] / total_audio)
     for r in results:
         for clip in clips:
-            e = word_errors(clip.ref, r.hyps[clip.name])
-            r.errors = r.errors + e
-            r.per_set[clip.set] = r.per_set.get(clip.set, WordErrors(0, 0, 0, 0)) + e
+            we = word_errors(clip.ref, r.hyps[clip.name])
+            r.errors = r.errors + we
+            r.per_set[clip.set] = r.per_set.get(clip.set, WordErrors(0, 0, 0, 0)) + we
     ours, theirs = results
     return {
         "model": model,
@@ -205,10 +228,9 @@ def bench_model(model: str, beam: int, repeats: int, clips: list[Clip], workdir:
 
 
 def _budget(samples: int) -> int:
-    # The token budget a streaming partial gets (StreamConfig defaults), so that a
-    # window that sends the decoder into a loop costs what it would cost in service.
-    cfg = StreamConfig()
-    return math.ceil(samples / SR * cfg.tokens_per_second) + cfg.extra_tokens
+    # The token budget a streaming partial gets (asr.engine), so that a window that
+    # sends the decoder into a loop costs what it would cost in service.
+    return math.ceil(samples / SR * PARTIAL_TOKENS_PER_S) + PARTIAL_EXTRA_TOKENS
 
 
 def _as_partial(engine: WhisperEngine, tr: Transcript) -> str:
@@ -256,6 +278,195 @@ def bench_partial_windows(model: str, windows: list[int], clips: list[Clip],
             "wer_prefixes_vs_30s_window": vs_full.wer,
         }
     return out
+
+
+ESPEAK_PASSAGES = [
+    "We shall fight on the beaches, we shall fight on the landing grounds, we shall fight "
+    "in the fields and in the streets, we shall fight in the hills; we shall never "
+    "surrender.",
+    "The morning train left the station at seven. It crossed the river, passed the old "
+    "mill and the farms beyond it, and reached the coast a little after noon, where the "
+    "passengers stepped out into the wind.",
+    "One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, "
+    "fourteen, fifteen, sixteen, seventeen, eighteen, nineteen, twenty.",
+    "Please buy apples, bread, butter, cheese, eggs, flour, milk, onions, potatoes, rice, "
+    "salt, sugar and tea, and do not forget the coffee for the office.",
+    "If the weather holds, we will walk to the lake, eat by the water, and come back "
+    "before dark. If it rains, we will stay in, read, and cook something warm.",
+]
+
+
+def _tidigits() -> Clip | None:
+    """The TIDIGITS clip is headerless PCM16 at 8 kHz: resampled to 16 kHz with sox."""
+    import subprocess
+
+    path = speech.TESTDATA / "tidigits" / "dhd.2934z.raw"
+    if not path.exists():
+        return None
+    raw = subprocess.run(["sox", "-t", "raw", "-r", "8000", "-e", "signed-integer", "-b",
+                          "16", "-c", "1", str(path), "-t", "raw", "-r", str(SR), "-"],
+                         check=True, capture_output=True).stdout
+    return Clip("tidigits", "dhd.2934z", np.frombuffer(raw, "<i2").copy(),
+                "two nine three four zero")
+
+
+def load_margin_corpus() -> list[Clip]:
+    """All pocketsphinx clips, concatenations up to ~25 s, and espeak-ng passages."""
+    clips = load_clips()
+    for name, ref in (("numbers", ""), ("something", "go somewhere and do something")):
+        clips.append(Clip("raw", name, speech.read_raw(speech.TESTDATA / f"{name}.raw"), ref))
+    tid = _tidigits()
+    if tid is not None:
+        clips.append(tid)
+    gap = np.zeros(int(0.3 * SR), np.int16)  # a breath between sentences
+
+    def concat(set_: str, name: str, parts: list[Clip]) -> Clip:
+        audio = np.concatenate([x for p in parts for x in (p.audio, gap)][:-1])
+        return Clip(set_, name, audio, " ".join(p.ref for p in parts))
+
+    libri = [c for c in clips if c.set == "librivox"]
+    cards = [c for c in clips if c.set == "cards"]
+    clips.append(concat("concat", "librivox-1-3", libri[:3]))
+    clips.append(concat("concat", "librivox-2-5", libri[1:]))
+    clips.append(concat("concat", "librivox-all", libri))
+    clips.append(concat("concat", "cards-all", cards))
+    clips.append(concat("concat", "cards-libri", cards[:3] + libri[2:4]))
+    for i, text in enumerate(ESPEAK_PASSAGES):
+        clips.append(Clip("espeak", f"espeak-{i}", speech.espeak(text), text))
+        clips.append(Clip("espeak", f"espeak-{i}-slow", speech.espeak(text, speed_wpm=120),
+                          text))
+    return [c for c in clips if c.audio.size <= melmod.N_SAMPLES]
+
+
+def _decode(engine: WhisperEngine, audio: np.ndarray, frames: int,
+            budget: int) -> tuple[Transcript, float]:
+    t0 = time.perf_counter()
+    [tr] = engine.transcribe_batch([Utterance(audio, language="en", max_new_tokens=budget)],
+                                   pad_to_frames=frames, max_new_tokens=budget)
+    return tr, time.perf_counter() - t0
+
+
+def bench_margins(model: str, settings: list[tuple[float, float]], clips: list[Clip],
+                  precision: str = "int8", prefix_step_s: float = 3.0) -> dict[str, Any]:
+    """Finals on whole clips and partials on prefixes, per (margin, minimum) setting,
+    against the 30 s window in the same run (the first setting measured)."""
+    engine = WhisperEngine.load(model, precision=precision, threads=THREADS)
+    engine.transcribe(clips[0].audio, language="en")  # warm-up
+    step = int(prefix_step_s * SR)
+    prefixes = [(c, n) for c in clips for n in range(step, c.audio.size, step)]
+    base_final: dict[str, str] = {}
+    base_partial: dict[tuple[str, int], str] = {}
+    out: dict[str, Any] = {}
+    for margin, low in [(30.0, 30.0), *settings]:
+        label = "30 s" if margin >= 30 else f"+{margin:g} s, >= {low:g} s"
+        vs_ref = WordErrors(0, 0, 0, 0)
+        vs_30 = WordErrors(0, 0, 0, 0)
+        p_vs_30 = WordErrors(0, 0, 0, 0)
+        spent = audio_s = p_spent = p_audio = 0.0
+        fallbacks = loops_seen = 0
+        per_set: dict[str, WordErrors] = {}
+        for clip in clips:
+            frames = window_frames(clip.audio.size, margin, low)
+            tr, dt = _decode(engine, clip.audio, frames, token_budget(clip.audio.size))
+            spent += dt
+            audio_s += clip.seconds
+            if FALLBACK.needs_fallback(tr):
+                fallbacks += 1
+            if tr.tokens and trim_repetition(tr.tokens, max_period=32)[1]:
+                loops_seen += 1
+            if margin >= 30:
+                base_final[clip.name] = tr.text
+            vs_30 = vs_30 + word_errors(base_final[clip.name], tr.text)
+            if clip.ref:
+                e = word_errors(clip.ref, tr.text)
+                vs_ref = vs_ref + e
+                per_set[clip.set] = per_set.get(clip.set, WordErrors(0, 0, 0, 0)) + e
+        for clip, n in prefixes:
+            frames = window_frames(n, margin, low)
+            tr, dt = _decode(engine, clip.audio[:n], frames, _budget(n))
+            p_spent += dt
+            p_audio += n / SR
+            text = _as_partial(engine, tr)
+            if margin >= 30:
+                base_partial[(clip.name, n)] = text
+            p_vs_30 = p_vs_30 + word_errors(base_partial[(clip.name, n)], text)
+        out[label] = {
+            "margin_s": margin, "min_window_s": low,
+            "wer_vs_reference": vs_ref.wer,
+            "wer_per_set": {k: v.wer for k, v in per_set.items()},
+            "wer_finals_vs_30s": vs_30.wer,
+            "finals_compute_per_audio": spent / audio_s,
+            "fallback_would_fire": fallbacks, "loops": loops_seen,
+            "wer_partials_vs_30s": p_vs_30.wer,
+            "partials_compute_per_audio": p_spent / max(p_audio, 1e-9),
+            "clips": len(clips), "prefixes": len(prefixes),
+        }
+        print_margin_row(model, label, out[label], out.get("30 s"), flush=True)
+    return out
+
+
+def print_margin_row(model: str, label: str, r: dict[str, Any], base: dict[str, Any] | None,
+                     flush: bool = False) -> None:
+    b = base or r
+    print(f"{model:8} {label:16} WER ref {100 * r['wer_vs_reference']:6.2f} % "
+          f"({100 * (r['wer_vs_reference'] - b['wer_vs_reference']):+5.2f})  "
+          f"finals vs 30 s {100 * r['wer_finals_vs_30s']:6.2f} %  "
+          f"compute/audio {r['finals_compute_per_audio']:.3f} "
+          f"(x{r['finals_compute_per_audio'] / b['finals_compute_per_audio']:.2f})  "
+          f"fallback {r['fallback_would_fire']:2d} loops {r['loops']:2d} | "
+          f"partials vs 30 s {100 * r['wer_partials_vs_30s']:6.2f} %  compute/audio "
+          f"{r['partials_compute_per_audio']:.3f} "
+          f"(x{r['partials_compute_per_audio'] / b['partials_compute_per_audio']:.2f})",
+          flush=flush)
+
+
+def plot_margins(res: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model, rows in res.items():
+        for ax, kind in ((axes[0], "finals"), (axes[1], "partials")):
+            xs = [r[f"{kind}_compute_per_audio"] for r in rows.values()]
+            key = "wer_vs_reference" if kind == "finals" else "wer_partials_vs_30s"
+            ys = [100 * r[key] for r in rows.values()]
+            ax.plot(xs, ys, "o", label=model)
+            for (label, _), x, y in zip(rows.items(), xs, ys, strict=True):
+                ax.annotate(label, (x, y), fontsize=6)
+    axes[0].set_title("finals: WER vs reference")
+    axes[1].set_title("partials (3 s prefixes): WER vs the 30 s window")
+    for ax in axes:
+        ax.set_xlabel("compute / audio (wall s per audio s, 2 threads)")
+        ax.set_ylabel("WER %")
+        ax.legend()
+    fig.suptitle("Encoder window = clamp(audio + margin, minimum, 30 s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def margins_main(args: argparse.Namespace) -> int:
+    settings = []
+    for item in args.margins.split(","):
+        margin, _, low = item.partition(":")
+        settings.append((float(margin), float(low or margin)))
+    clips = load_margin_corpus()
+    print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio "
+          f"({sum(bool(c.ref) for c in clips)} with references); {args.precision}, "
+          f"{THREADS} threads, greedy", flush=True)
+    res = {m: bench_margins(m, settings, clips, args.precision)
+           for m in args.models.split(",") if m}
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"bench": "asr_quality --margins", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+              "precision": args.precision, "threads": THREADS,
+              "corpus": [{"set": c.set, "name": c.name, "audio_s": c.seconds} for c in clips],
+              "models": res}
+    (args.out / "asr_margins.json").write_text(json.dumps(report, indent=2))
+    plot_margins(res, args.out / "asr_margins.png")
+    print(f"wrote {args.out / 'asr_margins.json'} and {args.out / 'asr_margins.png'}")
+    return 0
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -334,8 +545,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="our export to run (faster-whisper always runs int8)")
     ap.add_argument("--partial-windows", default="",
                     help="comma-separated mel frame counts, e.g. 3000,1000,500 (off if empty)")
+    ap.add_argument("--margins", default="",
+                    help="window study instead: margin:minimum seconds, e.g. 3:5,4:6,5:8")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.margins:
+        return margins_main(args)
     models = [m for m in args.models.split(",") if m]
     windows = [int(w) for w in args.partial_windows.split(",") if w]
     if windows and melmod.N_FRAMES not in windows:

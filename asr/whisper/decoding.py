@@ -182,15 +182,15 @@ class FallbackPolicy:
         if not 1 <= self.best_of <= 16:
             raise ValueError(f"best_of must be in 1..16, got {self.best_of}")
 
-    def silent(self, r: DecodeResult) -> bool:
+    def silent(self, r: DecodeResult | Transcript) -> bool:
         """Whisper's no-speech rule: likely no-speech and an unsure decode."""
         return r.no_speech_prob > self.no_speech_prob and r.avg_logprob < self.logprob_min
 
-    def needs_fallback(self, r: DecodeResult) -> bool:
+    def needs_fallback(self, r: DecodeResult | Transcript) -> bool:
         """Whether ``r`` should be decoded again at the next temperature."""
         if self.silent(r):
             return False
-        return (r.compression_ratio > self.compression_ratio_max
+        return (loops.compression_ratio(r.text) > self.compression_ratio_max
                 or r.avg_logprob < self.logprob_min or not r.finished)
 
 
@@ -226,6 +226,7 @@ class Transcript:
     beam_size: int = 1
     temperature: float = 0.0  # of the decode kept (above 0: greedy text looped or was unsure)
     loop_cut: bool = False  # every decode looped; the repeated tail was cut off
+    finished: bool = True  # the decode ended on its own, within its token budget
 
     @property
     def audio_ms(self) -> float:
@@ -437,10 +438,11 @@ class WhisperDecoder:
 
         The first pass is ``options`` as given (greedy or beam). Each later temperature
         samples ``policy.best_of`` candidates per failing row (seeded from the row's
-        ``seed``, so the same request always gives the same text) and keeps the best by
-        mean log-probability. A row that passes stops there. A row that never passes
-        keeps, like faster-whisper, the most likely candidate that does not loop (or the
-        most likely of all), and a loop left in it is cut to one copy. The encoder output
+        ``seed``, so the same request always gives the same text) and keeps the most
+        likely one that passes (else the most likely). A row that passes stops there. A
+        row that never passes keeps, like faster-whisper, the most likely candidate that
+        does not loop and ended on its own (else the most likely that does not loop, else
+        the most likely of all), and a loop left in it is cut to one copy. The encoder output
         is reused by every pass.
 
         Args:
@@ -473,7 +475,10 @@ class WhisperDecoder:
                                                   beam_size=opts.beam_size if temp == 0 else 1))
             still = []
             for j, i in enumerate(pending):
-                best = max(cand[j * n : (j + 1) * n], key=lambda r: r.avg_logprob)
+                # A sample that passes beats any that does not (a loop is often the
+                # most likely text: that is why greedy fell into it).
+                best = max(cand[j * n : (j + 1) * n],
+                           key=lambda r: (not pol.needs_fallback(r), r.avg_logprob))
                 best = replace(best, temperature=temp)
                 tried[i].append(best)
                 if pol.needs_fallback(best):
@@ -484,7 +489,8 @@ class WhisperDecoder:
         for i in pending:
             cands = tried[i]
             clean = [r for r in cands if r.compression_ratio <= pol.compression_ratio_max]
-            best = max(clean or cands, key=lambda r: r.avg_logprob)
+            ended = [r for r in clean if r.finished]
+            best = max(ended or clean or cands, key=lambda r: r.avg_logprob)
             if pol.cut_loops and (best.compression_ratio > pol.compression_ratio_max
                                   or not best.finished):
                 tokens, cut = loops.cut_loop(best.tokens)
@@ -995,6 +1001,7 @@ class WhisperEngine:
                     beam_size=beam_size,
                     temperature=r.temperature,
                     loop_cut=r.loop_cut,
+                    finished=r.finished,
                 )
             )
         return out

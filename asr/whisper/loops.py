@@ -40,8 +40,8 @@ def find_loop(tokens: Sequence[int], min_repeats: int = 3,
     Args:
         tokens: token ids (or words).
         min_repeats: consecutive copies that make a loop.
-        min_span: the copies must cover at least this many tokens, so "no, no, no" or
-            "one one one" in real speech is not called a loop.
+        min_span: the copies must cover at least this many tokens (a short unit needs
+            more copies), so "no, no, no" or "one one one" in real speech is not a loop.
 
     Returns:
         ``(start, period)`` of the earliest loop, or None.
@@ -50,10 +50,11 @@ def find_loop(tokens: Sequence[int], min_repeats: int = 3,
     n = len(t)
     for i in range(n):
         for p in range(1, (n - i) // min_repeats + 1):
-            if p * min_repeats < min_span:
+            reps = max(min_repeats, -(-min_span // p))  # short units need more copies
+            if i + reps * p > n:
                 continue
             unit = t[i : i + p]
-            if all(t[i + k * p : i + (k + 1) * p] == unit for k in range(1, min_repeats)):
+            if all(t[i + k * p : i + (k + 1) * p] == unit for k in range(1, reps)):
                 return i, p
     return None
 
