@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,3 +115,119 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def pct_with_misses(values: Sequence[float | None], q: float) -> float:
+    """Percentile ``q`` (0-100, nearest rank) where ``None`` is a miss, counted as +inf.
+
+    A latency that never came is worse than any that did: dropping it would make a
+    system that answers half its utterances look fast. Nearest rank (the smallest value
+    with at least q % of the sample at or below it) keeps the result a real observation,
+    so a percentile that lands on a miss is ``inf``, and one on measured values is one
+    of them. An empty sample gives ``nan``.
+    """
+    if not values:
+        return math.nan
+    xs = sorted(math.inf if v is None else float(v) for v in values)
+    rank = max(math.ceil(q / 100.0 * len(xs)), 1)
+    return xs[rank - 1]
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its descendants now alive (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_sample(root: int) -> ProcSample:
+    """CPU seconds and RSS summed over a process tree (a server and its workers)."""
+    cpu = rss = 0.0
+    for pid in tree_pids(root):
+        try:
+            s = proc_sample(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+        cpu += s.cpu_s
+        rss += s.rss_mb
+    return ProcSample(cpu, rss, time.monotonic())
+
+
+@dataclass(frozen=True)
+class Hyp:
+    """One recognition result as a client received it.
+
+    ``start_s``/``end_s`` are stream audio time (seconds since the first sample sent);
+    ``recv_s`` is the client's wall clock (``time.perf_counter``) at arrival.
+    """
+
+    final: bool
+    start_s: float
+    end_s: float
+    text: str
+    recv_s: float
+
+
+@dataclass(frozen=True)
+class UttTiming:
+    """What the user saw of one utterance; ``None`` latencies are misses."""
+
+    index: int
+    first_partial_ms: float | None  # first partial covering it - its first speech sample sent
+    final_ms: float | None  # its final - its last speech sample sent
+    partial_gaps_ms: tuple[float, ...]  # between consecutive partials covering it
+    partial_before_final: bool
+
+
+MIN_OVERLAP_S = 0.05  # a result covers an utterance if their audio spans share this much
+END_TOLERANCE_S = 0.3  # a final reaching this close to the utterance's end closes it
+
+
+def match_utterances(spans: Sequence[tuple[float, float]], hyps: Sequence[Hyp],
+                     sent_at: Callable[[float], float]) -> list[UttTiming]:
+    """Attribute the results of one session to its ground-truth utterances.
+
+    Args:
+        spans: each utterance's speech (onset, end), stream seconds.
+        hyps: partials and finals in arrival order.
+        sent_at: the wall time (same clock as ``recv_s``) at which the client sent the
+            sample at a stream time.
+
+    Returns:
+        One timing per utterance. A partial belongs to every utterance its audio span
+        overlaps (a peer's segment may run across a pause), but only once it could
+        know of it (arrival after the onset was sent). The final of an utterance is the
+        first final overlapping it whose span reaches its end (within
+        ``END_TOLERANCE_S``); failing that, the last final overlapping it (the
+        utterance was split and never closed as a whole); failing that, a miss.
+    """
+    out = []
+    for i, (on, end) in enumerate(spans):
+        t_on, t_end = sent_at(on), sent_at(end)
+
+        def covers(h: Hyp, on: float = on, end: float = end) -> bool:
+            return min(h.end_s, end) - max(h.start_s, on) >= MIN_OVERLAP_S
+
+        parts = [h.recv_s for h in hyps if not h.final and covers(h) and h.recv_s >= t_on]
+        finals = [h for h in hyps if h.final and covers(h) and h.recv_s >= t_on]
+        closing = [h for h in finals if h.end_s >= end - END_TOLERANCE_S]
+        fin = closing[0] if closing else (finals[-1] if finals else None)
+        final_ms = 1000 * (fin.recv_s - t_end) if fin is not None else None
+        first_ms = 1000 * (parts[0] - t_on) if parts else None
+        gaps = tuple(1000 * (b - a) for a, b in itertools.pairwise(parts))
+        before = bool(parts) and (fin is None or parts[0] <= fin.recv_s)
+        out.append(UttTiming(i, first_ms, final_ms, gaps, before))
+    return out
