@@ -304,6 +304,7 @@ class ProcessBackend:
         self._log_level = log_level
         self._cond = threading.Condition()
         self._workers: list[_Worker] = []
+        self._waiting: collections.deque[object] = collections.deque()  # _acquire tickets
         self._failures: collections.deque[float] = collections.deque()
         self._wake_r, self._wake_w = _CTX.Pipe(duplex=False)
         self._supervisor: threading.Thread | None = None
@@ -564,20 +565,26 @@ class ProcessBackend:
             self._workers.remove(w)
 
     def _acquire(self) -> _Worker:
-        """An idle ready worker, now marked busy (waits up to ``WAIT_FOR_WORKER_S``)."""
+        """An idle ready worker, now marked busy (waits up to ``WAIT_FOR_WORKER_S``).
+
+        First come, first served: a thread that just gave a worker back must not take it
+        again ahead of one that has been waiting (a lock or a bare condition would let
+        it barge, and a re-run after a crash could wait behind fresh batches).
+        """
         end = time.monotonic() + WAIT_FOR_WORKER_S
+        ticket = object()
         with self._cond:
-            while True:
-                if self._closing:
-                    raise WorkersUnavailable("the worker pool is closed")
-                for w in self._workers:
-                    if w.state == "idle":
-                        if w.proc.is_alive():
-                            w.state = "busy"
-                            return w
-                        self._failed(w, "crash")  # died while idle; its sentinel races us
-                        break
-                else:
+            self._waiting.append(ticket)
+            try:
+                while True:
+                    if self._closing:
+                        raise WorkersUnavailable("the worker pool is closed")
+                    if self._waiting[0] is ticket:
+                        for w in [w for w in self._workers if w.state == "idle"]:
+                            if w.proc.is_alive():
+                                w.state = "busy"
+                                return w
+                            self._failed(w, "crash")  # died while idle; sentinel races us
                     left = end - time.monotonic()
                     if left <= 0:
                         raise WorkersUnavailable(
@@ -585,6 +592,9 @@ class ProcessBackend:
                             f"({self._count('starting')} starting, crash loop: "
                             f"{self._crash_looping()})")
                     self._cond.wait(left)
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()  # the next in line may take an idle worker
 
     def _run_on(self, w: _Worker, pool: str, wire: list[WireJob], deadline_s: float
                 ) -> tuple[str, object]:
