@@ -488,8 +488,12 @@ class ProcessBackend:
                 tuple(w.cpu_s for w in live), self._retired_cpu_s)
 
     def health(self) -> dict[str, Any]:
-        """What ``/healthz`` reports; ``ok`` is false while crash-looping or with no
-        worker ready or starting."""
+        """What ``/healthz`` reports (never blocks on a worker).
+
+        ``ok`` is false while crash-looping (``reason`` says so), after ``close()``, or
+        when started with no worker ready or starting. One hang or crash leaves it true
+        (the worker is replaced); the counters show it.
+        """
         now = time.monotonic()
         with self._cond:
             looping = self._crash_looping()
@@ -502,10 +506,14 @@ class ProcessBackend:
                 "start_s": round(w.ready_at - w.spawned_at, 3) if w.ready_at else None,
             } for w in live]
             ready = self._count("idle", "busy")
-            reason = ("crash-looping: " if looping else "") + (
-                "no worker ready or starting" if not live else "")
-            ok = not looping and bool(live) and not self._closing
-            return {"ok": ok, "reason": reason or ("closed" if self._closing else ""),
+            # Before start() nothing is wrong yet: the models may still be exporting,
+            # and a liveness probe must not kill the pod for that.
+            started = self._supervisor is not None
+            reason = "; ".join(r for r, bad in (
+                ("crash-looping", looping), ("closed", self._closing),
+                ("no worker ready or starting", started and not live)) if bad)
+            ok = not reason
+            return {"ok": ok, "reason": reason,
                     "workers": workers, "ready": ready, "wanted": self._wanted(),
                     "restarts": self._restarts, "crashes": self._crashes,
                     "hangs": self._hangs, "failed_starts": self._failed_starts,

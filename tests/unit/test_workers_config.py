@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from asr.engine import DEFAULT_POOL, DEFAULT_POOLS
 from asr.main import load_config
 from asr.workers import WorkerConfig
 from gateway.cli import build_parser
@@ -59,7 +60,8 @@ def test_unknown_table_is_refused(tmp_path: Path) -> None:
 def test_shipped_asr_toml_loads() -> None:
     _, pools, default, wcfg = load_config(ROOT / "deploy/docker/asr.toml")
     assert wcfg == WorkerConfig()  # the image runs the code defaults
-    assert set(pools) == {"en", "multi"} and default == "multi"
+    # The image's pools are the code's defaults, not a stale copy of older ones.
+    assert pools == DEFAULT_POOLS and default == DEFAULT_POOL
 
 
 def test_help_lists_every_worker_knob_with_its_default() -> None:
@@ -84,3 +86,20 @@ def test_asr_does_not_import_gateway() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_health_before_start_and_after_close() -> None:
+    from asr.engine import WhisperBackend
+    from asr.workers import ProcessBackend
+
+    front = WhisperBackend()  # routing only: nothing is loaded or spawned here
+    with pytest.raises(ValueError, match="workers >= 1"):
+        ProcessBackend(front, WhisperBackend, WorkerConfig(workers=0))
+    backend = ProcessBackend(front, WhisperBackend, WorkerConfig(workers=1))
+    health = backend.health()
+    # Not started yet (models may still be exporting): nothing wrong to report.
+    assert health["ok"] and health["workers"] == [] and health["wanted"] == 2
+    assert backend.select_pool("en", "default") == "en"
+    backend.close()
+    assert backend.health() == {**health, "ok": False, "reason": "closed"}
+    backend.close()  # idempotent
