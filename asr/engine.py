@@ -392,8 +392,10 @@ class WhisperBackend:
             results = engine.transcribe_batch(items, beam_size=spec.beam_size,
                                               pad_to_frames=frames, fallback=self.fallback)
             for (i, _), t in zip(group, results, strict=True):
-                silent = (t.no_speech_prob > NO_SPEECH_PROB
-                          and t.avg_logprob < LOGPROB_THRESHOLD)
+                # Whisper's rule, plus: a silence phrase ("you", "Thank you.") on audio
+                # it calls no-speech is what it says on silence, even when sure of it.
+                silent = t.no_speech_prob > NO_SPEECH_PROB and (
+                    t.avg_logprob < LOGPROB_THRESHOLD or not supported_text(t.text))
                 if t.temperature > 0 or t.loop_cut:
                     log.info("final fell back: temperature %.1f, loop cut %s",
                              t.temperature, t.loop_cut)
