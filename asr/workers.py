@@ -341,6 +341,16 @@ class ProcessBackend:
     def partial_policy(self, pool: str) -> PartialPolicy | None:
         return self.front.partial_policy(pool)
 
+    def normalize_language(self, code: str) -> str:
+        """The front's check of a stream's language hint (``asr.backend.LanguageNormalizer``);
+        a front without one passes the code on, and a bad one fails its jobs alone.
+
+        Raises:
+            ValueError: the front refuses the code.
+        """
+        normalize = getattr(self.front, "normalize_language", None)
+        return str(normalize(code)) if callable(normalize) else code
+
     def warmup(self) -> None:
         """Start the workers (each loads and warms its models) and wait until all are ready.
 
@@ -801,6 +811,17 @@ class WhisperFront:
 
     def lid_pool(self) -> str | None:
         return self._routing.lid_pool()
+
+    def normalize_language(self, code: str) -> str:
+        """Whisper's code for ``code`` (``"en-US"`` -> ``"en"``), checked in the parent
+        before any audio is sent to a worker.
+
+        Raises:
+            ValueError: not one of Whisper's languages (``engine.UnsupportedLanguage``).
+        """
+        from .engine import normalize_language
+
+        return normalize_language(code)
 
     def partial_policy(self, pool: str) -> PartialPolicy:
         from .engine import StablePartials

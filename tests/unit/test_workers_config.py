@@ -103,3 +103,20 @@ def test_health_before_start_and_after_close() -> None:
     backend.close()
     assert backend.health() == {**health, "ok": False, "reason": "closed"}
     backend.close()  # idempotent
+
+
+def test_whisper_front_checks_languages_without_models() -> None:
+    from asr.backend import LanguageNormalizer
+    from asr.engine import DEFAULT_POOL, DEFAULT_POOLS
+    from asr.workers import ProcessBackend
+
+    backend = ProcessBackend.whisper(DEFAULT_POOLS, DEFAULT_POOL, WorkerConfig(workers=1))
+    try:
+        assert isinstance(backend, LanguageNormalizer)
+        assert backend.normalize_language("en-US") == "en"
+        for bad in ("xx", "english"):
+            with pytest.raises(ValueError, match="unsupported language"):
+                backend.normalize_language(bad)
+        assert backend.health()["workers"] == []  # nothing was spawned
+    finally:
+        backend.close()
