@@ -861,6 +861,7 @@ class WhisperEngine:
         prompt: str | None = None,
         start_ms: float = 0.0,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        fallback: FallbackPolicy | None = None,
     ) -> Transcript:
         """Transcribe one utterance (longer audio is cut into 30 s windows, decoded as a
         batch, language taken from the first window when not given).
@@ -871,7 +872,9 @@ class WhisperEngine:
             beam_size: 1 for greedy, up to 5 (or more) for beam search.
             prompt: initial prompt / hotwords to condition on.
             start_ms: the utterance's start in session time.
-            max_new_tokens: token limit per 30 s window.
+            max_new_tokens: token limit per 30 s window (each window also gets a budget
+                proportional to its audio).
+            fallback: re-decode windows whose text loops or is unsure; None: once.
 
         Returns:
             The transcript.
@@ -881,7 +884,7 @@ class WhisperEngine:
         if x.size <= n:
             return self.transcribe_batch(
                 [Utterance(x, start_ms, language, prompt)], beam_size=beam_size,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max_new_tokens, fallback=fallback,
             )[0]
         # Independent 30 s windows (no conditioning on the previous text, as the bench
         # peer runs), so they decode as one batch; one language for all of them.
@@ -891,7 +894,7 @@ class WhisperEngine:
             for i in range(0, x.size, n)
         ]
         parts = self._transcribe_rows(windows, beam_size, max_new_tokens, self.max_frames,
-                                      language_from_first=True)
+                                      language_from_first=True, fallback=fallback)
         first = parts[0]
         audio_ms = x.size / SAMPLE_RATE * 1e3
         return Transcript(
@@ -907,6 +910,9 @@ class WhisperEngine:
             rtf=first.timings.total_ms / audio_ms,
             model=self.model.name,
             beam_size=beam_size,
+            temperature=max(p.temperature for p in parts),
+            loop_cut=any(p.loop_cut for p in parts),
+            finished=all(p.finished for p in parts),
         )
 
     def transcribe_batch(
@@ -1108,4 +1114,7 @@ def transcribe_file(
     """
     audio = read_audio_file(path)
     engine = get_engine(model, precision, threads)
-    return engine.transcribe(audio, language=language, beam_size=beam, prompt=prompt)
+    # Whisper's own temperature fallback, as the reference transcribe does: a file has
+    # no partials to hide a looping window behind.
+    return engine.transcribe(audio, language=language, beam_size=beam, prompt=prompt,
+                             fallback=FallbackPolicy())
