@@ -370,9 +370,11 @@ class ProcessBackend:
         describe = getattr(self.front, "describe", None)
         return dict(describe()) if callable(describe) else {}
 
-    def run_batch(self, pool: str, jobs: Sequence[Job]
+    def run_batch(self, pool: str, jobs: Sequence[Job | WireJob]
                   ) -> list[Recognition | LidResult]:
         """Run ``jobs`` in a worker; blocks the calling (scheduler worker) thread.
+
+        ``jobs`` are the scheduler's ``Job`` objects, or ``WireJob`` (benches, tests).
 
         Returns:
             One result per job; a job the backend failed alone is its exception

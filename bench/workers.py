@@ -21,7 +21,9 @@ with a fixed seed. Each layout gets one untimed warm-up pass of a few jobs, then
 
 Prints jobs/s, per-job latency p50/p95 (the ``run_batch`` call as the client thread
 sees it: waiting for a free engine or worker plus the work) overall and per kind,
-ratios against (a) measured in the same run, the RSS of the parent and of each worker
+ratios against (a) measured in the same run, CPU milliseconds per job (this process plus
+the layout's workers, from /proc: unlike jobs/s it holds up when other work shares the
+cores; the load average is printed with every pass), the RSS of the parent and of each worker
 (what a warm standby costs), the cold start of a worker (spawn to ready), and whether
 the texts match (a) exactly. Writes ``bench/out/workers.json`` and ``.png``.
 
@@ -117,6 +119,15 @@ def drive(run_batch: Callable[[str, Sequence[Any]], list[Any]], jobs: list[WireJ
             "errors": errors}
 
 
+def cpu_s(pool: ProcessBackend | None) -> float:
+    """CPU seconds (user + system) of this process plus ``pool``'s workers so far."""
+    t = os.times()
+    total = t.user + t.system
+    if pool is not None:
+        total += sum(w["cpu_s"] for w in pool.health()["workers"])
+    return total
+
+
 def summarize(name: str, runs: list[dict[str, Any]], jobs: list[WireJob]
               ) -> dict[str, Any]:
     lat_all = [r["lat"][i] * 1000 for r in runs for i in r["lat"]]
@@ -209,12 +220,18 @@ def main() -> int:
         rss_inproc = rss_mb(os.getpid())
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in layouts}
         order = list(layouts)
+        cpu: dict[str, float] = dict.fromkeys(layouts, 0.0)
         for rep in range(args.repeats):
             for name in order[rep % 3:] + order[: rep % 3]:
+                c0 = cpu_s(pools.get(name))
                 runs[name].append(drive(layouts[name], jobs))
-                print(f"  pass {rep + 1} {name}: {runs[name][-1]['wall_s']:.1f} s",
-                      flush=True)
+                cpu[name] += cpu_s(pools.get(name)) - c0
+                print(f"  pass {rep + 1} {name}: {runs[name][-1]['wall_s']:.1f} s wall, "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
         results = [summarize(k, runs[k], jobs) for k in layouts]
+        for r in results:
+            r["cpu_s"] = cpu[r["layout"]]
+            r["cpu_ms_per_job"] = 1000 * cpu[r["layout"]] / r["jobs"]
         results[0]["rss_mb"] = {"process (models loaded)": rss_inproc,
                                 "before loading": rss0}
         for r, b in zip(results[1:], pools.values(), strict=True):
@@ -232,7 +249,7 @@ def main() -> int:
     base = results[0]
     print(f"\n{'layout':<14}{'jobs/s':>8}{'x(a)':>7}{'p50 ms':>8}{'p95 ms':>8}"
           f"{'fin p50':>9}{'fin p95':>9}{'par p50':>9}{'par p95':>9}{'x(a) p95':>9}"
-          f"{'same text':>11}  rss MB")
+          f"{'cpu ms/job':>11}{'same text':>11}  rss MB")
     for r in results:
         same = sum(r["texts"].get(i) == t for i, t in base["texts"].items())
         r["same_text_as_inproc"] = f"{same}/{len(base['texts'])}"
@@ -242,7 +259,8 @@ def main() -> int:
         print(f"{r['layout']:<14}{r['jobs_per_s']:8.2f}{r['ratio_jobs_per_s']:7.2f}"
               f"{r['p50_ms']:8.0f}{r['p95_ms']:8.0f}{r['final_p50_ms']:9.0f}"
               f"{r['final_p95_ms']:9.0f}{r['partial_p50_ms']:9.0f}{r['partial_p95_ms']:9.0f}"
-              f"{r['ratio_p95']:9.2f}{r['same_text_as_inproc']:>11}  {rss}")
+              f"{r['ratio_p95']:9.2f}{r['cpu_ms_per_job']:11.0f}"
+              f"{r['same_text_as_inproc']:>11}  {rss}")
         if r["errors"]:
             print(f"  errors: {r['errors'][:3]}")
         if "worker_start_s" in r:
