@@ -188,7 +188,8 @@ def test_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
         assert health["hangs"] == 1 and health["ok"]  # one hang is not a crash loop
         # The standby answers the next job at once.
         (r,) = backend.run_batch("p", [job(text="next")])
-        assert isinstance(r, Recognition) and r.text.startswith("next@") and int(r.text.split("@")[1]) != hung_pid
+        assert isinstance(r, Recognition) and r.text.startswith("next@")
+        assert int(r.text.split("@")[1]) != hung_pid
         assert wait_until(lambda: backend.health()["ready"] == 2, 10)
 
 
