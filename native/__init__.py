@@ -13,6 +13,7 @@ from .errors import (
     OpusError,
     RNNoiseUnavailableError,
 )
+from .ogg import OggOpusMuxer
 from .opus import OPUS_AUTO, OPUS_BITRATE_MAX, OpusDecoder, OpusEncoder, opus_version
 from .opusenc import OggOpusWriter, opusenc_version
 from .rnnoise import Denoiser
@@ -24,6 +25,7 @@ __all__ = [
     "NativeClosedError",
     "NativeError",
     "OggOpusError",
+    "OggOpusMuxer",
     "OggOpusWriter",
     "OpusDecoder",
     "OpusEncoder",

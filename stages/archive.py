@@ -1,43 +1,49 @@
 """Session recording to Ogg Opus while the session runs, sans-IO.
 
-libopusenc (through :class:`native.OggOpusWriter`) does the Opus encoding and the Ogg
-muxing; this class hands it samples and passes on the bytes it writes, so the shell
-can append them to a file or stream them as a multipart upload. Nothing is buffered
-whole: a page leaves at least once a second of audio, and ``feed`` returns it.
+libopus (``native.OpusEncoder``, at the session's 16 kHz) encodes; ``native.ogg``
+muxes the packets into Ogg pages; this class hands it samples and passes on the bytes,
+so the shell can append them to a file or stream them as a multipart upload. Nothing is
+buffered whole: a page leaves at least once a second of audio, and ``feed`` returns it.
 
-The settings are chosen for speech heard later by a person, at a fraction of a core:
+The settings are chosen for speech heard later by a person, at a small fraction of a
+core (figures: ``bench/stage_cost.py --archive-sweep``, the LibriVox clips fed in 20 ms
+chunks, 24 kbit/s, on the shared 2-core bench VM):
 
-* ``signal="voice"``: SILK wideband, the mode libopus itself picks for speech once
-  it analyses the signal (complexity 7 and up). Below that, left to itself, it codes
-  24 kbit/s mono as music (CELT): wideband PESQ 4.12 against SILK's 4.39 at complexity 5.
-* 60 ms frames: libopusenc makes a fixed number of libopus calls per frame, some of
-  them costly under virtualisation (libopus 1.3 probes the CPU with ``cpuid`` on each
-  multistream ctl), so three times fewer frames cut the CPU by about a third at the
-  same quality and slightly fewer bytes.
-* complexity 5: the knee of CPU against quality. On the LibriVox clips at 24 kbit/s,
-  wideband PESQ was 4.32 at complexity 3, 4.38 at 5, 4.42 at 6, and 4.42 for the
-  libsndfile encoder this replaced (complexity 10), for 0.83%, 1.02%, 1.36% and 5.60%
-  of a core (``feed`` on 20 ms chunks, one run on one VM; ``bench/native.py`` has the
-  per-frame row).
+* libopus at 16 kHz, not libopusenc: libopusenc always encodes at 48 kHz, so every
+  session paid for a 16->48 kHz resampler, which cost more than the encoding: 7.8 ms of
+  CPU per second of audio at complexity 5 (5.2 at 0) before, 1.2 ms now.
+* ``audio`` application, which at 24 kbit/s wideband codes CELT: 1.2 ms/s at
+  complexity 3, against 4.4 ms/s for SILK (``voip``). On the clips its decoded output is
+  closer to the input than what libopusenc's SILK made (SNR 12.9 against 14.9 dB, but
+  log-spectral distance 7.4 against 8.3 dB; waveform correlation 0.98 against 0.99),
+  and Whisper base transcribes them with the same WER within one word (PCM 1.4%,
+  before 2.8%, now 2.8%; 5 clips, 71 words). An earlier PESQ run (libopusenc, c5) had
+  CELT at 4.12 and SILK at 4.39: both "good"; the 3.6x cheaper codec wins here.
+* 60 ms frames: a third of the calls of 20 ms frames, at the same quality.
+* complexity 3 (``DEFAULT_COMPLEXITY``): CELT's cost is flat from 1 to 4 (1.1-1.3
+  ms/s) and jumps at 5 (2.0); 0 drops the pitch pre-filter for 0.5 ms/s less.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from native import OggOpusWriter
+from native import OpusEncoder
+from native.ogg import OggOpusMuxer
 
 SAMPLE_RATE = 16000
 CONTENT_TYPE = "audio/ogg; codecs=opus"
 EXTENSION = ".ogg"
 DEFAULT_BITRATE = 24000  # bit/s
-DEFAULT_COMPLEXITY = 5  # libopus effort, 0..10
+DEFAULT_COMPLEXITY = 3  # libopus effort, 0..10; see the module docstring
+APPLICATION: Final = "audio"  # libopus mode bias: CELT at this rate and bitrate
 _MIN_BITRATE, _MAX_BITRATE = 6000, 256000  # bit/s
-_FRAME_MS = 60  # Opus frame duration
+_FRAME_SAMPLES = SAMPLE_RATE * 60 // 1000  # one 60 ms Opus frame
 _PAGE_MS = 1000  # longest audio an Ogg page holds back before it is written
 
 
@@ -57,14 +63,14 @@ class ArchiveResult:
 class ArchiveEncoder:
     """int16 16 kHz mono samples in, Ogg Opus bytes out, as they are produced.
 
-    The recording decodes to exactly the samples fed: libopusenc writes the Opus
-    pre-skip into the header and the end trim into the last page's granule position.
+    The recording decodes to exactly the samples fed: the encoder's lookahead is the
+    Opus pre-skip in the header, and the last page's granule position trims the padding.
 
     Args:
         bitrate: Opus target in bit/s (6000..256000). 24 kbps keeps speech clear for a
             listener at about a tenth of PCM's size.
         complexity: libopus effort, 0 (fastest) .. 10 (best); see the module docstring
-            for why 5.
+            for why 3.
 
     Raises:
         ValueError: bitrate or complexity out of range.
@@ -79,10 +85,14 @@ class ArchiveEncoder:
             0 <= complexity <= 10
         ):
             raise ValueError(f"complexity must be an integer in 0..10, got {complexity!r}")
-        self._writer = OggOpusWriter(
-            SAMPLE_RATE, 1, bitrate=bitrate, complexity=complexity, signal="voice",
-            frame_ms=_FRAME_MS, max_page_ms=_PAGE_MS,
-        )
+        self._enc = OpusEncoder(SAMPLE_RATE, 1, APPLICATION, bitrate=bitrate, vbr=True,
+                                complexity=complexity)
+        self._lookahead = self._enc.lookahead
+        self._mux = OggOpusMuxer(SAMPLE_RATE, 1, pre_skip=self._lookahead,
+                                 max_page_ms=_PAGE_MS)
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._encoded = 0  # samples given to the encoder, padding included
+        self._started = False
         self._hash = hashlib.sha256()
         self._samples = 0
         self._bytes = 0
@@ -93,15 +103,30 @@ class ArchiveEncoder:
 
         Raises:
             ValueError: not a 1-D int16 array, or the encoder is closed.
-            native.OggOpusError: libopusenc failed.
+            native.OpusError: libopus failed.
         """
         if self._result is not None:
             raise ValueError("the archive is closed")
         if not isinstance(samples, np.ndarray) or samples.dtype != np.int16 or samples.ndim != 1:
             raise ValueError("expected a 1-D int16 array")
-        data = self._writer.write(np.ascontiguousarray(samples))
         self._samples += len(samples)
-        return self._take(data)
+        pending = np.concatenate((self._pending, samples)) if len(self._pending) else samples
+        out = self._encode(pending)
+        return self._take(out)
+
+    def _encode(self, pending: npt.NDArray[np.int16]) -> bytes:
+        """Encode the whole frames of ``pending``; keep the rest for later."""
+        out = b""
+        if not self._started:
+            self._started = True
+            out = self._mux.headers()
+        n = len(pending) // _FRAME_SAMPLES * _FRAME_SAMPLES
+        for i in range(0, n, _FRAME_SAMPLES):
+            packet = self._enc.encode(np.ascontiguousarray(pending[i:i + _FRAME_SAMPLES]))
+            out += self._mux.packet(packet, _FRAME_SAMPLES)
+        self._encoded += n
+        self._pending = pending[n:].copy()  # never keep a view of the caller's buffer
+        return out
 
     def close(self) -> tuple[bytes, ArchiveResult]:
         """Finish the stream: the last bytes, and what the whole recording is.
@@ -109,14 +134,18 @@ class ArchiveEncoder:
         Idempotent: later calls return ``b""`` and the same result.
 
         Raises:
-            native.OggOpusError: libopusenc failed.
+            native.OpusError: libopus failed.
         """
         if self._result is not None:
             return b"", self._result
         try:
-            tail = self._take(self._writer.finish())
+            # Pad with silence until the encoder's lookahead has let the last sample out.
+            need = self._samples + self._lookahead - self._encoded
+            pad = max(0, -(-need // _FRAME_SAMPLES) * _FRAME_SAMPLES - len(self._pending))
+            out = self._encode(np.concatenate((self._pending, np.zeros(pad, np.int16))))
+            tail = self._take(out + self._mux.finish(self._samples))
         finally:
-            self._writer.close()
+            self._enc.close()
         self._result = ArchiveResult(self._samples, self._bytes, self._hash.hexdigest())
         return tail, self._result
 

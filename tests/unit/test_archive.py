@@ -62,3 +62,30 @@ def test_rejects_non_int16_and_bad_bitrate() -> None:
         ArchiveEncoder().feed(np.zeros(320, dtype=np.float32))
     with pytest.raises(ValueError):
         ArchiveEncoder(bitrate=1000)
+
+
+@pytest.mark.parametrize("n", [1, 959, 960, 961, 16000, 3 * 16000 + 7])
+@pytest.mark.parametrize("chunk", [320, 1000])
+def test_decodes_to_exactly_the_samples_fed(n: int, chunk: int) -> None:
+    audio = np.concatenate([a for _, a, _ in speech.librivox()])[:n]
+    blob, _, result = _encode(audio, chunk)
+    decoded, sr = soundfile.read(io.BytesIO(blob), dtype="int16")
+    assert sr == 16000 and len(decoded) == n == result.samples
+
+
+def test_aligned_with_the_input() -> None:
+    """The pre-skip in the header is the encoder's real delay: no shift on decode."""
+    audio = speech.librivox()[0][1]
+    blob, _, _ = _encode(audio, 320)
+    decoded, _ = soundfile.read(io.BytesIO(blob), dtype="int16")
+    a, b = audio.astype(float), decoded.astype(float)
+    corr = {lag: np.corrcoef(a[2000:-2000], b[2000 + lag:len(b) - 2000 + lag])[0, 1]
+            for lag in (-2, -1, 0, 1, 2)}
+    assert max(corr, key=corr.__getitem__) == 0
+    assert corr[0] > 0.95
+
+
+def test_rejects_bad_complexity() -> None:
+    for bad in (-1, 11, True, 2.0):
+        with pytest.raises(ValueError):
+            ArchiveEncoder(complexity=bad)  # type: ignore[arg-type]
