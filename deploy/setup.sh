@@ -28,11 +28,13 @@ fi
 
 # Reinstall only when the project metadata or native sources changed.
 stamp=.venv/.voxgate-install-stamp
-want=$(cat pyproject.toml build_ext.py deploy/requirements-nodeps.txt native/*.h native/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml build_ext.py deploy/requirements-nodeps.txt clients/python/pyproject.toml native/*.h native/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! ls native/_*.so >/dev/null 2>&1; then
   echo "setup: installing voxgate and its dependencies into .venv"
   .venv/bin/python -m pip install -q -e ".[test,bench]"
   .venv/bin/python -m pip install -q --no-deps -r deploy/requirements-nodeps.txt
+  # The client SDK is its own distribution (clients/python); the tests use it.
+  .venv/bin/python -m pip install -q -e clients/python
   echo "$want" > "$stamp"
 fi
 

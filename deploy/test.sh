@@ -7,7 +7,7 @@ bash deploy/setup.sh
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
-.venv/bin/mypy native stages gateway asr
+.venv/bin/mypy native stages gateway asr clients/python/voxgate_client
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"

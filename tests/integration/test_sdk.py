@@ -1,0 +1,316 @@
+"""The client SDK (``clients/python``, package ``voxgate_client``) over real sockets.
+
+Against the real gateway (real VAD and archive, stand-in ASR engine on loopback) in all
+three styles (Trio, asyncio, synchronous), and against a scripted WebSocket server for
+what the gateway cannot be made to do on cue: PAUSE/RESUME/SLOW_DOWN, a dropped
+connection with resume, a server that goes silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import numpy as np
+import pytest
+import trio
+import voxgate_client as vc
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+from gateway.config import GatewayConfig
+from gateway.server import serve
+from gateway.vadservice import VadService
+from stages.vad import VadModel
+from tests import speech
+from tests.standin import StandInEngine, start_asr
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "sdk-test-secret-of-32-bytes-long"
+SILENCE = np.zeros(16000, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def vad_model() -> VadModel:
+    return VadModel()
+
+
+@pytest.fixture
+async def gateway(nursery: trio.Nursery, vad_model: VadModel,
+                  tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """``await gateway(**overrides) -> ws_url``: a real gateway on a stand-in ASR."""
+    _, asr_port, asr_stop = await start_asr(nursery, StandInEngine())
+    stops: list[trio.Event] = [asr_stop]
+
+    async def start(**overrides: Any) -> str:
+        cfg = GatewayConfig.load(env={}, overrides={
+            "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
+            "asr_urls": f"http://127.0.0.1:{asr_port}", "flush_idle_s": 2.0, **overrides})
+        stop = trio.Event()
+        stops.append(stop)
+        ws_port, _ = await nursery.start(functools.partial(
+            serve, cfg, shutdown=stop, vad=VadService(vad_model)))
+        return f"ws://127.0.0.1:{ws_port}/ws/stream"
+
+    yield start
+    for s in stops:
+        s.set()
+
+
+def utterance_audio() -> np.ndarray:
+    return np.concatenate([SILENCE, speech.goforward(), SILENCE]).astype(np.int16)
+
+
+def kinds(events: list[vc.Event]) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+async def test_trio_style_any_chunk_size(gateway: Callable[..., Any]) -> None:
+    url = await gateway()
+    audio = utterance_audio()
+    events: list[vc.Event] = []
+    async with vc.connect(url, lang="en", flow_id="sdk-trio") as s:
+        assert s.ack is not None and s.ack.session["features"] == ["seq_header"]
+        raw = audio.tobytes()
+        for pos in range(0, len(raw), 1234):  # odd sizes: the SDK frames them
+            await s.send(raw[pos:pos + 1234])
+        await s.flush()
+        async for event in s:
+            events.append(event)
+    names = kinds(events)
+    assert names[0] == "Ack" and names[-3:] == ["RecordUrl", "Metrics", "End"]
+    (final,) = [e for e in events if isinstance(e, vc.Final)]
+    assert final.flow_id == "sdk-trio" and final.text
+    metrics = next(e for e in events if isinstance(e, vc.Metrics))
+    assert metrics.audio_ms == len(audio) // 16  # every sample arrived, none twice
+    rec = next(e for e in events if isinstance(e, vc.RecordUrl))
+    assert rec.url.endswith("/records/sdk-trio.ogg")
+
+
+async def test_asyncio_style(gateway: Callable[..., Any]) -> None:
+    url = await gateway()
+    audio = utterance_audio().astype(np.float32) / 32768  # float input
+
+    async def main() -> list[vc.Event]:
+        async with vc.connect(url, lang="en") as s:
+            await s.send(audio)
+            await s.flush()
+            return [e async for e in s]
+
+    events = await trio.to_thread.run_sync(asyncio.run, main())
+    assert sum(isinstance(e, vc.Final) for e in events) == 1
+    assert next(e for e in events if isinstance(e, vc.Metrics)).audio_ms == len(audio) // 16
+
+
+async def test_sync_style_with_resampling_and_callback(gateway: Callable[..., Any]) -> None:
+    url = await gateway()
+    audio16 = utterance_audio()
+    # the same speech at 44.1 kHz, pushed in 10 ms pieces: the SDK resamples it
+    t_in = np.arange(len(audio16)) / 16000
+    t_out = np.arange(int(len(audio16) * 44100 / 16000)) / 44100
+    audio44 = np.interp(t_out, t_in, audio16.astype(np.float64)).astype(np.int16)
+    seen: list[str] = []
+
+    def run() -> list[vc.Event]:
+        with vc.SyncStream(url, sample_rate=44100, lang="en",
+                           on_event=lambda e: seen.append(type(e).__name__)) as s:
+            for pos in range(0, len(audio44), 441):
+                s.send(audio44[pos:pos + 441])
+            return s.wait(timeout_s=30)
+
+    events = await trio.to_thread.run_sync(run)
+    assert seen == kinds(events) and seen[-1] == "End"
+    assert sum(isinstance(e, vc.Final) for e in events) == 1
+    metrics = next(e for e in events if isinstance(e, vc.Metrics))
+    assert abs(metrics.audio_ms - len(audio16) // 16) <= 20
+
+
+async def test_stream_file_and_auth(gateway: Callable[..., Any], tmp_path: Path) -> None:
+    url = await gateway(auth_jwt_secret=SECRET)
+    path = tmp_path / "one.wav"
+    import wave
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(utterance_audio().tobytes())
+    good = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    events = await vc.stream_file(url, path, realtime=False, token=good, lang="en")
+    assert isinstance(events[-1], vc.End) and any(isinstance(e, vc.Final) for e in events)
+    bad = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, "x" * 32, algorithm="HS256")
+    with pytest.raises(vc.StreamError) as info:
+        await vc.stream_file(url, path, realtime=False, token=bad)
+    assert info.value.error is not None and info.value.error.code == "UNAUTHORIZED"
+
+
+# -- a scripted server ------------------------------------------------------------------
+
+
+@dataclass
+class Script:
+    """What the scripted server saw: per connection, (arrival time, seq, pcm) and texts."""
+
+    connections: list[list[tuple[float, int, bytes]]] = field(default_factory=list)
+    texts: list[dict[str, Any]] = field(default_factory=list)
+    starts: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def scripted_server(nursery: trio.Nursery,
+                          behaviour: Callable[..., Any]) -> tuple[str, Script]:
+    script = Script()
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        frames: list[tuple[float, int, bytes]] = []
+        script.connections.append(frames)
+        n = len(script.connections)
+        seq = 0
+
+        async def send(kind: str, **body: Any) -> None:
+            nonlocal seq
+            await ws.send_message(json.dumps({"type": kind, "flowId": "scripted",
+                                              "seq": seq, **body}))
+            seq += 1
+
+        try:
+            start = json.loads(await ws.get_message())
+            script.starts.append(start)
+            await behaviour(n, ws, send, frames, script)
+        except ConnectionClosed:
+            pass
+
+    servers = await nursery.start(functools.partial(serve_websocket, handler, "127.0.0.1",
+                                                    0, None))
+    return f"ws://127.0.0.1:{servers.port}/ws/stream", script
+
+
+async def read_until_flush(ws: Any, frames: list[tuple[float, int, bytes]],
+                           script: Script, *, stop_after: int | None = None) -> bool:
+    """Record frames until ``flush`` (True) or ``stop_after`` frames (False)."""
+    while True:
+        message = await ws.get_message()
+        if isinstance(message, bytes):
+            seq, _pts = struct.unpack_from("<II", message)
+            frames.append((trio.current_time(), seq, message[8:]))
+            if stop_after is not None and len(frames) >= stop_after:
+                return False
+        else:
+            obj = json.loads(message)
+            script.texts.append(obj)
+            if obj["type"] == "flush":
+                return True
+
+
+async def test_pause_resume_and_slow_down_are_obeyed(nursery: trio.Nursery) -> None:
+    async def behaviour(n: int, ws: Any, send: Any, frames: list[Any], script: Script
+                        ) -> None:
+        await send("ack", protocol=1, session={"features": ["seq_header"]}, limits={})
+        await read_until_flush(ws, frames, script, stop_after=10)
+        await send("flow", state="PAUSE")
+        await trio.sleep(0.2)  # frames already in flight may still land
+        paused_count = len(frames)
+        await trio.sleep(0.5)
+        assert len(frames) == paused_count, "frames arrived while paused"
+        await send("flow", state="SLOW_DOWN")
+        await read_until_flush(ws, frames, script, stop_after=paused_count + 25)
+        await send("flow", state="RESUME")
+        await read_until_flush(ws, frames, script)
+        await send("end", reason="flush")
+
+    url, script = await scripted_server(nursery, behaviour)
+    audio = (np.arange(16000 * 3) % 200).astype(np.int16)  # 3 s = 150 frames
+    async with vc.connect(url, max_buffer_ms=60_000) as s:
+        await s.send(audio)
+        await s.flush()
+        events = [e async for e in s]
+    assert isinstance(events[-1], vc.End)
+    (frames,) = script.connections
+    assert [seq for _, seq, _ in frames] == list(range(150))
+    assert b"".join(pcm for _, _, pcm in frames) == audio.tobytes()
+    # SLOW_DOWN: about real time (25 frames of 20 ms: ~0.5 s), not as fast as possible
+    slow = [t for t, seq, _ in frames if 10 <= seq < 35]
+    pause_gap = max(b - a for a, b in zip([t for t, _, _ in frames][:-1],
+                                          [t for t, _, _ in frames][1:], strict=True))
+    assert pause_gap >= 0.5
+    assert slow[-1] - slow[0] >= 0.3
+
+
+async def test_dropped_connection_resumes_without_loss_or_doubling(
+        nursery: trio.Nursery) -> None:
+    async def behaviour(n: int, ws: Any, send: Any, frames: list[Any], script: Script
+                        ) -> None:
+        if n == 1:
+            await send("ack", protocol=1, session={"features": ["seq_header"]}, limits={})
+            await read_until_flush(ws, frames, script, stop_after=40)
+            await send("asr_final", utterance=0, text="zero", start_ms=0, end_ms=500,
+                       lang="en")
+            await trio.sleep(0.1)
+            await ws.aclose()  # as if the network dropped
+            return
+        have = sorted({seq for c in script.connections[:-1] for _, seq, _ in c})
+        next_seq = len(have) - 5  # pretend the last 5 frames never reached us
+        await send("ack", protocol=1, limits={},
+                   session={"features": ["seq_header"], "resumed": True,
+                            "next_seq": next_seq})
+        await send("asr_final", utterance=0, text="zero", start_ms=0, end_ms=500,
+                   lang="en")  # a repeat the client must not deliver twice
+        await read_until_flush(ws, frames, script)
+        await send("asr_final", utterance=1, text="one", start_ms=500, end_ms=900,
+                   lang="en")
+        await send("end", reason="flush")
+
+    url, script = await scripted_server(nursery, behaviour)
+    audio = (np.arange(16000 * 2) % 300).astype(np.int16)  # 100 frames
+    async with vc.connect(url, resume_window_s=5) as s:
+        async def produce() -> None:
+            for pos in range(0, len(audio), 320):
+                await s.send(audio[pos:pos + 320])
+                await trio.sleep(0.002)
+            await s.flush()
+
+        nursery.start_soon(produce)
+        events = [e async for e in s]
+    assert kinds(events).count("Reconnected") == 1
+    assert [e.text for e in events if isinstance(e, vc.Final)] == ["zero", "one"]
+    assert script.starts[1]["flowId"] == "scripted"  # the same session asked for
+    first, second = script.connections
+    resent_from = second[0][1]
+    assert resent_from == len(first) - 5
+    got: dict[int, bytes] = {}
+    for _, seq, pcm in first[:resent_from] + second:
+        assert seq not in got, f"seq {seq} doubled"
+        got[seq] = pcm
+    assert b"".join(got[k] for k in sorted(got)) == audio.tobytes()
+
+
+async def test_a_silent_server_is_detected_and_the_client_reconnects(
+        nursery: trio.Nursery) -> None:
+    async def behaviour(n: int, ws: Any, send: Any, frames: list[Any], script: Script
+                        ) -> None:
+        await send("ack", protocol=1, limits={},
+                   session={"features": ["seq_header"], "resumed": n > 1})
+        if n == 1:
+            await trio.sleep(30)  # never answers pings, never reads
+            return
+        await read_until_flush(ws, frames, script)
+        await send("end", reason="flush")
+
+    url, script = await scripted_server(nursery, behaviour)
+    with trio.fail_after(10):
+        async with vc.connect(url, keepalive_s=0.2) as s:
+            await s.send(np.zeros(3200, np.int16))
+            events: list[vc.Event] = []
+            async for e in s:
+                events.append(e)
+                if isinstance(e, vc.Reconnected):
+                    await s.flush()
+    assert "Reconnecting" in kinds(events) and isinstance(events[-1], vc.End)
+    assert len(script.connections) == 2
