@@ -403,6 +403,7 @@ class LinkSession:
         self._partial_due = trio.Event()
         self._body_done = trio.Event()
         self._ended = False  # an end was queued: later cuts have nothing to add
+        self._end_lost = False  # an end found the cut queue full: the worker ends instead
         self._last_partial: dict[int, str] = {}
         self._failed = False
         self._sent = trio.Event()
@@ -578,9 +579,12 @@ class LinkSession:
         try:
             self._cuts_in.send_nowait(_Cut(utt, end, time.perf_counter()))
         except trio.WouldBlock:
-            self._ended = False
-            self._protocol_error(link.LinkProtocolError(
-                link.ErrorCode.BUSY, "too many finalize frames pending", fatal=True))
+            # The stream fails (fatal BUSY), so the worker ends it once it has said
+            # everything already queued.
+            self._ended = self._end_lost = True
+            if not self._failed:
+                self._protocol_error(link.LinkProtocolError(
+                    link.ErrorCode.BUSY, "too many finalize frames pending", fatal=True))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -642,7 +646,8 @@ class LinkSession:
                 finally:
                     self._queued_final_samples -= len(cut.utt.audio)
                 self._check_flow()
-            if cut.end:
+            drained = self._cuts_out.statistics().current_buffer_used == 0
+            if cut.end or (self._end_lost and drained):
                 self._emit(link.AsrEvent("end", self.flow_id, utterance=self.assembler.index))
                 return
 

@@ -1,6 +1,6 @@
 """ASR service capacity: N concurrent real-time streams of real speech (1, 2, 4, 8, 16).
 
-Starts ``voxgate asr`` as its own process, streams Opus packets over HTTP/2 (link v1) in
+Starts ``voxgate asr`` as its own process, streams Opus packets over HTTP/2 (link v2) in
 real time from N concurrent streams, sends a Finalize at the end of each clip, and
 measures per level: partial interval and first-partial latency, final latency after
 finalize (p50/p95), server CPU and RSS per stream, and WER of the finals. The peer is the
@@ -157,6 +157,10 @@ async def run_level(port: int, n: int, seconds: float, pid: int,
         "errors": sorted({e for log in logs for e in log.errors}),
         "utterances": sum(len(log.finalize_at) for log in logs),
         "finals": sum(len(log.finals) for log in logs),
+        # finals whose utterance got no partial before it (the issue: none over 0.5 s)
+        "finals_without_partial": sum(
+            1 for log in logs for u, (at, _) in log.finals.items()
+            if not any(t < at for t in log.partials.get(u, []))),
         "partial_interval_p50_ms": pct(intervals, 50),
         "partial_interval_p95_ms": pct(intervals, 95),
         "first_partial_p50_ms": pct(firsts, 50),
@@ -194,8 +198,8 @@ def main() -> int:
                     help="partial window in seconds (default: the pool's)")
     ap.add_argument("--final-window", type=float, default=None,
                     help="final window in seconds (default: the pool's, 30)")
-    ap.add_argument("--partial-max-pending", type=int, default=None,
-                    help="server partial_max_pending (default: the server's, 1)")
+    ap.add_argument("--partial-max-gap-ms", type=int, default=None,
+                    help="server partial_max_gap_ms (default: the server's, 1000)")
     ap.add_argument("--name", default="asr_server")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -213,8 +217,8 @@ def main() -> int:
     if args.partial_model:
         pool.append(f'partial_model = "{args.partial_model}"')
     server = "max_streams = 64\n"
-    if args.partial_max_pending is not None:
-        server += f"partial_max_pending = {args.partial_max_pending}\n"
+    if args.partial_max_gap_ms is not None:
+        server += f"partial_max_gap_ms = {args.partial_max_gap_ms}\n"
     cfg.write_text("default = \"en\"\n[server]\n" + server + "[pools.en]\n"
                    + "\n".join(pool) + "\n[pools.multi]\nmodel = \"base\"\n")
     print(f"starting {VOXGATE} asr on port {port} ({cfg.read_text().count(chr(10))} "
@@ -229,7 +233,8 @@ def main() -> int:
             print(f"N={n:>2}: final p50/p95 {r['final_latency_p50_ms']:.0f}/"
                   f"{r['final_latency_p95_ms']:.0f} ms, partial interval p50/p95 "
                   f"{r['partial_interval_p50_ms']:.0f}/{r['partial_interval_p95_ms']:.0f} ms,"
-                  f" cores {r['server_cores']:.2f}", flush=True)
+                  f" cores {r['server_cores']:.2f}, finals without a partial "
+                  f"{r['finals_without_partial']}/{r['finals']}", flush=True)
     finally:
         stop(proc)
     rtf = engine_rtf()

@@ -476,3 +476,19 @@ async def test_lid_requests_past_the_bound_get_busy(nursery: trio.Nursery) -> No
         inner.start_soon(ask)
     assert codes[-1] == 200
     shutdown.set()
+
+
+async def test_more_finalizes_than_the_cut_queue_holds_still_end_the_stream(
+        server: tuple[AsrApp, int]) -> None:
+    _, port = server
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="flood"))
+        await ls.send(*audio_frames(opus_packets(GOFORWARD[:3200])),
+                      *[link.Finalize()] * 1100, link.End())
+        await ls.stream.end()
+        with trio.fail_after(10):
+            events = await ls.rest()
+    errors = [e for e in events if e.type == "error"]
+    assert [(e.code, e.fatal) for e in errors] == [("BUSY", True)]
+    assert [e.type for e in events].count("final") == 1  # the audio before the flood
+    assert events[-1].type == "end"
