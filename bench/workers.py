@@ -137,6 +137,7 @@ def summarize(name: str, runs: list[dict[str, Any]], jobs: list[WireJob]
         "errors": [e for r in runs for e in r["errors"]],
         "wall_s": sum(r["wall_s"] for r in runs),
         "p50_ms": percentile(lat_all, 50), "p95_ms": percentile(lat_all, 95),
+        "max_ms": max(lat_all, default=float("nan")),
         "texts": runs[-1]["texts"],
     }
     out["jobs_per_s"] = out["jobs"] / out["wall_s"]
@@ -167,26 +168,29 @@ def worker_layout(workers: int, threads: int) -> ProcessBackend:
     return backend
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], loads: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["layout"] for r in results]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].bar(names, [r["jobs_per_s"] for r in results], color="tab:blue")
     axes[0].set_title("throughput (jobs/s, higher is better)")
+    axes[1].bar(names, [r["cpu_ms_per_job"] for r in results], color="tab:gray")
+    axes[1].set_title("CPU ms per job (lower is better)")
     x = np.arange(len(names))
     for k, (kind, color) in enumerate((("final", "tab:orange"), ("partial", "tab:green"))):
-        axes[1].bar(x + (k - 0.5) * 0.4, [r[f"{kind}_p50_ms"] for r in results], 0.4,
+        axes[2].bar(x + (k - 0.5) * 0.4, [r[f"{kind}_p50_ms"] for r in results], 0.4,
                     color=color, label=f"{kind} p50")
-        axes[1].errorbar(x + (k - 0.5) * 0.4, [r[f"{kind}_p95_ms"] for r in results],
-                         fmt="v", color="black", label=f"{kind} p95" if k == 0 else None)
-    axes[1].set_xticks(x, names)
-    axes[1].set_title("latency per job (ms, 2 clients)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"bench/workers.py on {os.cpu_count()} cores")
+        axes[2].plot(x + (k - 0.5) * 0.4, [r[f"{kind}_p95_ms"] for r in results], "v",
+                     color=color, markeredgecolor="black", label=f"{kind} p95")
+    axes[2].set_xticks(x, names)
+    axes[2].set_title("latency per job (ms, 2 clients)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"bench/workers.py on {os.cpu_count()} cores, load average during the "
+                 f"passes {min(loads):.1f}-{max(loads):.1f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -205,6 +209,7 @@ def main() -> int:
     # and the timed passes alternate between them, so load from anything else on the
     # machine falls on all three alike.
     rss0 = rss_mb(os.getpid())
+    loads: list[float] = []  # the 1-minute load average after each pass
     pools = {"workers 2x1": worker_layout(2, 1), "workers 1x2": worker_layout(1, 2)}
     t0 = time.perf_counter()
     for b in pools.values():
@@ -226,6 +231,7 @@ def main() -> int:
                 c0 = cpu_s(pools.get(name))
                 runs[name].append(drive(layouts[name], jobs))
                 cpu[name] += cpu_s(pools.get(name)) - c0
+                loads.append(os.getloadavg()[0])
                 print(f"  pass {rep + 1} {name}: {runs[name][-1]['wall_s']:.1f} s wall, "
                       f"load average {os.getloadavg()[0]:.1f}", flush=True)
         results = [summarize(k, runs[k], jobs) for k in layouts]
@@ -270,9 +276,9 @@ def main() -> int:
     for r in results:
         r["texts"] = {str(k): v for k, v in r["texts"].items()}
     (OUT / "workers.json").write_text(json.dumps(
-        {"cores": os.cpu_count(), "repeats": args.repeats, "audio_s": audio_s,
-         "jobs_in_mix": len(jobs), "results": results}, indent=1))
-    plot(results, OUT / "workers.png")
+        {"cores": os.cpu_count(), "load_average": loads, "repeats": args.repeats,
+         "audio_s": audio_s, "jobs_in_mix": len(jobs), "results": results}, indent=1))
+    plot(results, loads, OUT / "workers.png")
     print(f"\nwrote {OUT / 'workers.json'} and {OUT / 'workers.png'}")
     return 0
 
