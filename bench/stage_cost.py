@@ -30,6 +30,15 @@ full 30 s window, only when the exported model is already in the cache.  A sessi
 makes one to three such calls (checkpoints at 1, 2 and 3 s of speech); the earlier ones
 carry less audio but are padded to the same 10 s window, so each is costed as the 3 s one.
 
+Optional sweeps (what the defaults were chosen from):
+
+* ``--archive-sweep``: the archive's encoder path and complexity 0-5 (libopusenc at
+  48 kHz as before, libopus 16 kHz ``audio`` = CELT as now, and ``voip`` = SILK), each
+  as CPU per audio second and quality proxies of the decoded clips against the input:
+  waveform correlation, SNR, log-spectral distance (20 ms frames, loudest 70%);
+* ``--gate-sweep``: the VAD's RMS silence gate at several levels: the share of windows
+  it decides, and whether the endpointer's utterances stay identical to the ungated ones.
+
 Each figure is the best of ``--repeats`` runs: CPU time of the whole process
 (``time.process_time``, so the LID's second thread counts) and, separately, wall time
 (``time.perf_counter``).  The CPU minimum is the run least disturbed by other
@@ -315,6 +324,112 @@ def lid_rows(audio: npt.NDArray[np.int16], repeats: int) -> tuple[list[dict[str,
     return rows, "base int8, 2 threads"
 
 
+# -- sweeps ----------------------------------------------------------------------------
+
+
+def _lsd_db(x: npt.NDArray[np.int16], y: npt.NDArray[np.int16]) -> float:
+    """Log-spectral distance over 20 ms Hann frames, the loudest 70% of frames of x."""
+    n = min(len(x), len(y)) // FRAME_SAMPLES * FRAME_SAMPLES
+    win = np.hanning(FRAME_SAMPLES)
+    fx = np.abs(np.fft.rfft(x[:n].reshape(-1, FRAME_SAMPLES) * win, axis=1)) + 1e-3
+    fy = np.abs(np.fft.rfft(y[:n].reshape(-1, FRAME_SAMPLES) * win, axis=1)) + 1e-3
+    e = (fx ** 2).sum(1)
+    keep = e > np.percentile(e, 30)
+    return float(np.mean(np.sqrt(np.mean((20 * np.log10(fx[keep] / fy[keep])) ** 2, 1))))
+
+
+def archive_sweep(repeats: int) -> list[dict[str, Any]]:
+    """CPU and quality proxies of the archive's candidate encoders on the clips."""
+    import io
+
+    import soundfile
+
+    from native import OggOpusMuxer, OggOpusWriter
+
+    clip = np.concatenate([a for _, a, _ in speech.librivox()])
+    secs = len(clip) / SAMPLE_RATE
+    chunks = [np.ascontiguousarray(clip[i:i + FRAME_SAMPLES])
+              for i in range(0, len(clip), FRAME_SAMPLES)]
+
+    def libopusenc(cx: int) -> Callable[[], bytes]:
+        def run() -> bytes:
+            w = OggOpusWriter(SAMPLE_RATE, 1, bitrate=24000, complexity=cx, signal="voice",
+                              frame_ms=60, max_page_ms=1000)
+            out = b"".join(w.write(c) for c in chunks) + w.finish()
+            w.close()
+            return out
+        return run
+
+    def libopus16k(app: str, cx: int) -> Callable[[], bytes]:
+        def run() -> bytes:
+            enc = OpusEncoder(SAMPLE_RATE, 1, app, bitrate=24000, vbr=True,  # type: ignore[arg-type]
+                              complexity=cx)
+            mux = OggOpusMuxer(SAMPLE_RATE, pre_skip=enc.lookahead)
+            out = [mux.headers()]
+            x = np.concatenate((clip, np.zeros(2 * 960, np.int16)))
+            for i in range(0, len(x) - 959, 960):
+                out.append(mux.packet(enc.encode(np.ascontiguousarray(x[i:i + 960])), 960))
+            out.append(mux.finish(len(clip)))
+            enc.close()
+            return b"".join(out)
+        return run
+
+    rows = []
+    cases: list[tuple[str, int, Callable[[], bytes]]] = []
+    for cx in range(6):
+        cases.append(("libopusenc 48 kHz SILK (before)", cx, libopusenc(cx)))
+        cases.append(("libopus 16 kHz audio/CELT (now)", cx, libopus16k("audio", cx)))
+        cases.append(("libopus 16 kHz voip/SILK", cx, libopus16k("voip", cx)))
+    for name, cx, run in cases:
+        t = best_of(lambda run=run: run, repeats)
+        blob = run()
+        dec, _ = soundfile.read(io.BytesIO(blob), dtype="int16")
+        n = min(len(dec), len(clip))
+        x, y = clip[:n].astype(np.float64), dec[:n].astype(np.float64)
+        rows.append({
+            "case": name, "complexity": cx,
+            "cpu_ms_per_audio_s": round(t.cpu_s * 1000 / secs, 3),
+            "kbps": round(len(blob) * 8 / secs / 1000, 1),
+            "corr": round(float(np.corrcoef(x, y)[0, 1]), 4),
+            "snr_db": round(float(10 * np.log10((x ** 2).sum() / ((x - y) ** 2).sum())), 2),
+            "lsd_db": round(_lsd_db(clip[:n], dec[:n]), 2),
+            "decoded_samples_exact": len(dec) == len(clip),
+        })
+    return rows
+
+
+def gate_sweep(model: VadModel, gates: tuple[float, ...] = (-45, -50, -55, -60, -65)
+               ) -> dict[str, Any]:
+    """The RMS gate against the ungated VAD on the clips with -61 dBFS pauses."""
+    from bench.load import material
+
+    audio = material()
+    cfg, _ = endpoint_config()
+
+    def run(gate: float | None) -> tuple[list[Any], list[VadWindow], int]:
+        st = VadStream(gate_dbfs=gate)
+        for i in range(0, len(audio) - FRAME_SAMPLES + 1, FRAME_SAMPLES):
+            st.feed(audio[i:i + FRAME_SAMPLES])
+        windows = VadBatcher(model).run([st])[0]
+        ep = Endpointer(cfg)
+        return [e for w in windows for e in ep.feed(w)], windows, st.gated
+
+    ref, windows, _ = run(None)
+    probs = np.array([w.prob for w in windows])
+    n = len(probs)
+    x = audio[:n * 512].astype(np.float64).reshape(n, 512) / 32768
+    dbfs = 10 * np.log10((x ** 2).mean(1) + 1e-20)
+    rows = []
+    for g in gates:
+        evs, _, gated = run(g)
+        rows.append({"gate_dbfs": g, "gated_share": round(gated / n, 4),
+                     "same_utterances": evs == ref})
+    return {"quietest_speech_window_dbfs": round(float(dbfs[probs >= cfg.neg_threshold].min()),
+                                                 1),
+            "median_pause_window_dbfs": round(float(np.median(dbfs[probs < 0.1])), 1),
+            "utterance_events": len(ref), "rows": rows}
+
+
 # -- output ----------------------------------------------------------------------------
 
 
@@ -394,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats; the best is kept")
     parser.add_argument("--no-lid", action="store_true", help="skip the language ID rows")
     parser.add_argument("--name", default="stage_cost", help="output file name stem")
+    parser.add_argument("--archive-sweep", action="store_true",
+                        help="archive encoder paths and complexity 0-5: CPU and quality")
+    parser.add_argument("--gate-sweep", action="store_true",
+                        help="VAD RMS silence gate levels against the ungated VAD")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -518,6 +637,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per session ({LID_CALLS[0]}-{LID_CALLS[1]} calls): {lo:.0f}-{hi:.0f} ms CPU on "
               f"the ASR service, vs {session_ms:.0f} ms of gateway CPU (stages 1-6) for this "
               f"{audio_s:.0f} s session")
+
+    if args.archive_sweep:
+        result["archive_sweep"] = archive_sweep(reps)
+        print("\narchive encoder sweep (24 kbit/s, the clips in 20 ms chunks)")
+        print(f"{'case':<34} {'cx':>2} {'CPU ms/s':>8} {'kbps':>5} {'corr':>6} "
+              f"{'SNR dB':>6} {'LSD dB':>6}")
+        for r in result["archive_sweep"]:
+            print(f"{r['case']:<34} {r['complexity']:>2} {r['cpu_ms_per_audio_s']:>8.2f} "
+                  f"{r['kbps']:>5.1f} {r['corr']:>6.3f} {r['snr_db']:>6.1f} "
+                  f"{r['lsd_db']:>6.2f}")
+    if args.gate_sweep:
+        g = gate_sweep(model)
+        result["gate_sweep"] = g
+        print(f"\nVAD RMS gate: quietest window scored as speech "
+              f"{g['quietest_speech_window_dbfs']} dBFS, median pause "
+              f"{g['median_pause_window_dbfs']} dBFS, {g['utterance_events']} endpointer events")
+        for r in g["rows"]:
+            print(f"  gate {r['gate_dbfs']:>4} dBFS: {r['gated_share'] * 100:5.1f}% of windows "
+                  f"gated, utterances {'identical' if r['same_utterances'] else 'CHANGED'}")
 
     path = write_json(args.name, result)
     wrote = [str(path)]
