@@ -38,9 +38,9 @@ from bench.common import (
     cpu_model,
     free_port,
     pct,
-    proc_sample,
     start,
     stop,
+    tree_sample,
     write_json,
 )
 from gateway.h2client import H2Connection, connect
@@ -122,12 +122,12 @@ async def run_stream(conn: H2Connection, i: int, seconds: float, log: StreamLog,
 async def run_level(port: int, n: int, seconds: float, pid: int,
                     material: list[tuple[np.ndarray, str, list[bytes]]]) -> dict[str, object]:
     logs = [StreamLog() for _ in range(n)]
-    before = proc_sample(pid)
+    before = tree_sample(pid)
     peak_rss = before.rss_mb
     async def watch_rss() -> None:
         nonlocal peak_rss
         while True:
-            peak_rss = max(peak_rss, proc_sample(pid).rss_mb)
+            peak_rss = max(peak_rss, tree_sample(pid).rss_mb)
             await trio.sleep(0.5)
 
     async with connect("127.0.0.1", port) as conn, trio.open_nursery() as outer:
@@ -137,7 +137,7 @@ async def run_level(port: int, n: int, seconds: float, pid: int,
                 for i in range(n):
                     streams.start_soon(run_stream, conn, i, seconds, logs[i], material)
         outer.cancel_scope.cancel()
-    after = proc_sample(pid)
+    after = tree_sample(pid)
     intervals, firsts, finals, errs, words = [], [], [], 0, 0
     for log in logs:
         for u, times in log.partials.items():
