@@ -112,9 +112,14 @@ class DecodeOptions:
     # > 0: sample each token from softmax(logits / temperature) instead of searching
     # (beam_size must then be 1); what Whisper falls back to when greedy text loops.
     temperature: float = 0.0
+    # Predict segment timestamps (<|t|> text <|t|> ...) under Whisper's timestamp rules,
+    # so long audio can seek to the end of the last complete segment (greedy only).
+    timestamps: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
+        if self.timestamps and self.beam_size != 1:
+            raise ValueError("timestamps need greedy decoding (beam_size 1)")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if self.temperature > 0 and self.beam_size != 1:
@@ -149,6 +154,8 @@ class DecodeResult:
     finished: bool  # ended with end-of-text (False: hit the token limit)
     temperature: float = 0.0  # the temperature of the decode that was kept
     loop_cut: bool = False  # no decode came out clean: a repeated tail was cut off
+    # With timestamps: every sampled token, timestamps included (``tokens`` has text only).
+    timed: tuple[int, ...] = ()
 
     @property
     def compression_ratio(self) -> float:
@@ -350,6 +357,13 @@ class WhisperDecoder:
         begin = mask.copy()
         begin[list(self.tok.suppress_ids_begin)] = True
         self._suppress_begin = np.where(begin, -np.inf, 0.0).astype(np.float32)
+        ts = sp.timestamp_begin
+        self._ts_begin = ts
+        # Timestamp mode: timestamps may be sampled, <|notimestamps|> may not.
+        self._suppress_ts = self._suppress.copy()
+        self._suppress_ts[ts:] = 0.0
+        self._suppress_ts_begin = self._suppress_begin.copy()
+        self._suppress_ts_begin[ts:] = 0.0
         self._lang_ids = np.array(list(sp.languages.values()), dtype=np.int64)
         self._lang_codes = list(sp.languages)
         self.n_text_ctx = model.dims.n_text_ctx
@@ -549,11 +563,15 @@ class WhisperDecoder:
         second = np.array(
             [
                 [*self.tok.sot_sequence(r.language if self.tok.multilingual else None,
-                                        opts.task)[1:], *r.request.prefix]
+                                        opts.task)[1 : -1 if opts.timestamps else None],
+                 *r.request.prefix]
                 for r in group
             ],
             dtype=np.int64,
         )
+        if second.shape[1] == 0:
+            # English-only with timestamps: the logits at SOT are the first token's.
+            return logits_sot, cache
         return self.model.decode(second, cache, cross)
 
     def _filtered_logprobs(self, logits: np.ndarray, begin: np.ndarray) -> np.ndarray:
@@ -562,6 +580,41 @@ class WhisperDecoder:
         masked = logits + self._suppress
         if begin.any():
             masked[begin] = logits[begin] + self._suppress_begin
+        return log_softmax(masked)
+
+    def _timestamp_logprobs(self, logits: np.ndarray, begin: np.ndarray,
+                            histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """Log-probabilities under Whisper's timestamp rules (``ApplyTimestampRules``).
+
+        Timestamps come in pairs that close one segment and open the next, never go
+        back, the first token is a timestamp of at most 1 s, and when the timestamps
+        together are likelier than any text token, a timestamp it is.
+        """
+        ts, eot = self._ts_begin, self.tok.eot
+        masked = logits + self._suppress_ts
+        if begin.any():
+            masked[begin] = logits[begin] + self._suppress_ts_begin
+        for k, seq in enumerate(histories):
+            last_ts = len(seq) >= 1 and seq[-1] >= ts
+            prev_ts = len(seq) < 2 or seq[-2] >= ts
+            if last_ts:
+                if prev_ts:
+                    masked[k, ts:] = -np.inf  # a pair just closed: text (or the end) next
+                else:
+                    masked[k, :eot] = -np.inf  # one timestamp: another, or the end
+            stamps = [t for t in seq if t >= ts]
+            if stamps:
+                floor = stamps[-1] if last_ts and not prev_ts else stamps[-1] + 1
+                masked[k, ts:floor] = -np.inf
+            if not seq:
+                masked[k, :ts] = -np.inf
+                masked[k, ts + 50 + 1 :] = -np.inf  # Whisper's max_initial_timestamp, 1 s
+        lp = log_softmax(masked)
+        with np.errstate(divide="ignore"):
+            for k in range(lp.shape[0]):
+                stamp_lp = np.logaddexp.reduce(lp[k, ts:].astype(np.float64))
+                if stamp_lp > lp[k, :ts].max():
+                    masked[k, :ts] = -np.inf
         return log_softmax(masked)
 
     def _decode_group(
@@ -575,9 +628,12 @@ class WhisperDecoder:
     def _result(self, row: _Row, sampled: Sequence[int], sum_lp: float) -> DecodeResult:
         eot = self.tok.eot
         finished = bool(sampled) and sampled[-1] == eot
-        text_tokens = tuple(row.request.prefix) + tuple(t for t in sampled if t != eot)
+        text_tokens = tuple(row.request.prefix) + tuple(t for t in sampled if t < eot)
+        timed = tuple(t for t in sampled if t != eot) if any(
+            t > eot for t in sampled) else ()
         n_sampled = len(sampled) - (1 if finished else 0)
         return DecodeResult(
+            timed=timed,
             tokens=text_tokens,
             text=self.tok.decode(text_tokens),
             language=row.language,
@@ -607,7 +663,11 @@ class WhisperDecoder:
         rngs = [np.random.default_rng(r.request.seed) for r in group]
         step = 0
         while True:
-            lp = self._filtered_logprobs(logits, suppress_begin[alive] & (step == 0))
+            if opts.timestamps:
+                lp = self._timestamp_logprobs(logits, suppress_begin[alive] & (step == 0),
+                                              [sampled[i] for i in alive])
+            else:
+                lp = self._filtered_logprobs(logits, suppress_begin[alive] & (step == 0))
             if opts.temperature > 0:
                 # One RNG per row: a row's sample does not depend on its batch mates.
                 probs = softmax(lp / opts.temperature)
@@ -863,8 +923,10 @@ class WhisperEngine:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         fallback: FallbackPolicy | None = None,
     ) -> Transcript:
-        """Transcribe one utterance (longer audio is cut into 30 s windows, decoded as a
-        batch, language taken from the first window when not given).
+        """Transcribe one utterance. Longer audio than one window is decoded window by
+        window with timestamps, each window starting where the last complete segment of
+        the one before ended (greedy), or in independent 30 s windows (beam); the
+        language is taken from the first window when not given.
 
         Args:
             audio: 16 kHz mono, int16 or float.
@@ -886,8 +948,12 @@ class WhisperEngine:
                 [Utterance(x, start_ms, language, prompt)], beam_size=beam_size,
                 max_new_tokens=max_new_tokens, fallback=fallback,
             )[0]
-        # Independent 30 s windows (no conditioning on the previous text, as the bench
-        # peer runs), so they decode as one batch; one language for all of them.
+        if beam_size == 1:
+            return self._transcribe_seeking(x, language, prompt, start_ms, max_new_tokens,
+                                            fallback)
+        # Beam search has no timestamp rules here: independent 30 s windows (no
+        # conditioning on the previous text), one batch, one language for all of them.
+        # A word that straddles a window boundary can be lost.
         windows = [
             Utterance(x[i : i + n], start_ms + i / SAMPLE_RATE * 1e3, language,
                       prompt if i == 0 else None)
@@ -914,6 +980,87 @@ class WhisperEngine:
             loop_cut=any(p.loop_cut for p in parts),
             finished=all(p.finished for p in parts),
         )
+
+    def _transcribe_seeking(self, x: np.ndarray, language: str | None, prompt: str | None,
+                            start_ms: float, max_new_tokens: int,
+                            fallback: FallbackPolicy | None) -> Transcript:
+        """Long audio the reference way: decode a 30 s window with timestamps, keep its
+        complete segments, and start the next window where the last complete segment
+        ended, so no word is cut in two at a window boundary."""
+        n = melmod.N_SAMPLES
+        t0 = time.perf_counter()
+        seek = 0
+        lang = language
+        parts: list[DecodeResult] = []
+        texts: list[str] = []
+        mel_ms = enc_ms = 0.0
+        while seek < x.size:
+            window = x[seek : seek + n]
+            cross, m_ms, e_ms = self.encode([window], self.max_frames)
+            mel_ms, enc_ms = mel_ms + m_ms, enc_ms + e_ms
+            if lang is None and self.tok.multilingual:
+                # Whisper picks the language of long audio from its first window.
+                lang = self.decoder.detect_language(cross, top_k=1)[0].lang
+            req = DecodeRequest(language=lang, prompt=prompt if seek == 0 else None,
+                                max_new_tokens=min(max_new_tokens, token_budget(window.size)),
+                                seed=seek)
+            opts = DecodeOptions(max_new_tokens=max_new_tokens, timestamps=True)
+            if fallback is None:
+                [r] = self.decoder.decode(cross, [req], opts)
+            else:
+                [r] = self.decoder.decode_with_fallback(cross, [req], opts, fallback)
+            last = seek + n >= x.size
+            keep, advance = self._complete_segments(r.timed or r.tokens, window.size, last)
+            text_tokens = tuple(t for t in keep if t < self.tok.eot)
+            if fallback is not None and fallback.silent(r):
+                text_tokens = ()
+            parts.append(replace(r, tokens=text_tokens))
+            texts.append(self.tok.decode(text_tokens).strip())
+            seek += advance
+        total_ms = (time.perf_counter() - t0) * 1e3
+        timings = Timings(mel_ms, enc_ms, total_ms - mel_ms - enc_ms, total_ms)
+        audio_ms = x.size / SAMPLE_RATE * 1e3
+        first = parts[0]
+        return Transcript(
+            text=" ".join(t for t in texts if t),
+            lang=first.language,
+            lang_prob=first.language_prob,
+            no_speech_prob=min(p.no_speech_prob for p in parts),
+            start_ms=start_ms,
+            end_ms=start_ms + audio_ms,
+            tokens=tuple(t for p in parts for t in p.tokens),
+            avg_logprob=float(np.mean([p.avg_logprob for p in parts])),
+            timings=timings,
+            rtf=total_ms / audio_ms,
+            model=self.model.name,
+            beam_size=1,
+            temperature=max(p.temperature for p in parts),
+            loop_cut=any(p.loop_cut for p in parts),
+            finished=all(p.finished for p in parts),
+        )
+
+    def _complete_segments(self, timed: Sequence[int], window_samples: int,
+                           last: bool) -> tuple[tuple[int, ...], int]:
+        """The tokens of a window's complete segments and how far to seek (samples).
+
+        Whisper's rule: a window that ends on a lone timestamp ended its last segment
+        with the audio, so all of it is kept and the next window starts after it.
+        Otherwise the text after the last closed pair of timestamps may be cut by the
+        window's end: it is dropped, and the next window starts at that timestamp.
+        """
+        ts = self.tok.special.timestamp_begin
+        toks = tuple(timed)
+        is_ts = [t >= ts for t in toks]
+        pairs = [i + 1 for i in range(len(toks) - 1) if is_ts[i] and is_ts[i + 1]]
+        single_end = len(toks) >= 2 and is_ts[-1] and not is_ts[-2]
+        if last or not pairs or single_end:
+            return toks, window_samples
+        end = pairs[-1]
+        stamp = toks[end - 1] - ts  # the timestamp that closed the last complete segment
+        advance = stamp * 2 * melmod.HOP_LENGTH  # one timestamp step is 0.02 s
+        if advance <= 0:
+            return toks, window_samples
+        return toks[:end], min(advance, window_samples)
 
     def transcribe_batch(
         self,

@@ -35,6 +35,8 @@ SPECIALS = [
 EOT = 256
 SOT = 257
 LANG = {"en": 258, "de": 259, "fr": 260}
+TRANSLATE = 261
+TRANSCRIBE = 262
 SOT_PREV = 264
 NO_SPEECH = 265
 NO_TIMESTAMPS = 266
@@ -77,6 +79,23 @@ def text_ids(text: str) -> list[int]:
 def say(text: str, p: float = 0.9) -> Script:
     """A script that spells ``text`` then ends, each step with probability about ``p``."""
     ids = text_ids(text)
+
+    def script(hist: tuple[int, ...]) -> dict[int, float]:
+        k = len(hist)
+        want = ids[k] if k < len(ids) and list(hist) == ids[:k] else EOT
+        return {want: float(np.log(p)), ord("?"): float(np.log(1 - p))}
+
+    return script
+
+
+def say_timed(text: str, p: float = 0.9) -> Script:
+    """Like :func:`say`, in timestamp mode: ``<|0.00|>`` text ``<|0.02|>`` then the end."""
+    ids = [TIMESTAMP, *text_ids(text), TIMESTAMP + 1]
+    return say_ids(ids, p)
+
+
+def say_ids(ids: list[int], p: float = 0.9) -> Script:
+    """A script that emits ``ids`` (any tokens) then ends."""
 
     def script(hist: tuple[int, ...]) -> dict[int, float]:
         k = len(hist)
@@ -198,16 +217,20 @@ class ScriptedWhisper:
             out[LANG[other]] = np.log(0.1 * (1 - utt.no_speech))
             out[NO_SPEECH] = np.log(utt.no_speech)
             return out
-        if NO_TIMESTAMPS not in hist:
+        sot = hist.index(SOT)
+        if NO_TIMESTAMPS in hist:
+            start = hist.index(NO_TIMESTAMPS) + 1
+        elif len(hist) > sot + 2 and hist[sot + 2] in (TRANSLATE, TRANSCRIBE):
+            start = sot + 3  # timestamp mode: text right after the task token
+        else:
             out[NO_TIMESTAMPS] = 0.0  # mid-prompt; never sampled from
             return out
-        sot = hist.index(SOT)
         prompt = bytes(t for t in hist[:sot] if t < 256).decode("utf-8", "replace")
         script = utt.script
         for word, alt in utt.biased.items():
             if word in prompt:
                 script = alt
-        text = tuple(hist[hist.index(NO_TIMESTAMPS) + 1 :])
+        text = tuple(hist[start:])
         for t, v in script(text).items():
             out[t] = v
         return out
