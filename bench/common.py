@@ -51,6 +51,17 @@ def proc_sample(pid: int) -> ProcSample:
     return ProcSample(cpu, rss, time.monotonic())
 
 
+LOG_PATHS: dict[int, Path] = {}  # pid of a started service -> the file with its stderr
+
+
+def log_lines(pid: int) -> list[str]:
+    """The stderr lines a service started by :func:`start` (or registered) wrote so far."""
+    path = LOG_PATHS.get(pid)
+    if path is None or not path.exists():
+        return []
+    return path.read_text(errors="replace").splitlines()
+
+
 def start(args: list[str], ready_line: str, timeout_s: float = 300.0,
           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start a voxgate command; return it and the first stdout line starting with
@@ -63,6 +74,7 @@ def start(args: list[str], ready_line: str, timeout_s: float = 300.0,
         "w+", prefix=f"voxgate-bench-{args[0]}-", suffix=".log", delete=False)
     proc = subprocess.Popen([VOXGATE, *args], stdout=subprocess.PIPE, stderr=log_file,
                             text=True, env={**os.environ, **(env or {})})
+    LOG_PATHS[proc.pid] = Path(log_file.name)
     deadline = time.monotonic() + timeout_s
     assert proc.stdout is not None
     out = proc.stdout

@@ -28,7 +28,7 @@ hold; WhisperLive detects the language itself) and ``en``.
 
     .venv/bin/python bench/peer_whisperlive.py setup         # once: the peer's venv
     .venv/bin/python bench/e2e_latency.py                    # full: 1,2,4,8,16 sessions
-    .venv/bin/python bench/e2e_latency.py --quick            # smoke: 1 session, 30 s
+    .venv/bin/python bench/e2e_latency.py --quick            # smoke: 1 session, 20 s
     .venv/bin/python bench/e2e_latency.py --sessions 1,4 --lang en --duration 60
 
 Writes ``bench/out/<name>.json`` and ``.png``. Our figures print as ratios of the
@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import material as mat
 from bench import peer_whisperlive
 from bench.common import (
+    LOG_PATHS,
     OUT,
     VOXGATE,
     Hyp,
@@ -68,6 +69,7 @@ from bench.common import (
     UttTiming,
     cpu_model,
     free_port,
+    log_lines,
     match_utterances,
     pct_with_misses,
     start,
@@ -330,13 +332,14 @@ def start_peer(tmp: Path, max_clients: int) -> tuple[subprocess.Popen[str], str]
                                 "`.venv/bin/python bench/peer_whisperlive.py setup` first")
     model_dir = peer_whisperlive.prepare_model_dir("base", tmp / "peer-model")
     port = free_port()
-    log = (tmp / "peer.log").open("w")
+    log = (tmp / "peer.log").open("w")  # lives as long as the process
     # The same thread budget as voxgate's ASR gets: the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
     proc = subprocess.Popen([str(py), str(Path(peer_whisperlive.__file__)), "serve",
                              "--port", str(port), "--model-dir", str(model_dir),
                              "--max-clients", str(max_clients)],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    LOG_PATHS[proc.pid] = tmp / "peer.log"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -442,7 +445,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("concurrent real-time sessions")
-        ax.set_ylabel("ms (client clock)")
+        ax.set_ylabel("ms, client clock (x: p95 on misses, infinite)")
         ax.set_title(f"user_lang_pref = {lang}")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -469,12 +472,13 @@ def main() -> int:
                     help="seconds of material per session (>= 120 for the issue's figures)")
     ap.add_argument("--systems", default="voxgate,peer", help="voxgate and/or peer")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 session, 30 s of material, both langs and systems")
+                    help="smoke run (about 2-3 min): 1 session, 20 s of material, both "
+                         "langs and systems")
     ap.add_argument("--no-offline", action="store_true", help="skip the offline WER")
     ap.add_argument("--name", default="e2e_latency")
     args = ap.parse_args()
     if args.quick:
-        args.sessions, args.duration = "1", 30.0
+        args.sessions, args.duration = "1", 20.0
     levels = [int(x) for x in args.sessions.split(",")]
     langs = args.lang.split(",")
     systems = args.systems.split(",")
@@ -504,14 +508,22 @@ def main() -> int:
         try:
             for r in rows:
                 ms = materials[:r["sessions"]]
+                seen = len(log_lines(proc.pid))
                 logs, s0, s1, peak = trio.run(measured_run, kind, url, proc.pid, ms, r["lang"])
                 r[kind] = summarize(logs, ms, s0, s1, peak)
+                # The server's own complaints during the run (stream failovers, errors).
+                bad = [ln for ln in log_lines(proc.pid)[seen:]
+                       if any(w in ln.lower() for w in ("warning", "error", "traceback"))]
+                r[kind]["server_warnings"] = len(bad)
+                r[kind]["server_warning_sample"] = bad[:5]
                 s = r[kind]
                 print(f"{kind} lang={r['lang']} N={r['sessions']}: first partial p50/p95 "
                       f"{fmt(s['first_partial_p50_ms'])}/{fmt(s['first_partial_p95_ms'])} ms, "
                       f"final p50/p95 {fmt(s['final_p50_ms'])}/{fmt(s['final_p95_ms'])} ms, "
                       f"no final {s['no_final']}/{s['utterances']}, "
-                      f"WER {100 * s['streaming_wer']:.1f}% {s['errors'] or ''}", flush=True)
+                      f"WER {100 * s['streaming_wer']:.1f}% {s['errors'] or ''}"
+                      + (f" ({s['server_warnings']} warning lines in {LOG_PATHS[proc.pid]})"
+                         if s["server_warnings"] else ""), flush=True)
         finally:
             stop(proc)
 
