@@ -140,7 +140,7 @@ def test_kill9_mid_job_reruns_on_a_warm_worker(pool2: ProcessBackend, tmp_path: 
     victim = threading.Thread(target=run, args=("A",),
                               kwargs={"sleep_s": 0.6, "pidfile": str(tmp_path / "a")})
     other = threading.Thread(target=run, args=("B",),
-                             kwargs={"sleep_s": 1.0, "pidfile": str(tmp_path / "b")})
+                             kwargs={"sleep_s": 2.5, "pidfile": str(tmp_path / "b")})
     victim.start()
     other.start()
     assert wait_until(lambda: (tmp_path / "a").exists() and (tmp_path / "b").exists(), 5)
