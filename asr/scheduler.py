@@ -139,6 +139,9 @@ class SchedulerCore:
         self._misses = dict.fromkeys(KINDS, 0)
         self._audio_s = 0.0
         self._compute_s = 0.0
+        # (pool, kind) -> what one job costs, s: a moving average of each batch's time
+        # shared among its jobs. It sizes batches (see next_batch).
+        self._job_cost_s: dict[tuple[str, str], float] = {}
 
     @property
     def queued(self) -> int:
@@ -266,22 +269,35 @@ class SchedulerCore:
 
         One pool per batch. The most urgent job picks the pool; others of that pool join
         in priority order, except later partials, which never ride along with a final
-        (they would add their cost to its latency).
+        (they would add their cost to its latency). Every job of a batch waits for the
+        whole batch, and on CPU a batch costs about the sum of its jobs, so a batch is
+        also kept within the deadline budget of its head's kind (``final_deadline_ms``
+        for LID and finals, ``first_partial_deadline_ms`` for partials), as estimated
+        from the jobs' measured costs: a fresh utterance's first partial must not wait
+        for seven others.
         """
         if not self._queue:
             return None
         ordered = sorted(self._queue, key=lambda j: self._order(j, now))
         head = ordered[0]
         head_rank = self._rank(head, now)
+        p = self.policy
+        budget_ms = (p.final_deadline_ms if head.kind in ("lid", "final")
+                     else p.first_partial_deadline_ms)
+        budget_s, cost_s = budget_ms / 1000, 0.0
         batch: list[Job] = []
         for j in ordered:
-            if len(batch) >= self.policy.max_batch:
+            if len(batch) >= p.max_batch:
                 break
             if j.pool != head.pool:
                 continue
             rank = self._rank(j, now)
             if rank == 4 and head_rank < 3:
                 continue
+            job_cost = self._job_cost_s.get((j.pool, j.kind), 0.0)
+            if batch and cost_s + job_cost > budget_s + 1e-9:
+                continue
+            cost_s += job_cost
             if rank == 1:
                 self._promoted += 1
             batch.append(j)
@@ -317,6 +333,12 @@ class SchedulerCore:
                 self._misses[j.kind] += 1
             if j.kind == "partial" and j.error is None and (j.key, j.utterance) in self._since:
                 self._since[(j.key, j.utterance)] = (now, True)
+        if batch and compute_s > 0:
+            share = compute_s / len(batch)
+            for j in batch:
+                k = (j.pool, j.kind)
+                old = self._job_cost_s.get(k)
+                self._job_cost_s[k] = share if old is None else 0.7 * old + 0.3 * share
         self._running -= len(batch)
         self._batches += 1
         self._done += len(batch)

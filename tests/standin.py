@@ -26,8 +26,9 @@ class StandInEngine:
     LANGUAGES = frozenset({"en", "nl", "de", "fr", "es"})
 
     def __init__(self, delay_s: float = 0.0, *, lid: tuple[str, float] = ("en", 0.9),
-                 lid_delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
+                 lid_delay_s: float = 0.0, job_delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s  # per batch
+        self.job_delay_s = job_delay_s  # per partial or final: a CPU-bound engine's cost
         self.lid = lid  # what /v1/lid answers
         self.lid_delay_s = lid_delay_s
         self.batches: list[tuple[str, int]] = []
@@ -55,7 +56,8 @@ class StandInEngine:
                 self.lid_requests.append(len(j.audio))
                 lang, score = self.lid
                 out.append(LidResult(lang, score, ((lang, score), ("nl", min(0.05, 1 - score)))))
-            elif j.options.get("lang", "en") not in self.LANGUAGES:
+            elif (time.sleep(self.job_delay_s) or
+                  j.options.get("lang", "en") not in self.LANGUAGES):
                 out.append(ValueError(f"unsupported language {j.options['lang']!r}"))
             else:
                 rms = float(np.sqrt(np.mean(j.audio ** 2))) if len(j.audio) else 0.0

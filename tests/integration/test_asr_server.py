@@ -492,3 +492,57 @@ async def test_more_finalizes_than_the_cut_queue_holds_still_end_the_stream(
     assert [(e.code, e.fatal) for e in errors] == [("BUSY", True)]
     assert [e.type for e in events].count("final") == 1  # the audio before the flood
     assert events[-1].type == "end"
+
+
+async def test_under_load_every_utterance_gets_a_partial_before_its_final(
+        nursery: trio.Nursery) -> None:
+    """Six real-time streams ask for a partial every 250 ms; the engine can run about
+    three partials per stream per second besides the finals. The partial cadence
+    stretches, but no utterance ends without one, and first partials come quickly."""
+    engine = StandInEngine(job_delay_s=0.06)
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0)
+    streams: list[list[link.AsrEvent]] = []
+    first_audio: dict[tuple[int, int], float] = {}
+    first_partial_ms: list[float] = []
+
+    async def one(conn: object, i: int) -> None:
+        ls = await open_recognize(conn, link.Start(flow_id=f"load{i}"))  # type: ignore[arg-type]
+        packets = opus_packets(GOFORWARD[:19200])  # 1.2 s
+        t0, sent, seq = trio.current_time() + 0.07 * i, 0.0, 0
+        async with trio.open_nursery() as reading:
+            reading.start_soon(ls.rest)  # stamps each event as it arrives
+            await trio.sleep_until(t0)
+            for u in range(3):
+                first_audio[(i, u)] = time.perf_counter()
+                for k in range(0, len(packets), 5):  # 100 ms a write, in real time
+                    await ls.send(*audio_frames(packets[k:k + 5], first_seq=seq,
+                                                first_pts_ms=u * 2000 + 20 * k))
+                    seq += len(packets[k:k + 5])
+                    sent += 0.1
+                    await trio.sleep_until(t0 + sent)
+                await ls.send(link.Finalize())
+            await ls.send(link.End())
+            await ls.stream.end()
+        events = ls.events
+        for ev, at in zip(ls.events, ls.times, strict=True):
+            if ev.type == "partial" and not any(
+                    e.type == "partial" and e.utterance == ev.utterance
+                    for e in ls.events[:ls.events.index(ev)]):
+                first_partial_ms.append(1000 * (at - first_audio[(i, ev.utterance)]))
+        streams.append(events)
+
+    async with connect("127.0.0.1", port) as conn, trio.open_nursery() as inner:
+        for i in range(6):
+            inner.start_soon(one, conn, i)
+    assert len(streams) == 6
+    for events in streams:
+        finals = [e for e in events if e.type == "final"]
+        assert [f.utterance for f in finals] == [0, 1, 2]
+        for f in finals:
+            before = events[:events.index(f)]
+            assert any(e.type == "partial" and e.utterance == f.utterance for e in before), \
+                [(e.type, e.utterance) for e in events]
+    assert len(first_partial_ms) == 18
+    # min_partial_ms (300) of audio, then a job or two of 60 ms: well under 1 s
+    assert sorted(first_partial_ms)[len(first_partial_ms) // 2] < 700, first_partial_ms
+    shutdown.set()

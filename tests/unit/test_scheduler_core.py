@@ -226,3 +226,23 @@ def test_policy_rejects_nonsense() -> None:
         SchedulerPolicy(partial_max_gap_ms=0)
     with pytest.raises(ValueError):
         core().submit(job("nope"), 0.0)
+
+
+def test_batches_stay_within_their_heads_deadline_budget() -> None:
+    c = core(first_partial_deadline_ms=100, final_deadline_ms=300)
+    # Nothing measured yet: a batch fills up to max_batch.
+    for k in "ab":
+        c.submit(job("partial", k), 0.0)
+    assert len(run(c, 0.0, cost_s=0.12)) == 2  # 60 ms per partial, measured
+    c.submit(job("final", "x"), 1.0)
+    c.complete(run_take(c, 1.0), ["x"], 1.1, 0.1)  # 100 ms per final
+    fresh = [job("partial", k) for k in "cdef"]
+    for j in fresh:
+        c.submit(j, 2.0)
+    assert run_take(c, 2.0) == fresh[:1]  # a second 60 ms partial would pass 100 ms
+    c.forget("d"), c.forget("e"), c.forget("f")
+    finals = [job("final", k) for k in "uvwyz"]
+    for j in finals:
+        c.submit(j, 3.0)
+    batch = run_take(c, 3.0)
+    assert batch == finals[:3]  # 3 x 100 ms fill the final's 300 ms budget
