@@ -254,12 +254,17 @@ def test_close_leaves_no_process_behind() -> None:
 
 
 PARENT_SCRIPT = """
-import sys, time
+import sys, threading, time
 sys.path.insert(0, {root!r})
 from asr.workers import ProcessBackend, WorkerConfig
-from tests.integration.test_asr_workers import FakeBackend, make_fake
-b = ProcessBackend(FakeBackend(), make_fake, WorkerConfig(workers=2, standby_workers=1))
+from tests.integration.test_asr_workers import FakeBackend, job, make_fake
+b = ProcessBackend(FakeBackend(), make_fake, WorkerConfig(workers=2, standby_workers=1,
+                                                          job_timeout_s=60))
 b.warmup()
+# One worker is mid-job when the parent dies: it must not finish its 30 s first.
+threading.Thread(target=b.run_batch, args=("p", [job(sleep_s=30)]), daemon=True).start()
+while b.statistics().busy == 0:
+    time.sleep(0.01)
 print(" ".join(str(w["pid"]) for w in b.health()["workers"]), flush=True)
 time.sleep(60)
 """
