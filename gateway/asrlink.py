@@ -7,6 +7,15 @@ endpoints. ``AsrStream`` encodes 20 ms frames to Opus (falling back to PCM when 
 fails, counted), sends them with ``seq`` and ``pts_ms``, and yields the service's events.
 A stream that fails before its first event is retried on another connection, replaying
 what it had sent.
+
+``AsrChannel`` is what a session uses: one recognition channel for the session's whole
+life, across streams. It owns the Opus encoder and the one replay buffer (the packets of
+every utterance that has no final yet), and it wraps transport failures at its boundary:
+a stream that fails (reset, connection lost, PING unanswered, a final overdue) is replaced
+by one on a healthy endpoint of the pool, with backoff within a budget, and the
+utterances still waiting for their finals are replayed there. Moving to another pool
+after language ID is the same replay. Each endpoint has a circuit breaker
+(``CircuitBreaker``, sans-IO) with half-open probes.
 """
 
 from __future__ import annotations
@@ -15,11 +24,13 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -34,6 +45,7 @@ log = logging.getLogger("voxgate.gateway.asrlink")
 
 MAX_REPLAY_FRAMES = 1500  # 30 s of 20 ms frames kept for a retry before the first event
 OPEN_ATTEMPTS = 3
+LOOP_LAG_S = 0.1  # a timer this late means our own event loop is overloaded
 
 
 class AsrUnavailable(Exception):
@@ -54,10 +66,82 @@ class LinkCounters:
 
     pcm_to_opus_fail: int = 0
     streams_opened: int = 0
+    failovers: int = 0  # streams replaced after a failure, utterances replayed
+    ping_timeouts: int = 0
+    breaker_opened: int = 0
     stream_retries: int = 0
     busy: int = 0
     unavailable: int = 0
     bytes_sent: int = 0
+
+
+class CircuitBreaker:
+    """Per-endpoint circuit breaker, sans-IO (the caller passes the time).
+
+    ``closed``: streams go to the endpoint. A failure opens it: no new stream for
+    ``open_s``. Then ``half_open``: exactly one caller is let through as a probe; its
+    success closes the breaker, its failure opens it again for twice as long (up to
+    ``open_s * max_factor``). Without this, every session whose stream fails would try the
+    dead endpoint first, each paying a connect timeout.
+    """
+
+    TRANSITIONS: ClassVar[dict[tuple[str, str], str]] = {
+        ("closed", "success"): "closed",
+        ("closed", "failure"): "open",
+        ("open", "success"): "closed",  # a stream opened before the failure still works
+        ("open", "failure"): "open",
+        ("open", "probe"): "half_open",
+        ("half_open", "success"): "closed",
+        ("half_open", "failure"): "open",
+    }
+
+    def __init__(self, open_s: float = 1.0, *, max_factor: float = 8.0) -> None:
+        if open_s <= 0 or max_factor < 1:
+            raise ValueError("open_s must be > 0 and max_factor >= 1")
+        self.open_s = open_s
+        self.max_factor = max_factor
+        self.state = "closed"
+        self._factor = 1.0
+        self._until = -math.inf
+        self.failures = 0
+        self.opened = 0
+
+    def _go(self, what: str) -> None:
+        try:
+            self.state = self.TRANSITIONS[(self.state, what)]
+        except KeyError:
+            raise RuntimeError(f"circuit breaker: no transition from {self.state!r} "
+                               f"on {what!r}") from None
+
+    def allow(self, now: float) -> bool:
+        """May a new stream (or a probe) go to this endpoint now?"""
+        if self.state == "closed":
+            return True
+        if self.state == "open" and now >= self._until:
+            self._go("probe")
+            self._until = now + self.open_s * self._factor  # a lost probe is not forever
+            return True
+        if self.state == "half_open" and now >= self._until:
+            self._until = now + self.open_s * self._factor
+            return True  # the last probe never reported: let another through
+        return False  # open, or half-open with its probe under way
+
+    def success(self, now: float) -> None:
+        self._go("success")
+        self._factor = 1.0
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == "half_open":
+            self._factor = min(self._factor * 2, self.max_factor)
+        if self.state != "open":
+            self.opened += 1
+        self._go("failure")
+        self._until = max(self._until, now + self.open_s * self._factor)
+
+    def retry_at(self) -> float:
+        """When an open breaker lets its next probe through."""
+        return self._until if self.state == "open" else -math.inf
 
 
 @dataclass
@@ -65,8 +149,17 @@ class _Endpoint:
     host: str
     port: int
     tls: bool
+    breaker: CircuitBreaker
     conns: list[H2Connection] = field(default_factory=list)
     connecting: int = 0
+
+    @property
+    def load(self) -> int:
+        return sum(c.open_streams for c in self.conns if not c.closed)
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class AsrPools:
@@ -81,7 +174,8 @@ class AsrPools:
 
     def __init__(self, pools: dict[str, tuple[str, ...]], *,
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 8,
-                 connect_timeout_s: float = 3.0) -> None:
+                 connect_timeout_s: float = 3.0, ping_interval_s: float = 0.25,
+                 ping_timeout_s: float = 1.5, breaker_open_s: float = 1.0) -> None:
         self._pools: dict[str, list[_Endpoint]] = {}
         for name, urls in pools.items():
             eps = []
@@ -90,12 +184,15 @@ class AsrPools:
                 if parts.scheme not in ("http", "https") or not parts.hostname:
                     raise ValueError(f"ASR endpoint {url!r} must be http(s)://host:port")
                 eps.append(_Endpoint(parts.hostname, parts.port or 8090,
-                                     parts.scheme == "https"))
+                                     parts.scheme == "https",
+                                     CircuitBreaker(breaker_open_s)))
             self._pools[name] = eps
         self._rr = {name: itertools.count() for name in self._pools}
         self._ssl = ssl_context
         self._max_connections = max_connections
         self._connect_timeout_s = connect_timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._ping_timeout_s = ping_timeout_s
         self._nursery: trio.Nursery | None = None
         self.counters = LinkCounters()
 
@@ -124,9 +221,61 @@ class AsrPools:
                                connect_timeout_s=self._connect_timeout_s) as conn:
                 ep.conns.append(conn)
                 task_status.started(conn)
-                await conn.wait_closed()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keepalive, ep, conn)
+                    await conn.wait_closed()
+                    nursery.cancel_scope.cancel()
         finally:
             ep.conns[:] = [c for c in ep.conns if not c.closed]
+
+    async def _keepalive(self, ep: _Endpoint, conn: H2Connection) -> None:
+        """PING the connection while it carries streams (rarely when idle). A PING left
+        unanswered while nothing at all arrived from the peer for the timeout fails the
+        connection, so its streams fail over within interval + timeout."""
+        last_ping = trio.current_time()
+        while not conn.closed:
+            await trio.sleep(self._ping_interval_s)
+            idle = conn.open_streams == 0
+            if idle and trio.current_time() - last_ping < self._ping_interval_s * 10:
+                continue
+            asked = last_ping = trio.current_time()
+            if await conn.ping(self._ping_timeout_s) or conn.closed:
+                continue
+            late = trio.current_time() - (asked + self._ping_timeout_s)
+            if (trio.current_time() - conn.last_received < self._ping_timeout_s
+                    or late > LOOP_LAG_S or conn.unread_bytes()):
+                # Bytes arrived, or are waiting, or our own loop woke late: a busy peer
+                # or a busy gateway, not a stalled peer. Failing over would add load.
+                continue
+            self.counters.ping_timeouts += 1
+            self.report_failure(ep)
+            log.warning("ASR %s: no PING answer in %.1f s; its streams fail over", ep.name,
+                        self._ping_timeout_s)
+            conn.fail(f"no PING answer from {ep.name} in {self._ping_timeout_s:g} s")
+            return
+
+    def report_failure(self, ep: _Endpoint) -> None:
+        """A stream or connection to ``ep`` failed: open its breaker."""
+        before = ep.breaker.state
+        ep.breaker.failure(trio.current_time())
+        if before != "open":
+            self.counters.breaker_opened += 1
+
+    def breaker_states(self) -> dict[str, str]:
+        """Endpoint -> breaker state, for health pages and tests."""
+        return {ep.name: ep.breaker.state for eps in self._pools.values() for ep in eps}
+
+    def _candidates(self, pool: str, avoid: _Endpoint | None) -> list[_Endpoint]:
+        """Endpoints to try, best first: breaker lets it through, least loaded, not the
+        one that just failed; round-robin among equals so streams spread."""
+        eps = self._pools[pool]
+        first = next(self._rr[pool])
+        order = [eps[(first + i) % len(eps)] for i in range(len(eps))]
+        now = trio.current_time()
+        # Sorting is stable: the round-robin order breaks ties.
+        order.sort(key=lambda ep: (ep is avoid and len(eps) > 1, ep.load))
+        allowed = [ep for ep in order if ep.breaker.allow(now)]
+        return allowed
 
     async def _connection(self, ep: _Endpoint) -> H2Connection:
         for conn in ep.conns:
@@ -146,19 +295,24 @@ class AsrPools:
             ep.connecting -= 1
 
     async def open(self, pool: str, start: link.Start, *, codec: str, bitrate: int,
-                   encoder: OpusEncoder | None = None) -> AsrStream:
+                   encoder: OpusEncoder | None = None, retry: bool = True,
+                   avoid: Any = None) -> AsrStream:
         """Open a recognition stream on ``pool`` and send its ``Start``.
 
         ``encoder`` continues another stream's Opus encoder (a session moving to another
         pool), so the packets the new stream gets after a replay follow on smoothly.
+        ``retry=False``: the stream keeps no replay of its own (``AsrChannel`` does).
+        ``avoid``: an endpoint (``AsrStream.endpoint``) tried last, e.g. the one that
+        just failed.
 
         Raises:
             AsrBusy: every endpoint tried answered 503.
             AsrUnavailable: no endpoint could be reached.
         """
-        stream = AsrStream(self, pool, start, codec=codec, bitrate=bitrate, encoder=encoder)
+        stream = AsrStream(self, pool, start, codec=codec, bitrate=bitrate, encoder=encoder,
+                           retry=retry)
         try:
-            await stream._open()
+            await stream._open(avoid=avoid)
         except BaseException:
             if encoder is None:
                 stream.close_encoder()
@@ -208,17 +362,20 @@ class AsrPools:
             raise busy
         raise AsrUnavailable("; ".join(errors) or "no endpoint")
 
-    async def _open_raw(self, pool: str, start: link.Start, exclude: set[int]
-                        ) -> tuple[H2Connection, H2Stream]:
-        """Open the HTTP/2 stream and wait for its status, trying endpoints in turn."""
+    async def _open_raw(self, pool: str, start: link.Start, exclude: set[int],
+                        avoid: _Endpoint | None = None
+                        ) -> tuple[_Endpoint, H2Connection, H2Stream]:
+        """Open the HTTP/2 stream and wait for its status, trying endpoints in turn
+        (those whose breaker is open are skipped)."""
         eps = self._pools.get(pool)
         if not eps:
             raise AsrUnavailable(f"no ASR pool named {pool!r}")
-        first = next(self._rr[pool])
         busy: AsrBusy | None = None
         errors = []
-        for attempt in range(max(OPEN_ATTEMPTS, len(eps))):
-            ep = eps[(first + attempt) % len(eps)]
+        candidates = self._candidates(pool, avoid)
+        if not candidates:
+            errors.append("every endpoint's circuit breaker is open")
+        for ep in candidates[:max(OPEN_ATTEMPTS, len(eps))]:
             try:
                 conn = await self._connection(ep)
                 if id(conn) in exclude and len(eps) > 1:
@@ -231,13 +388,17 @@ class AsrPools:
                 with trio.fail_after(self._connect_timeout_s):
                     status = await h2s.response()
                 if status == 200:
+                    ep.breaker.success(trio.current_time())
                     self.counters.streams_opened += 1
-                    return conn, h2s
+                    return ep, conn, h2s
+                # 503 is the service working as designed: not a breaker failure.
+                ep.breaker.success(trio.current_time())
                 retry = float(h2s.headers.get("retry-after", "1") or 1)
-                busy = AsrBusy(f"{ep.host}:{ep.port} answered {status}", retry)
+                busy = AsrBusy(f"{ep.name} answered {status}", retry)
                 await h2s.reset()
             except (H2ClientError, trio.TooSlowError, OSError) as exc:
-                errors.append(f"{ep.host}:{ep.port}: {exc}")
+                self.report_failure(ep)
+                errors.append(f"{ep.name}: {exc or type(exc).__name__}")
         if busy is not None:
             self.counters.busy += 1
             raise busy
@@ -249,7 +410,8 @@ class AsrStream:
     """One session's recognition stream. Use one task to send and one to read events."""
 
     def __init__(self, pools: AsrPools, pool: str, start: link.Start, *, codec: str,
-                 bitrate: int, encoder: OpusEncoder | None = None) -> None:
+                 bitrate: int, encoder: OpusEncoder | None = None, retry: bool = True
+                 ) -> None:
         self.pools = pools
         self.pool = pool
         self.start = start
@@ -259,7 +421,9 @@ class AsrStream:
             self._encoder = OpusEncoder(16000, 1, "voip", bitrate=bitrate, vbr=True,
                                         complexity=5)
         self._seq = 0
-        self._replay: list[link.Frame] | None = []  # until the first event arrives
+        # until the first event arrives
+        self._replay: list[link.Frame] | None = [] if retry else None
+        self.endpoint: _Endpoint | None = None
         self._conn: H2Connection | None = None
         self._h2: H2Stream | None = None
         self._decoder = link.FrameDecoder(accept=link.SERVER_FRAMES)
@@ -274,9 +438,9 @@ class AsrStream:
             raise AsrUnavailable("the stream is not open")
         return self._h2
 
-    async def _open(self, exclude: set[int] | None = None) -> None:
-        self._conn, self._h2 = await self.pools._open_raw(self.pool, self.start,
-                                                          exclude or set())
+    async def _open(self, exclude: set[int] | None = None, avoid: Any = None) -> None:
+        self.endpoint, self._conn, self._h2 = await self.pools._open_raw(
+            self.pool, self.start, exclude or set(), avoid)
 
     def _encode(self, pcm: np.ndarray, pts_ms: int) -> link.Audio:
         seq = self._seq
@@ -303,12 +467,22 @@ class AsrStream:
     async def replay(self, packets: list[link.Audio], *, finalize: bool) -> None:
         """Send packets another stream encoded (renumbered for this stream), then
         ``Finalize`` if the utterance they hold has ended."""
-        frames: list[link.Frame] = []
-        for p in packets:
-            frames.append(link.Audio(self._seq, p.pts_ms, p.data, pcm=p.pcm))
-            self._seq += 1
+        frames: list[link.Frame] = [*self.number(packets)]
         if finalize:
             frames.append(link.Finalize())
+        if frames:
+            await self._send(frames)
+
+    def number(self, packets: list[link.Audio]) -> list[link.Audio]:
+        """Packets encoded elsewhere, with this stream's next ``seq`` numbers."""
+        out = []
+        for p in packets:
+            out.append(link.Audio(self._seq, p.pts_ms, p.data, pcm=p.pcm))
+            self._seq += 1
+        return out
+
+    async def send_frames(self, frames: list[link.Frame]) -> None:
+        """Send frames (Audio already numbered by ``number``) in one DATA frame."""
         if frames:
             await self._send(frames)
 
@@ -361,6 +535,8 @@ class AsrStream:
             return True
         if self._replay is None or self.first_event_at is not None:
             return False
+        if self.endpoint is not None:
+            self.pools.report_failure(self.endpoint)
         exclude = {id(self._conn)}
         try:
             await self._open(exclude=exclude)
@@ -411,3 +587,447 @@ class AsrStream:
             with contextlib.suppress(H2ClientError):
                 await self._stream.reset()
 
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """How an ``AsrChannel`` replaces a failed stream."""
+
+    final_deadline_s: float = 10.0  # a final this late after Finalize: the stream failed
+    budget_s: float = 10.0  # retry a failed stream this long, then give its utterances up
+    backoff_first_s: float = 0.1
+    backoff_max_s: float = 1.0
+    max_replays: int = 3  # an utterance replayed this often and still failing is given up
+    max_pending_packets: int = 3000  # 60 s of 20 ms packets held for replay per session
+
+
+@dataclass
+class _Pending:
+    """An utterance that has no final yet, with every packet sent for it."""
+
+    utterance: int  # the session's index
+    packets: list[link.Audio] = field(default_factory=list)
+    finalized_at: float | None = None  # trio time its Finalize went out (None: open)
+    index: int | None = None  # the service's utterance index on the current stream
+    partial_end_ms: int = -1  # the furthest partial passed on
+    replays: int = 0
+    sent: bool = False  # went to a stream that is gone: the next one is a replay
+
+
+UNAVAILABLE = "UNAVAILABLE"  # code of the channel's own error event: utterances given up
+
+
+class AsrChannel:
+    """One session's recognition, across ASR streams and endpoints.
+
+    The session calls ``begin(index)``, ``send_audio``, ``finalize`` per utterance and
+    ``end`` once; it reads ``events()`` (one task) until it ends, and runs ``run()`` in
+    its nursery. Events carry the session's utterance index. A stream failure never
+    reaches the caller: the channel opens a stream on a healthy endpoint (the breaker
+    steers away from the failed one; with one endpoint, the same one once it is back),
+    replays every utterance that has no final yet, and goes on. Only when the budget is
+    spent does it give those utterances up, with an ``error`` event coded
+    ``UNAVAILABLE`` (non-fatal: the next utterance tries again). Sending never waits on
+    a recovery: packets go to the replay buffer and out with the replay.
+
+    Partials of a replayed utterance start again from its onset; the channel holds them
+    back until they reach past what was already passed on. A final is passed on once per
+    utterance: it removes the utterance from the buffer, so it is never replayed after.
+    """
+
+    def __init__(self, pools: AsrPools, pool: str, start: link.Start, *, codec: str,
+                 bitrate: int, policy: FailoverPolicy | None = None) -> None:
+        self.pools = pools
+        self.pool = pool
+        self.start = start
+        self.codec = codec
+        self.bitrate = bitrate
+        self.policy = policy or FailoverPolicy()
+        self._encoder: OpusEncoder | None = None
+        if codec == "opus":
+            self._encoder = OpusEncoder(16000, 1, "voip", bitrate=bitrate, vbr=True,
+                                        complexity=5)
+        self._pending: deque[_Pending] = deque()
+        self._packets = 0  # held in _pending
+        self._stream: AsrStream | None = None
+        self._gen = 0  # bumped whenever the current stream changes; stale readers stop
+        self._next_index = 0
+        self._lock = trio.Lock()
+        self._recovering = False
+        self._ending = False
+        self._finished = False
+        self._out_send, self._out_recv = trio.open_memory_channel[link.AsrEvent](1024)
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        self.opus_failures = 0
+        self.failovers = 0
+        self.given_up = 0  # utterances given up
+
+    # -- the session's side ------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Own the readers, recoveries and the final-deadline watchdog until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watchdog)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    def begin(self, utterance: int) -> None:
+        """An utterance starts; its audio follows."""
+        if self._pending and self._pending[-1].finalized_at is None:
+            self._drop_open()
+        self._pending.append(_Pending(utterance))
+
+    async def send_audio(self, frames: list[tuple[np.ndarray, int]]) -> None:
+        """Encode 20 ms int16 frames ``(pcm, pts_ms)`` of the open utterance and send
+        them in one DATA frame (or keep them for the replay while recovering)."""
+        async with self._lock:
+            packets = [self._encode(pcm, pts) for pcm, pts in frames]
+            cur = self._open_utterance()
+            if cur is None or not packets:
+                return  # given up (no open utterance): recognition resumes at the next
+            cur.packets.extend(packets)
+            self._packets += len(packets)
+            self._bound()
+            if self._recovering:
+                return
+            stream = self._stream
+            if stream is None:
+                self._recover(None)
+                return
+            if cur.index is None:
+                cur.index = self._next_index
+                self._next_index += 1
+            await self._send(stream, list[link.Frame](stream.number(packets)))
+
+    async def finalize(self) -> None:
+        """The open utterance has ended: the service sends its final."""
+        async with self._lock:
+            cur = self._open_utterance()
+            if cur is None:
+                return
+            if not cur.packets:  # nothing was sent, no final will come
+                self._pending.remove(cur)
+                return
+            cur.finalized_at = trio.current_time()
+            self._wake.set()
+            if self._stream is not None and not self._recovering:
+                await self._send(self._stream, [link.Finalize()])
+
+    async def end(self) -> None:
+        """No more audio: the events end after the last final (or the give-up)."""
+        async with self._lock:
+            if self._ending:
+                return
+            self._ending = True
+            if self._pending and self._pending[-1].finalized_at is None:
+                self._drop_open()
+            if self._recovering:
+                return  # the replay ends with End
+            if self._stream is not None:
+                stream = self._stream
+                try:
+                    await stream.end()
+                except (H2ClientError, AsrUnavailable) as exc:
+                    self._fail(stream, f"sending End failed: {exc}")
+            elif self._pending:
+                self._recover(None)
+            else:
+                self._finish()
+
+    async def move(self, pool: str, start: link.Start) -> bool:
+        """Recognize on ``pool`` with ``start`` from now on (language ID decided): open a
+        stream there and replay the utterances that have no final yet.
+
+        Returns:
+            Whether the current stream moved (an idle channel just opens there next).
+        Raises:
+            AsrUnavailable: the new pool cannot take it; the channel stays where it was.
+        """
+        async with self._lock:
+            if self._stream is None:
+                self.pool, self.start = pool, start  # the next (re)open goes there
+                return False
+            new = await self.pools.open(pool, start, codec=self.codec, bitrate=self.bitrate,
+                                        encoder=self._encoder, retry=False)
+            old = self._stream
+            self.pool, self.start = pool, start
+            self._detach(old)
+            await self._install(new)
+            return True
+
+    async def events(self) -> AsyncGenerator[link.AsrEvent, None]:
+        """Partials and finals (``utterance`` is the session's index), errors, until the
+        channel ends."""
+        async for ev in self._out_recv:
+            yield ev
+
+    async def aclose(self) -> None:
+        """Abort the current stream and free the encoder."""
+        stream, self._stream = self._stream, None
+        self._gen += 1
+        if stream is not None:
+            stream.take_encoder()
+            await stream.aclose()
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
+        self._finish()
+
+    @property
+    def pending_utterances(self) -> list[int]:
+        return [p.utterance for p in self._pending]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _open_utterance(self) -> _Pending | None:
+        if self._pending and self._pending[-1].finalized_at is None:
+            return self._pending[-1]
+        return None
+
+    def _drop_open(self) -> None:
+        p = self._pending.pop()
+        self._packets -= len(p.packets)
+
+    def _encode(self, pcm: np.ndarray, pts_ms: int) -> link.Audio:
+        if self._encoder is not None:
+            try:
+                return link.Audio(0, pts_ms, self._encoder.encode(pcm))
+            except (OpusError, ValueError) as exc:
+                self.opus_failures += 1
+                self.pools.counters.pcm_to_opus_fail += 1
+                log.warning("opus encode failed, sending PCM: %s", exc)
+                return link.Audio(0, pts_ms, pcm.astype("<i2").tobytes(), pcm=True)
+        return link.Audio(0, pts_ms, pcm.astype("<i2").tobytes())
+
+    def _bound(self) -> None:
+        """Past the bound, the oldest utterances lose their replay (not their final, if
+        their stream lives)."""
+        for p in self._pending:
+            if self._packets <= self.policy.max_pending_packets:
+                return
+            if p is self._pending[-1]:
+                return
+            self._packets -= len(p.packets)
+            p.packets = []
+
+    async def _send(self, stream: AsrStream, frames: list[link.Frame]) -> None:
+        """Send on the current stream; a failure starts a recovery (the frames are in
+        the replay buffer already). Call with the lock held."""
+        try:
+            await stream.send_frames(frames)
+        except (H2ClientError, AsrUnavailable) as exc:
+            self._fail(stream, f"send failed: {exc}")
+
+    def _fail(self, stream: AsrStream, reason: str) -> None:
+        """``stream`` failed: if it is still the current one, replace it."""
+        if stream is not self._stream or self._finished:
+            return
+        if stream.endpoint is not None:
+            self.pools.report_failure(stream.endpoint)
+        log.warning("%s: ASR stream on %s failed (%s); %d utterance(s) to replay",
+                    self.start.flow_id, stream.endpoint.name if stream.endpoint else "?",
+                    reason, len(self._pending))
+        self._detach(stream)
+        self._recover(reason, avoid=stream.endpoint)
+
+    def _detach(self, stream: AsrStream) -> None:
+        if stream is self._stream:
+            self._stream = None
+            self._gen += 1
+            for p in self._pending:
+                p.sent = p.sent or p.index is not None
+                p.index = None
+        stream.take_encoder()  # the encoder is the channel's
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_quietly, stream)
+
+    @staticmethod
+    async def _close_quietly(stream: AsrStream) -> None:
+        """Reset a replaced stream; its connection may be gone, which is fine."""
+        with trio.CancelScope(shield=True), trio.move_on_after(2), \
+                contextlib.suppress(H2ClientError, AsrUnavailable):
+            await stream.aclose()
+
+    def _recover(self, reason: str | None, avoid: Any = None) -> None:
+        if self._recovering or self._finished or self._nursery is None:
+            return
+        self._recovering = True
+        self._nursery.start_soon(self._recovery, reason, avoid)
+
+    async def _recovery(self, reason: str | None, avoid: Any) -> None:
+        """Open a stream (backoff within the budget), then replay under the lock."""
+        policy = self.policy
+        give_up_at = trio.current_time() + policy.budget_s
+        delay = policy.backoff_first_s
+        last = reason or ""
+        while True:
+            try:
+                new = await self.pools.open(self.pool, self.start, codec=self.codec,
+                                            bitrate=self.bitrate, encoder=self._encoder,
+                                            retry=False, avoid=avoid)
+            except AsrBusy as exc:
+                last = str(exc)
+                wait = min(max(delay, exc.retry_after_s), policy.backoff_max_s)
+            except AsrUnavailable as exc:
+                last = str(exc)
+                wait = delay
+            else:
+                async with self._lock:
+                    self._recovering = False
+                    if self._finished:
+                        new.take_encoder()
+                        await new.aclose()
+                        return
+                    if reason is not None:
+                        self.failovers += 1
+                        self.pools.counters.failovers += 1
+                    await self._install(new)
+                return
+            if trio.current_time() + wait > give_up_at:
+                break
+            await trio.sleep(wait)
+            delay = min(delay * 2, policy.backoff_max_s)
+        async with self._lock:
+            self._recovering = False
+            self._give_up(f"no ASR endpoint of pool {self.pool!r} took the stream within "
+                          f"{policy.budget_s:g} s: {last}")
+
+    def _give_up(self, message: str, which: list[_Pending] | None = None) -> None:
+        lost = list(self._pending) if which is None else which
+        utterances = [p.utterance for p in lost if p.packets or p.index is not None]
+        for p in lost:
+            self._packets -= len(p.packets)
+            self._pending.remove(p)
+        self.given_up += len(utterances)
+        self._emit(link.AsrEvent("error", self.start.flow_id, code=UNAVAILABLE,
+                                 message=message, extra={"utterances": utterances}))
+        if self._ending and not self._pending:
+            self._finish()
+        elif self._pending and self._nursery is not None and not self._recovering:
+            self._recover(message)
+
+    async def _install(self, new: AsrStream) -> None:
+        """Make ``new`` current and replay what has no final. Call with the lock held."""
+        self._stream = new
+        self._gen += 1
+        gen = self._gen
+        self._next_index = 0
+        frames: list[link.Frame] = []
+        now = trio.current_time()
+        tired = []
+        for p in list(self._pending):
+            replay = p.sent or p.index is not None
+            p.index = None
+            if not p.packets:
+                if p.finalized_at is not None:
+                    # Its replay was dropped at the bound: it cannot be asked again.
+                    tired.append(p)
+                continue
+            if replay:
+                p.replays += 1
+                if p.replays > self.policy.max_replays:
+                    tired.append(p)
+                    continue
+            p.index = self._next_index
+            self._next_index += 1
+            frames.extend(new.number(p.packets))
+            if p.finalized_at is not None:
+                frames.append(link.Finalize())
+                p.finalized_at = now
+        if tired:
+            for p in tired:
+                self._packets -= len(p.packets)
+                self._pending.remove(p)
+            self.given_up += len(tired)
+            self._emit(link.AsrEvent(
+                "error", self.start.flow_id, code=UNAVAILABLE,
+                message=f"{len(tired)} utterance(s) could not be recognized after "
+                        f"{self.policy.max_replays} replays",
+                extra={"utterances": [p.utterance for p in tired]}))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reader, new, gen)
+        self._wake.set()
+        try:
+            await new.send_frames(frames)
+            if self._ending:
+                await new.end()
+        except (H2ClientError, AsrUnavailable) as exc:
+            self._fail(new, f"replay failed: {exc}")
+
+    async def _reader(self, stream: AsrStream, gen: int) -> None:
+        try:
+            async with contextlib.aclosing(stream.events()) as events:
+                async for ev in events:
+                    if gen != self._gen:
+                        return
+                    self._on_event(ev)
+        except AsrUnavailable as exc:
+            async with self._lock:
+                self._fail(stream, str(exc))
+            return
+        async with self._lock:
+            if gen != self._gen:
+                return
+            if self._ending:
+                self._finish()
+            elif any(p.index is not None for p in self._pending):
+                self._fail(stream, "the service ended the stream with finals pending")
+            else:
+                # The service ended a quiet stream (idle reaping, drain): the next
+                # utterance opens a new one.
+                self._detach(stream)
+
+    def _on_event(self, ev: link.AsrEvent) -> None:
+        if ev.type in ("partial", "final"):
+            p = next((p for p in self._pending if p.index == ev.utterance), None)
+            if p is None:
+                return
+            if ev.type == "final":
+                self._pending.remove(p)
+                self._packets -= len(p.packets)
+                self._wake.set()
+            elif ev.ts[1] < p.partial_end_ms:
+                return  # a replay's partials catching up with what was passed on
+            else:
+                p.partial_end_ms = ev.ts[1]
+            self._emit(replace(ev, utterance=p.utterance))
+        elif ev.type == "error" and ev.code != "TIMEOUT":
+            # TIMEOUT: the service reaped a quiet stream; the next utterance reopens.
+            self._emit(ev)
+
+    def _emit(self, ev: link.AsrEvent) -> None:
+        try:
+            self._out_send.send_nowait(ev)
+        except trio.WouldBlock:
+            log.warning("%s: recognition events not read; dropped a %s", self.start.flow_id,
+                        ev.type)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._out_send.close()
+
+    async def _watchdog(self) -> None:
+        """Fail a stream whose final is overdue: the service answers PINGs but has
+        stopped recognizing (a wedged engine, a lost Finalize)."""
+        limit = self.policy.final_deadline_s
+        while True:
+            self._wake = trio.Event()
+            due = [p.finalized_at + limit for p in self._pending
+                   if p.finalized_at is not None and p.index is not None]
+            deadline = min(due, default=math.inf)
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+                continue
+            async with self._lock:
+                if self._stream is not None and not self._recovering:
+                    self._fail(self._stream, f"no final within {limit:g} s of Finalize")

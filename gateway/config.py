@@ -187,6 +187,24 @@ class GatewayConfig:
     s3_retry_deadline_s: float = field(default=12.0, metadata=_key(
         "S3_RETRY_DEADLINE_S", "s3 store: longest an upload step (a part, or the commit) "
         "is retried, s; the session waits 15 s for the commit", _range(1, 600)))
+    asr_ping_interval_s: float = field(default=0.25, metadata=_key(
+        "ASR_PING_INTERVAL_S", "HTTP/2 PING period on an ASR connection that carries "
+        "streams, s", _range(0.05, 60)))
+    asr_ping_timeout_s: float = field(default=1.5, metadata=_key(
+        "ASR_PING_TIMEOUT_S", "a PING unanswered this long marks the ASR connection dead "
+        "and its streams fail over, s (interval + timeout bounds stall detection)",
+        _range(0.05, 60)))
+    asr_final_deadline_s: float = field(default=10.0, metadata=_key(
+        "ASR_FINAL_DEADLINE_S", "an utterance's final must arrive this long after its "
+        "Finalize, else the stream fails over, s", _range(0.5, 300)))
+    asr_failover_budget_s: float = field(default=10.0, metadata=_key(
+        "ASR_FAILOVER_BUDGET_S", "how long a failed recognition stream is retried (with "
+        "backoff, on any endpoint of its pool) before its utterances are given up, s",
+        _range(0, 300)))
+    asr_breaker_open_s: float = field(default=1.0, metadata=_key(
+        "ASR_BREAKER_OPEN_S", "an ASR endpoint that failed gets no new stream for this "
+        "long, then one probe (half-open); doubles up to 8x while probes fail, s",
+        _range(0.05, 300)))
     auth_jwt_secret: str = field(default="", metadata=_key(
         "AUTH_JWT_SECRET", "HS256 secret; when set, start.auth.token must be a valid JWT"))
 

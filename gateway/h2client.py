@@ -10,6 +10,8 @@ Cleartext uses prior knowledge (h2c); pass an ``ssl.SSLContext`` for TLS with AL
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -142,6 +144,9 @@ class H2Connection:
         self.closed = False
         self._closed_event = trio.Event()
         self._error: BaseException | None = None
+        self._pings: dict[bytes, trio.Event] = {}
+        self.last_received = trio.current_time()  # when bytes last came from the peer
+        self._ping_count = 0
 
     @property
     def max_streams(self) -> int:
@@ -180,6 +185,7 @@ class H2Connection:
                 data = await self._stream.receive_some(READ_SIZE)
                 if not data:
                     break
+                self.last_received = trio.current_time()
                 try:
                     events = self._h2.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
@@ -203,6 +209,11 @@ class H2Connection:
             return
         if isinstance(event, h2.events.ConnectionTerminated):
             self._fail(H2ClientError(f"GOAWAY {event.error_code!r}"))
+            return
+        if isinstance(event, h2.events.PingAckReceived):
+            waiter = self._pings.pop(bytes(event.ping_data), None)
+            if waiter is not None:
+                waiter.set()
             return
         stream_id = getattr(event, "stream_id", None)
         if stream_id is None or stream_id not in self._streams:
@@ -282,7 +293,8 @@ class H2Connection:
                     n = min(len(data), window, self._h2.max_outbound_frame_size)
                     if n > 0:
                         self._h2.send_data(stream_id, bytes(data[:n]))
-                except (h2.exceptions.StreamClosedError, KeyError) as exc:
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError,
+                        KeyError) as exc:
                     raise H2ClientError(f"stream {stream_id} is closed") from exc
                 if n > 0:
                     await self._flush()
@@ -295,14 +307,18 @@ class H2Connection:
                 self._h2.end_stream(stream_id)
             except h2.exceptions.StreamClosedError:
                 return
+            except h2.exceptions.ProtocolError as exc:  # the connection is closed
+                raise H2ClientError(f"stream {stream_id}: {exc}") from exc
             await self._flush()
 
     async def _reset_stream(self, stream_id: int) -> None:
         async with self._send_lock:
-            with suppress(h2.exceptions.StreamClosedError):
+            # A closed connection (peer gone) cannot send RST_STREAM, nor needs to.
+            with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
             self._forget(stream_id)
-            await self._flush()
+            if not self.closed:
+                await self._flush()
 
     async def _ack(self, stream_id: int, length: int) -> None:
         if length <= 0:
@@ -312,7 +328,57 @@ class H2Connection:
                 self._h2.acknowledge_received_data(length, stream_id)
             except h2.exceptions.StreamClosedError:
                 return
+            except h2.exceptions.ProtocolError as exc:  # the connection is closed
+                raise H2ClientError(f"stream {stream_id}: {exc}") from exc
             await self._flush()
+
+    async def ping(self, timeout_s: float) -> bool:
+        """Send an HTTP/2 PING; return whether its ACK came within ``timeout_s``.
+
+        A peer that is stopped (SIGSTOP), wedged, or behind a proxy that stopped
+        forwarding keeps its TCP connection open and never resets a stream; only an
+        unanswered PING tells. The send is inside the timeout too: a send blocked on a
+        full socket buffer is the same symptom.
+        """
+        if self.closed:
+            return False
+        self._ping_count += 1
+        data = self._ping_count.to_bytes(8, "big")
+        answered = trio.Event()
+        self._pings[data] = answered
+        try:
+            with trio.move_on_after(timeout_s):
+                async with self._send_lock:
+                    self._h2.ping(data)
+                    await self._flush()
+                await answered.wait()
+            return answered.is_set()
+        except H2ClientError:
+            return False
+        finally:
+            self._pings.pop(data, None)
+
+    def unread_bytes(self) -> bool:
+        """Whether the kernel holds bytes from the peer that the reader has not read yet
+        (a peek, never a read). An unanswered PING with bytes waiting means our own
+        event loop is behind, not the peer stalled."""
+        stream = self._stream
+        raw = getattr(stream, "transport_stream", stream)
+        sock = getattr(raw, "socket", None)
+        if sock is None:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+                return bool(dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False
+
+    def fail(self, reason: str) -> None:
+        """Declare the connection dead (e.g. PING unanswered): every stream on it fails
+        at once; the owner then closes the socket."""
+        self._fail(H2ClientError(reason))
 
     async def wait_closed(self) -> None:
         """Return once the connection is closed or failed."""

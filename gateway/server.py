@@ -49,7 +49,9 @@ async def serve(
 
     shutdown = trio.Event() if shutdown is None else shutdown
     metrics = GatewayMetrics()
-    pools = AsrPools(cfg.pool_urls())
+    pools = AsrPools(cfg.pool_urls(), ping_interval_s=cfg.asr_ping_interval_s,
+                     ping_timeout_s=cfg.asr_ping_timeout_s,
+                     breaker_open_s=cfg.asr_breaker_open_s)
     store = store_from_config(cfg)
     vad = vad or VadService()
     vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
@@ -78,6 +80,12 @@ async def serve(
         ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base)
         metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
                          lambda: vad.stats.last_tick_ms)
+        for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),
+                          ("ping_timeouts", "ASR connections failed for an unanswered PING"),
+                          ("breaker_opened", "ASR endpoint circuit breakers opened"),
+                          ("streams_opened", "ASR streams opened")):
+            metrics.counter_fn(f"asr_link_{name}", doc,
+                               functools.partial(_link_stat, pools, name))
         if isinstance(store, S3Store):
             s3 = store
             for name, doc in (("recordings", "recordings committed to S3"),
@@ -168,6 +176,10 @@ class _Server(WebSocketServer):
             finally:
                 with trio.move_on_after(self._disconnect_timeout):
                     await connection.aclose()
+
+
+def _link_stat(pools: AsrPools, name: str) -> float:
+    return float(getattr(pools.counters, name))
 
 
 def _s3_stat(store: S3Store, name: str) -> float:

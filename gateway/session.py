@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +40,8 @@ from stages.lid import LidDecision, LidPlanner, LidRequest
 from stages.reframe import IngestError, PcmFrame, Reframer, SeqBuffer
 from stages.vad import VadWindow
 
-from .asrlink import AsrBusy, AsrPools, AsrStream, AsrUnavailable
+from .asrlink import UNAVAILABLE, AsrChannel, AsrPools, AsrUnavailable, FailoverPolicy
 from .config import GatewayConfig
-from .h2client import H2ClientError
 from .logs import fields
 from .metrics import GatewayMetrics
 from .protocol import (
@@ -92,11 +90,6 @@ class _Utt:
     index: int
     start_sample: int
     end_sample: int | None = None
-    ended_at: float | None = None
-    # The packets sent for it, kept while the session may still move to another pool.
-    packets: list[link.Audio] = field(default_factory=list)
-    replayed: bool = False
-    partial_end_ms: int = -1  # end_ms of the last partial sent for it
 
 
 class _Closed(Exception):
@@ -136,8 +129,8 @@ class Session:
         self._writer_done = trio.Event()
         self._archive_result: dict[str, Any] | None = None
         self._archive_done = trio.Event()
-        self._stream: AsrStream | None = None
-        self._utts: deque[_Utt] = deque()  # sent to the current ASR stream, not final yet
+        self._channel: AsrChannel | None = None
+        self._ended_at: dict[int, float] = {}  # utterance -> when it ended, until its final
         self._open_utt: _Utt | None = None
         self._skip_utterance = False  # ASR refused this utterance: record only
         self._paused = False
@@ -188,9 +181,9 @@ class Session:
             self.ctx.vad.unregister(self._vad_client)
             if self.denoise is not None:
                 self.denoise.close()
-            if self._stream is not None:
+            if self._channel is not None:
                 with trio.CancelScope(shield=True):
-                    await self._stream.aclose()
+                    await self._channel.aclose()
 
     async def _run(self) -> None:
         start = await self._await_start()
@@ -595,48 +588,42 @@ class Session:
                     if item == ("end",):
                         return
         finally:
-            if self._stream is None:
+            if self._channel is None:
                 self._asr_done.set()
 
     async def _asr_control(self, item: Any, nursery: trio.Nursery) -> None:
         if isinstance(item, UtteranceStarted):
             self.stats["utterances"] += 1
             self._open_utt = _Utt(item.index, item.start)
-            self._skip_utterance = False
-            if "asr" not in self._returns():
-                self._skip_utterance = True
+            self._skip_utterance = "asr" not in self._returns()
+            if self._skip_utterance:
                 return
-            if self._stream is None:
-                await self._open_stream(nursery)
-            if self._stream is not None:
-                self._utts.append(self._open_utt)
+            (await self._ensure_channel(nursery)).begin(item.index)
         elif isinstance(item, UtteranceEnded):
             if self._open_utt is not None:
                 self._open_utt.end_sample = item.end
-                self._open_utt.ended_at = time.perf_counter()
+                self._ended_at[self._open_utt.index] = time.perf_counter()
             self._open_utt = None
             self.stats["speech_samples"] += item.end - item.start
-            if (self._may_move() and self._stream is not None and not self._skip_utterance
-                    and self.lid is not None and self.lid.waiting):
+            if self._channel is None or self._skip_utterance:
+                return
+            if (self._may_move() and self.lid is not None and self.lid.waiting):
                 # A final now would be in the assumed language, and an answer that may
                 # decide it is on its way: wait for it (not for more speech).
                 with trio.move_on_after(LID_HOLD_S):
                     while self.lid.waiting and not self._lid_decided.is_set():
                         await self._lid_answered.wait()
                         self._lid_answered = trio.Event()
-                if self._lid_target is not None and await self._move(self._lid_target,
-                                                                     nursery):
-                    return  # the replay on the new stream ended with this Finalize
-            if self._stream is not None and not self._skip_utterance:
-                await self._guard(self._stream.finalize())
+                if self._lid_target is not None:
+                    # Move before the Finalize, so the old stream never finalizes it.
+                    await self._move(self._lid_target)
+            await self._channel.finalize()
         elif isinstance(item, tuple) and item[0] == "route":
-            await self._move(item[1], nursery)
+            await self._move(item[1])
             self._lid_settled = True
-            for utt in self._utts:
-                utt.packets.clear()
         elif item == ("end",):
-            if self._stream is not None:
-                await self._guard(self._stream.end())
+            if self._channel is not None:
+                await self._channel.end()
             else:
                 self._asr_done.set()
 
@@ -649,159 +636,91 @@ class Session:
             domain=hints.domain or "default", hotwords=hints.hotwords,
         )
 
-    async def _move(self, lang: str, nursery: trio.Nursery) -> bool:
+    async def _move(self, lang: str) -> bool:
         """Recognize ``lang`` from now on: if that is another pool (or another language
-        hint), open a stream there, replay the utterances still waiting for their final
-        (their buffered Opus, then ``Finalize`` for those that ended), and drop the old
-        stream, whose events are ignored from here on. Finals already sent stand; none is
-        sent twice, because an utterance is replayed only while its final is missing.
-        Returns whether a stream moved (its replay finalized the ended utterances)."""
+        hint), the channel opens a stream there and replays the utterances still waiting
+        for their final; the old stream's events are ignored from then on. Finals already
+        sent stand; none is sent twice (an utterance is replayed only while its final is
+        missing). Returns whether a live stream moved."""
         pool = self.cfg.route(lang)
         if (pool, lang) == (self._route_pool, self._route_lang):
             return False
         old_pool, old_lang = self._route_pool, self._route_lang
         self._route_pool, self._route_lang = pool, lang
-        old = self._stream
-        if old is None:
-            return False  # the next utterance opens on the new route
+        if self._channel is None:
+            return False  # the first utterance opens on the new route
         t0 = time.perf_counter()
+        pending = self._channel.pending_utterances
         try:
-            new = await self.ctx.pools.open(
-                pool, self._link_start(), codec=self.cfg.asr_link_codec,
-                bitrate=self.cfg.asr_link_bitrate, encoder=old._encoder)
+            moved = await self._channel.move(pool, self._link_start())
         except AsrUnavailable as exc:
             self._route_pool, self._route_lang = old_pool, old_lang
             self._error(ErrorCode.ASR_UNAVAILABLE, f"could not move recognition to pool "
                         f"{pool!r} for {lang!r}, staying on {old_pool!r}: {exc}", False)
             return False
-        old.take_encoder()
-        self._stream = new
-        self._renew_asr_done()
-        nursery.start_soon(self._asr_receiver, new)
-        replayed = 0
-        for utt in self._utts:
-            utt.replayed = True
-            replayed += len(utt.packets)
-            await self._guard(new.replay(utt.packets, finalize=utt.end_sample is not None))
-        with trio.CancelScope(shield=True):
-            await old.aclose()
-        log.info("recognition moved from pool %s to %s (%s), %d packets of %d utterances "
-                 "replayed in %.0f ms", old_pool, pool, lang, replayed, len(self._utts),
-                 (time.perf_counter() - t0) * 1000, extra=fields(
-                     flowId=self.flow_id, stage="lid", lang=lang))
-        return True
+        log.info("recognition moved from pool %s to %s (%s), utterances %s replayed in "
+                 "%.0f ms", old_pool, pool, lang, pending, (time.perf_counter() - t0) * 1000,
+                 extra=fields(flowId=self.flow_id, stage="lid", lang=lang))
+        return moved
 
-    def _renew_asr_done(self) -> None:
-        """A new stream's end is awaited on ``_asr_done``: a fresh event only if the last
-        one fired. An unfired one may already be awaited (``_finish``), and the stream it
-        stood for is gone without setting it."""
-        if self._asr_done.is_set():
-            self._asr_done = trio.Event()
-
-    async def _open_stream(self, nursery: trio.Nursery) -> None:
-        start = self._link_start()
-        try:
-            self._stream = await self.ctx.pools.open(
-                self._route_pool, start, codec=self.cfg.asr_link_codec,
-                bitrate=self.cfg.asr_link_bitrate)
-        except AsrBusy as exc:
-            self._skip_utterance = True
-            self._emit(self.ew.flow("BUSY", reason="recognition is at capacity; "
-                                    "recording only", retry_after_ms=int(exc.retry_after_s
-                                                                         * 1000)))
-            self._error(ErrorCode.ASR_UNAVAILABLE, f"recognition is busy: {exc}", False)
-            return
-        except AsrUnavailable as exc:
-            self._skip_utterance = True
-            self._error(ErrorCode.ASR_UNAVAILABLE,
-                        f"recognition is unavailable, recording only: {exc}", False)
-            return
-        self._renew_asr_done()
-        nursery.start_soon(self._asr_receiver, self._stream)
+    async def _ensure_channel(self, nursery: trio.Nursery) -> AsrChannel:
+        """The session's recognition channel, made at the first utterance; it outlives
+        every stream failure (see ``AsrChannel``)."""
+        if self._channel is None:
+            c = self.cfg
+            self._channel = AsrChannel(
+                self.ctx.pools, self._route_pool, self._link_start(),
+                codec=c.asr_link_codec, bitrate=c.asr_link_bitrate,
+                policy=FailoverPolicy(final_deadline_s=c.asr_final_deadline_s,
+                                      budget_s=c.asr_failover_budget_s))
+            await nursery.start(self._channel.run)
+            nursery.start_soon(self._asr_receiver, self._channel)
+        return self._channel
 
     async def _send_frames(self, batch: list[SendFrame]) -> None:
-        if self._stream is None or self._skip_utterance:
+        if self._channel is None or self._skip_utterance:
             return
         if self._first_speech_sent is None:
             self._first_speech_sent = time.perf_counter()
-        before = self._stream.opus_failures
+        before = self._channel.opus_failures
         sent_before = self.ctx.pools.counters.bytes_sent
-        packets = await self._guard(self._stream.send_audio(
-            [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch]))
-        if packets and self._may_move() and self._open_utt is not None:
-            self._open_utt.packets.extend(packets)
+        await self._channel.send_audio(
+            [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch])
         self.stats["link_bytes"] += self.ctx.pools.counters.bytes_sent - sent_before
-        if self._stream is not None and self._stream.opus_failures > before:
-            failed = self._stream.opus_failures - before
+        if self._channel.opus_failures > before:
+            failed = self._channel.opus_failures - before
             self.stats["pcm_to_opus_fail"] += failed
             self.ctx.metrics.pcm_to_opus_fail.inc(failed)
 
-    async def _guard(self, op: Any) -> Any:
-        """Run a send on the ASR stream; a failure becomes an error event, not a crash."""
+    async def _asr_receiver(self, channel: AsrChannel) -> None:
         try:
-            return await op
-        except (AsrUnavailable, H2ClientError) as exc:
-            self._lost_stream(f"the recognition stream failed: {exc}")
-            return None
-
-    def _lost_stream(self, message: str) -> None:
-        if self._stream is None:
-            return
-        self._error(ErrorCode.ASR_UNAVAILABLE, message, False)
-        self._stream = None
-        self._utts.clear()
-        self._skip_utterance = True
-        self._asr_done.set()
-
-    async def _asr_receiver(self, stream: AsrStream) -> None:
-        try:
-            async with contextlib.aclosing(stream.events()) as events:
+            async with contextlib.aclosing(channel.events()) as events:
                 async for ev in events:
-                    if stream is not self._stream:
-                        return
                     if ev.type in ("partial", "final"):
                         self._transcript(ev)
-                    elif ev.type == "error" and ev.code == "TIMEOUT":
-                        continue  # the service reaped a quiet stream: reopened on demand
+                    elif ev.type == "error" and ev.code == UNAVAILABLE:
+                        self._error(ErrorCode.ASR_UNAVAILABLE,
+                                    f"recognition is unavailable, recording only: "
+                                    f"{ev.message}", False)
                     elif ev.type == "error":
                         code = (ErrorCode.BUSY if ev.code == "BUSY" else
                                 ErrorCode.ASR_UNAVAILABLE if ev.fatal else ErrorCode.INTERNAL)
                         self._error(code, f"recognition: {ev.code}: {ev.message}", False)
-                    elif ev.type == "end":
-                        break
-        except AsrUnavailable as exc:
-            if stream is self._stream:
-                self._lost_stream(str(exc))
-            return
-        if stream is self._stream:
-            if not stream.ended:
-                # The service ended the stream on its own (drain, idle reaping): the next
-                # utterance opens a new one; finals already delivered stand.
-                self._stream = None
-                self._utts.clear()
+        finally:
             self._asr_done.set()
 
     def _transcript(self, ev: link.AsrEvent) -> None:
-        if not self._utts:
-            return
-        utt = self._utts[0]
         final = ev.type == "final"
-        if not final and utt.replayed and ev.ts[1] < utt.partial_end_ms:
-            # Moved to another pool: its partials start again from the utterance's onset;
-            # hold them until they reach past what the client has seen.
-            return
-        if not final:
-            utt.partial_end_ms = max(utt.partial_end_ms, ev.ts[1])
         if final:
-            self._utts.popleft()
-            if utt.ended_at is not None:
+            ended_at = self._ended_at.pop(ev.utterance, None)
+            if ended_at is not None:
                 self.ctx.metrics.final_latency.observe(
-                    (time.perf_counter() - utt.ended_at) * 1000)
+                    (time.perf_counter() - ended_at) * 1000)
         elif self.first_partial_ms is None and self._first_speech_sent is not None:
             self.first_partial_ms = (time.perf_counter() - self._first_speech_sent) * 1000
             self.ctx.metrics.first_partial.observe(self.first_partial_ms)
         self._lang = ev.lang or self._lang
-        self._emit(self.ew.transcript(final, utterance=utt.index, text=ev.text,
+        self._emit(self.ew.transcript(final, utterance=ev.utterance, text=ev.text,
                                       start_ms=ev.ts[0], end_ms=ev.ts[1], lang=ev.lang))
 
     def _returns(self) -> frozenset[str]:
@@ -853,7 +772,9 @@ class Session:
             await self._take(self.reframer.flush())
         self.ctx.vad.poke()
         await self._pipe_in.send(("flush",))
-        with trio.move_on_after(FINAL_TIMEOUT_S), _shield_if(reason == "server_shutdown"):
+        # A stream failing at the end is retried for up to the failover budget.
+        final_wait_s = FINAL_TIMEOUT_S + self.cfg.asr_failover_budget_s
+        with trio.move_on_after(final_wait_s), _shield_if(reason == "server_shutdown"):
             await self._drained.wait()
             while True:  # the event is replaced when a new stream opens after it fired
                 done = self._asr_done
