@@ -180,9 +180,15 @@ class _Ws:
         self.stream, self.ws = stream, ws
         self._text: list[str] = []
         self.closed = False
+        # The sender and the receiver (answering pings and the close) share the socket.
+        self._send_lock = trio.StrictFIFOLock()
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
 
     async def send_text(self, text: str) -> None:
-        await self.stream.send_all(self.ws.send(WsMessage(data=text)))
+        await self.send(self.ws.send(WsMessage(data=text)))
 
     async def messages(self) -> Any:
         """Yield text messages until the connection closes."""
@@ -202,10 +208,10 @@ class _Ws:
                         yield "".join(self._text)
                         self._text.clear()
                 elif isinstance(ev, Ping):
-                    await self.stream.send_all(self.ws.send(ev.response()))
+                    await self.send(self.ws.send(ev.response()))
                 elif isinstance(ev, CloseConnection):
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await self.stream.send_all(self.ws.send(ev.response()))
+                        await self.send(self.ws.send(ev.response()))
                     self.closed = True
                     return
                 elif isinstance(ev, BytesMessage):
@@ -321,7 +327,7 @@ async def run_session(cfg: LoadConfig, framed: Framed, index: int, counters: Cou
             step = framed.chunk_s / cfg.speed
             t0 = trio.current_time()
             frames, nf = framed.frames, len(framed.frames)
-            send_all = ws.stream.send_all
+            send = ws.send
             for i in range(n_frames):
                 target = t0 + i * step
                 now = trio.current_time()
@@ -329,7 +335,7 @@ async def run_session(cfg: LoadConfig, framed: Framed, index: int, counters: Cou
                     await trio.sleep_until(target)
                 else:
                     res.late_max_s = max(res.late_max_s, now - target)
-                await send_all(frames[(offset + i) % nf])
+                await send(frames[(offset + i) % nf])
                 res.frames_sent += 1
                 res.samples_sent += framed.chunk_samples
                 counters.samples_sent += framed.chunk_samples
@@ -344,7 +350,8 @@ async def run_session(cfg: LoadConfig, framed: Framed, index: int, counters: Cou
                 await ended.wait()
             if not res.ended and res.failure is None:
                 res.failure = f"no end within {cfg.end_timeout_s:g} s of flush"
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                OSError) as exc:
             res.failure = f"send: {exc!r}"
         except trio.TooSlowError:
             res.failure = "no ack"
@@ -396,7 +403,12 @@ async def run_load(cfg: LoadConfig, framed: Framed, pid: int | None = None,
 
     async def one(i: int) -> None:
         await trio.sleep(i * cfg.ramp_s / max(1, cfg.sessions))
-        results.append(await run_session(cfg, framed, i, counters))
+        try:
+            results.append(await run_session(cfg, framed, i, counters))
+        except Exception as exc:  # one broken session must not end the run
+            r = SessionResult(i, f"{cfg.run_id}-{i:04d}")
+            r.failure = f"crash: {exc!r}"
+            results.append(r)
 
     async with trio.open_nursery() as outer:
         outer.start_soon(monitor)
