@@ -43,7 +43,7 @@ def _looping_unless_lucky(hist: tuple[int, ...]) -> dict[int, float]:
     if hist[0] == GOOD[0]:
         k = len(hist)
         return {GOOD[k] if k < len(GOOD) else fw.EOT: np.log(0.97)}
-    return {LOOP[len(hist) % len(LOOP)]: np.log(0.99), fw.EOT: np.log(0.01)}
+    return {LOOP[len(hist) % len(LOOP)]: np.log(0.9999), fw.EOT: np.log(1e-4)}
 
 
 def _unsure(text: str) -> fw.Script:
@@ -121,15 +121,20 @@ def test_fallback_picks_the_non_looping_decode(tmp_path: Path) -> None:
     req = DecodeRequest(language="en", max_new_tokens=30, seed=7)
     [greedy] = dec.decode(cross, [req])
     assert greedy.text.startswith("la la la") and not greedy.finished
-    [res] = dec.decode_with_fallback(cross, [req])
+    sampling = FallbackPolicy(retry_beam=1)
+    [res] = dec.decode_with_fallback(cross, [req], policy=sampling)
     assert res.text == "hello world" and res.finished
     assert res.temperature > 0 and not res.loop_cut
     # Seeded: the same request always gives the same answer, alone or in a batch.
-    assert dec.decode_with_fallback(cross, [req]) == [res]
+    assert dec.decode_with_fallback(cross, [req], policy=sampling) == [res]
+    # The default retries with beam search first (here its finished hypotheses are
+    # short loops, unsure at the end: they fail too), then samples.
+    [beam] = dec.decode_with_fallback(cross, [req])
+    assert beam.text == "hello world"
     other = model.add(2, fw.Utt(fw.say("ok")))
     both = CrossKV(np.concatenate([other.k, cross.k], axis=1),
                       np.concatenate([other.v, cross.v], axis=1))
-    got = dec.decode_with_fallback(both, [DecodeRequest(language="en"), req])
+    got = dec.decode_with_fallback(both, [DecodeRequest(language="en"), req], policy=sampling)
     assert [r.text for r in got] == ["ok", "hello world"]
     assert got[0].temperature == 0.0
 
@@ -140,7 +145,8 @@ def test_fallback_last_resort_cuts_the_loop(tmp_path: Path) -> None:
     dec = WhisperDecoder(model)
     model.calls.clear()
     [res] = dec.decode_with_fallback(cross, [DecodeRequest(language="en", max_new_tokens=20)],
-                                     policy=FallbackPolicy(temperatures=(0.0, 0.5), best_of=2))
+                                     policy=FallbackPolicy(temperatures=(0.0, 0.5), best_of=2,
+                                                           retry_beam=1))
     assert res.loop_cut and res.text == "la "
     # One greedy pass, then one pass of 2 samples: rows 1, then 2.
     assert {c.rows for c in model.calls} == {1, 2}
@@ -165,12 +171,14 @@ def test_sampling_options_are_validated(tmp_path: Path) -> None:
     model, _ = fw.make(tmp_path)
     cross = model.add(1, fw.Utt(fw.say("x")))
     dec = WhisperDecoder(model)
-    for bad in (DecodeOptions(temperature=-0.1), DecodeOptions(temperature=0.5, beam_size=2)):
+    for bad in (DecodeOptions(temperature=-0.1), DecodeOptions(temperature=0.5, beam_size=2),
+                DecodeOptions(timestamps=True, beam_size=3)):
         with pytest.raises(ValueError):
             dec.decode(cross, [DecodeRequest(language="en")], bad)
-    with pytest.raises(ValueError):
-        dec.decode_with_fallback(cross, [DecodeRequest(language="en")],
-                                 policy=FallbackPolicy(best_of=0))
+    for policy in (FallbackPolicy(best_of=0), FallbackPolicy(retry_beam=0),
+                   FallbackPolicy(temperatures=()), FallbackPolicy(temperatures=(0.0, 3.0))):
+        with pytest.raises(ValueError):
+            dec.decode_with_fallback(cross, [DecodeRequest(language="en")], policy=policy)
 
 
 # -- finals through the backend -----------------------------------------------------------
