@@ -109,25 +109,30 @@ class WorkerConfig:
         crash_loop_window_s: see ``crash_loop_restarts``.
     """
 
-    # Defaults measured with bench/workers.py on this 2-core machine (2 clients, 22-job
-    # mix of base finals and tiny.en partials, layouts interleaved; other engineers' jobs
-    # held the load average at ~10, so jobs/s was noise: 2x1 1.09x, 1x2 1.16x of
-    # in-process 1x2). What held up: CPU per job 257 ms for 2 workers x 1 thread
-    # against 278 (1 worker x 2) and 293 (in-process x 2): a second intra-op thread
-    # spends CPU on synchronisation, and at capacity jobs/s is cores / CPU per job.
-    # And a partial no longer waits behind a final: partial p95 1097 ms (2x1) against
-    # 2050 (1x2) and 2505 (in-process). The cost: one final on one thread is slower
-    # (final p95 4635 against ~3030 ms at that load). So 2 x 1.
+    # Defaults measured with bench/workers.py on this 2-core machine (2 clients, a 22-job
+    # mix of base finals and tiny.en partials, layouts interleaved), in two runs while
+    # other engineers' jobs held the load average at ~9-10, so wall-clock figures are
+    # noisy. 2 workers x 1 thread against in-process x 2 threads (one batch at a time)
+    # and 1 worker x 2 threads, second run then first run:
+    #   jobs/s            1.21x / 1.09x       (1x2: 0.97x / 1.16x)
+    #   CPU ms per job    254 vs 274 / 257 vs 293   (1x2: 277 / 278)
+    #   partial p95 ms    742 vs 2313 / 1097 vs 2505 (1x2: 2326 / 2050)
+    #   final p95 ms      2889 vs 2611 / 4635 vs 3028 (1x2: 2780 / 3029)
+    # CPU per job is the figure that holds when the cores are shared (a second intra-op
+    # thread spends CPU on synchronisation), and at capacity jobs/s is cores / CPU per
+    # job. A partial no longer waits behind a final: partial p95 2-3x lower. The cost: a
+    # final on one thread is slower (final p95 +11 % / +53 %). The issue's targets are
+    # first partials and capacity, so 2 x 1; texts were identical in every layout.
     workers: int = 2
     worker_threads: int = 1
-    # A cold worker took 26-44 s from spawn to warm at that load (imports, two models,
-    # warm-up); the < 1 s failover needs a warm one. Its price: one more ~590 MB RSS
-    # (base + tiny.en int8, warm) next to the two workers' ~1.2 GB and the parent's
-    # ~150 MB (tokenizers, no models). It costs no CPU while idle.
+    # A cold worker took 28-44 s from spawn to warm at that load (8 s on a quieter
+    # moment: imports, two models, warm-up); the < 1 s failover needs a warm one. Its
+    # price: one more ~600 MB RSS (base + tiny.en int8, warm) next to the two workers'
+    # ~1.2 GB and the parent's ~150 MB (tokenizers, no models). No CPU while idle.
     standby_workers: int = 1
-    # The slowest job in those runs took ~6 s (a 10 s final under load ~10); 10 s plus
-    # 1 s per second of audio leaves room for that and for batches, and still catches a
-    # hang within seconds.
+    # The slowest single job in those runs took 3.1-6.1 s (a final under load ~10);
+    # 10 s plus 1 s per second of audio leaves room for that and for batches, and
+    # still catches a hang within seconds.
     job_timeout_s: float = 10.0
     job_timeout_per_audio_s: float = 1.0
     start_timeout_s: float = 120.0
