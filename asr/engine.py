@@ -386,11 +386,19 @@ class WhisperBackend:
         engine = self.engine(spec.model, spec.precision)
         by_window: dict[int, list[tuple[int, str | None]]] = {}
         for i, lang in self._valid(spec, spec.model, jobs, idx, out):
-            n = min(jobs[i].audio.size, melmod.N_SAMPLES)
-            frames = window_frames(n, spec.final_margin_s, spec.final_min_window_s)
+            if jobs[i].audio.size > melmod.N_SAMPLES:
+                # Longer than one window: decoded window by window, seeking by
+                # timestamps, so nothing past 30 s is dropped.
+                t = engine.transcribe(jobs[i].audio, language=lang,
+                                      prompt=jobs[i].options.get("prompt"),
+                                      fallback=self.fallback)
+                out[i] = Recognition(t.text, t.lang, t.no_speech_prob, t.tokens)
+                continue
+            frames = window_frames(jobs[i].audio.size, spec.final_margin_s,
+                                   spec.final_min_window_s)
             by_window.setdefault(frames, []).append((i, lang))
         for frames, group in sorted(by_window.items()):
-            items = [Utterance(jobs[i].audio[: melmod.N_SAMPLES], 0.0, lang,
+            items = [Utterance(jobs[i].audio, 0.0, lang,
                                jobs[i].options.get("prompt"), seed=_seed(jobs[i]))
                      for i, lang in group]
             results = engine.transcribe_batch(items, beam_size=spec.beam_size,

@@ -219,6 +219,16 @@ def test_final_windows_are_sized_to_the_audio(tmp_path: Path) -> None:
     assert sorted(model.encode_calls) == [(1, 80, 2500), (2, 80, 800)]
 
 
+def test_finals_longer_than_a_window_are_not_cut(tmp_path: Path) -> None:
+    model, _ = fw.make(tmp_path)
+    first, second = _tone(30.0), _tone(5.0, 600.0)
+    model.add_audio(first, fw.Utt(fw.say_timed("first")))
+    model.add_audio(second, fw.Utt(fw.say_timed("second")))
+    backend = _backend(model, languages=("*",))
+    [res] = backend.run_batch("p", [_final(np.concatenate([first, second]))])
+    assert isinstance(res, Recognition) and res.text == "first second"
+
+
 @pytest.mark.parametrize(
     ("seconds", "margin", "low", "frames"),
     [(1.0, 5.0, 8.0, 800), (3.0, 5.0, 8.0, 800), (3.2, 5.0, 8.0, 900), (20.0, 5.0, 8.0, 2500),
