@@ -13,7 +13,7 @@ import math
 import tomllib
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,8 @@ class PoolSpec:
         final_min_window_s: the shortest encoder window of a final, seconds.
         partial_margin_s: the same for partials.
         partial_min_window_s: the same for partials.
-        partial_window_s: legacy name of ``partial_min_window_s`` (wins when given).
-        final_window_s: legacy name of ``final_min_window_s`` (wins when given).
+        partial_window_s: legacy name of ``partial_min_window_s`` (the new name wins).
+        final_window_s: legacy name of ``final_min_window_s`` (the new name wins).
         precision: ``int8`` or ``fp32``.
         beam_size: beam for finals (partials are always greedy).
 
@@ -161,13 +161,16 @@ class PoolSpec:
     def __post_init__(self) -> None:
         if self.model.endswith(".en") and self.languages != ("en",):
             raise ValueError(f"{self.model} is English-only: languages must be ['en']")
-        # The legacy names set the minimum window (the margin still applies on top).
-        if self.final_window_s is not None:
-            object.__setattr__(self, "final_min_window_s", float(self.final_window_s))
-        if self.partial_window_s is not None:
-            object.__setattr__(self, "partial_min_window_s", float(self.partial_window_s))
-        object.__setattr__(self, "final_window_s", self.final_min_window_s)
-        object.__setattr__(self, "partial_window_s", self.partial_min_window_s)
+        # The legacy names set the minimum window (the margin still applies on top)
+        # unless the new name is set too; afterwards both read the same, so that
+        # ``dataclasses.replace`` of either keeps working.
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("final", "partial"):
+            legacy = getattr(self, f"{name}_window_s")
+            low = f"{name}_min_window_s"
+            if legacy is not None and getattr(self, low) == defaults[low]:
+                object.__setattr__(self, low, float(legacy))
+            object.__setattr__(self, f"{name}_window_s", getattr(self, low))
         for name in ("final", "partial"):
             margin = getattr(self, f"{name}_margin_s")
             low = getattr(self, f"{name}_min_window_s")

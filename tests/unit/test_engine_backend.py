@@ -3,6 +3,7 @@ windows sized to the audio, language normalisation and per-job isolation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,9 @@ def test_pool_spec_windows_are_validated() -> None:
     assert (spec.final_margin_s, spec.final_min_window_s) == (3.0, 5.0)
     legacy = PoolSpec(final_window_s=15.0, partial_window_s=10.0)
     assert legacy.final_min_window_s == 15.0 and legacy.partial_min_window_s == 10.0
+    assert replace(legacy, final_min_window_s=6.0).final_min_window_s == 6.0
+    assert replace(legacy, final_margin_s=1.0).final_min_window_s == 15.0
+    assert PoolSpec(final_window_s=15.0, final_min_window_s=6.0).final_window_s == 6.0
     for bad in ({"final_margin_s": -1.0}, {"partial_margin_s": 31.0},
                 {"final_min_window_s": 0.5}, {"partial_min_window_s": 40.0}):
         with pytest.raises(ValueError):
