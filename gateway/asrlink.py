@@ -662,6 +662,7 @@ class AsrChannel:
         self.opus_failures = 0
         self.failovers = 0
         self.given_up = 0  # utterances given up
+        self.behind = False  # the current stream's service said flow BEHIND
 
     # -- the session's side ------------------------------------------------------------
 
@@ -841,6 +842,9 @@ class AsrChannel:
         if stream is self._stream:
             self._stream = None
             self._gen += 1
+            if self.behind:  # that service's backlog is not the next one's
+                self.behind = False
+                self._emit(link.AsrEvent("flow", self.start.flow_id, code="OK"))
             for p in self._pending:
                 p.sent = p.sent or p.index is not None
                 p.index = None
@@ -998,6 +1002,11 @@ class AsrChannel:
             else:
                 p.partial_end_ms = ev.ts[1]
             self._emit(replace(ev, utterance=p.utterance))
+        elif ev.type == "flow":
+            behind = ev.code == "BEHIND"
+            if behind != self.behind:
+                self.behind = behind
+                self._emit(ev)
         elif ev.type == "error" and ev.code != "TIMEOUT":
             # TIMEOUT: the service reaped a quiet stream; the next utterance reopens.
             self._emit(ev)

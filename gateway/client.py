@@ -65,12 +65,15 @@ async def stream_audio(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     flush: bool = True,
     timeout_s: float = 120.0,
+    speed: float | None = None,
 ) -> StreamResult:
     """Stream ``audio`` (int16, 16 kHz mono) to ``url`` and collect the events.
 
     Args:
         start: extra fields merged into the ``start`` message.
         flush: send ``flush`` at the end (False: just stop and wait for idle flush).
+        speed: pace at this many times real time (overrides ``realtime``); time held by
+            a ``flow PAUSE`` shifts the schedule instead of being caught up.
     """
     result = StreamResult()
     msg: dict[str, Any] = {"type": "start",
@@ -80,6 +83,7 @@ async def stream_audio(
         msg["features"] = ["seq_header"]
     msg.update(start or {})
     step = SAMPLE_RATE * chunk_ms // 1000
+    pace = speed if speed is not None else (1.0 if realtime else 0.0)
     gate = _SendGate()
     ended = trio.Event()
     acked = trio.Event()
@@ -121,7 +125,10 @@ async def stream_audio(
                     for i, pos in enumerate(range(0, len(audio), step)):
                         if ended.is_set():
                             break  # the server ended the session (shutdown, fatal error)
+                        held = trio.current_time()
                         await gate.wait()
+                        if speed is not None:  # a file paced faster than real time
+                            t0 += trio.current_time() - held
                         chunk = audio[pos:pos + step].astype("<i2").tobytes()
                         if seq_header:
                             chunk = struct.pack("<II", i, pos * 1000 // SAMPLE_RATE) + chunk
@@ -129,8 +136,8 @@ async def stream_audio(
                             await ws.send_message(chunk)
                         except ConnectionClosed:
                             break
-                        if realtime:
-                            await trio.sleep_until(t0 + (pos + step) / SAMPLE_RATE)
+                        if pace:
+                            await trio.sleep_until(t0 + (pos + step) / SAMPLE_RATE / pace)
                     if flush and not ended.is_set():
                         with contextlib.suppress(ConnectionClosed):
                             await ws.send_message(json.dumps({"type": "flush"}))

@@ -65,6 +65,8 @@ START_TIMEOUT_S = 10.0
 FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
 HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
 LOW_WATER_S = 1.0
+ASR_QUEUE_HIGH_FRAMES = 250  # 5 s of frames waiting for the ASR link: PAUSE
+ASR_QUEUE_LOW_FRAMES = 50
 SAMPLE_RATE = 16000
 LID_HOLD_S = 2.0  # an utterance's final waits at most this long for a pending LID answer
 LID_ROUTE_MIN_SCORE = 0.4  # a decision less sure than this is reported but not routed on
@@ -135,6 +137,7 @@ class Session:
         self._skip_utterance = False  # ASR refused this utterance: record only
         self._paused = False
         self._resume = trio.Event()
+        self._asr_behind = False  # the ASR service said flow BEHIND (until OK)
         self._ingest_scope = trio.CancelScope()
         self._last_audio = time.monotonic()
         self._first_speech_sent: float | None = None
@@ -412,22 +415,55 @@ class Session:
         await self._backpressure()
 
     async def _backpressure(self) -> None:
-        behind = (self._vad_fed - self.endpointer.position) / SAMPLE_RATE
-        if behind > HIGH_WATER_S and not self._paused:
-            self._paused = True
-            self._resume = trio.Event()
-            self._emit(self.ew.flow("PAUSE", reason="audio is arriving faster than it is "
-                                    "processed", retry_after_ms=int(HIGH_WATER_S * 200)))
+        """Hold the client (stop reading: TCP pushes back) while something downstream is
+        behind; what was accepted stays queued, nothing is dropped."""
+        if not self._paused:
+            reason = self._pressure()
+            if reason is not None:
+                self._paused = True
+                self._resume = trio.Event()
+                self._emit(self.ew.flow("PAUSE", reason=reason,
+                                        retry_after_ms=int(LOW_WATER_S * 1000)))
         if self._paused:
-            # Not reading is the back-pressure: TCP pushes back on the client.
             await self._resume.wait()
+            # Time spent held is not the client's idleness.
+            self._last_audio = time.monotonic()
+
+    def _pressure(self) -> str | None:
+        """Why the client should be held now, or None."""
+        if (self._vad_fed - self.endpointer.position) / SAMPLE_RATE > HIGH_WATER_S:
+            return "audio is arriving faster than it is processed"
+        if self._asr_behind:
+            return "recognition is behind"
+        if self._asr_out.statistics().current_buffer_used > ASR_QUEUE_HIGH_FRAMES:
+            return "the link to recognition is behind"
+        return None
 
     def _check_resume(self) -> None:
+        if not self._paused or self._asr_behind:
+            return
         behind = (self._vad_fed - self.endpointer.position) / SAMPLE_RATE
-        if self._paused and behind < LOW_WATER_S:
+        if (behind < LOW_WATER_S
+                and self._asr_out.statistics().current_buffer_used < ASR_QUEUE_LOW_FRAMES):
             self._paused = False
             self._resume.set()
             self._emit(self.ew.flow("RESUME"))
+
+    def _on_asr_flow(self, code: str) -> None:
+        """The ASR service's ``flow`` event: BEHIND holds the client until OK."""
+        behind = code == "BEHIND"
+        if behind == self._asr_behind:
+            return
+        self._asr_behind = behind
+        log.info("recognition flow %s", code, extra=fields(flowId=self.flow_id, stage="asr"))
+        if not behind:
+            self._check_resume()
+        elif not self._paused:
+            # Ingest is the one that waits; it finds the pause at its next frame.
+            self._paused = True
+            self._resume = trio.Event()
+            self._emit(self.ew.flow("PAUSE", reason="recognition is behind",
+                                    retry_after_ms=int(LOW_WATER_S * 1000)))
 
     # -- VAD decisions and the pipeline ---------------------------------------------
 
@@ -583,6 +619,8 @@ class Session:
                         batch.append(nxt)
                     if batch:
                         await self._send_frames(batch)
+                    if self._paused:
+                        self._check_resume()
                 else:
                     await self._asr_control(item, nursery)
                     if item == ("end",):
@@ -698,6 +736,8 @@ class Session:
                 async for ev in events:
                     if ev.type in ("partial", "final"):
                         self._transcript(ev)
+                    elif ev.type == "flow":
+                        self._on_asr_flow(ev.code)
                     elif ev.type == "error" and ev.code == UNAVAILABLE:
                         self._error(ErrorCode.ASR_UNAVAILABLE,
                                     f"recognition is unavailable, recording only: "
