@@ -243,3 +243,24 @@ def match_utterances(spans: Sequence[tuple[float, float]], hyps: Sequence[Hyp],
         before = bool(parts) and (fin is None or parts[0] <= fin.recv_s)
         out.append(UttTiming(i, first_ms, final_ms, gaps, before))
     return out
+
+
+def wait_idle(root: int, *, max_cores: float = 0.05, window_s: float = 1.0,
+              timeout_s: float = 60.0) -> float:
+    """Wait until a process tree uses less than ``max_cores`` over ``window_s``.
+
+    A server may still be working for a client that left (a peer's transcription thread
+    finishing the last buffer): the next measured run must not pay for it.
+
+    Returns:
+        Seconds waited (``timeout_s`` if it never went idle).
+    """
+    t0 = time.monotonic()
+    prev = tree_sample(root)
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(window_s)
+        cur = tree_sample(root)
+        if (cur.cpu_s - prev.cpu_s) / max(cur.at - prev.at, 1e-6) < max_cores:
+            return time.monotonic() - t0
+        prev = cur
+    return timeout_s

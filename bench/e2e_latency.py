@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -75,6 +75,7 @@ from bench.common import (
     start,
     stop,
     tree_sample,
+    wait_idle,
     write_json,
 )
 
@@ -88,7 +89,8 @@ SLA: dict[int, tuple[float | None, float | None, float | None]] = {
 }
 CAPACITY_FINAL_P95_MS = ENDPOINT_MS + 600.0  # the capacity line's criterion
 SESSION_STAGGER_S = 0.37  # extra start offset per session, on top of the material's lead
-DRAIN_S = 20.0  # after the audio: longest wait for the last events (voxgate's `end`)
+DRAIN_S = 30.0  # after the audio: longest wait for the last events (voxgate's `end`,
+# WhisperLive's last segment, which it completes only after ~10 identical re-decodes)
 
 
 @dataclass
@@ -242,7 +244,8 @@ async def run_level(kind: str, url: str, materials: list[mat.Material], lang: st
         await trio.sleep(i * SESSION_STAGGER_S)
         try:
             logs[i] = await session(url, materials[i], lang)
-        except (OSError, ConnectionClosed, trio.TooSlowError) as exc:
+        except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, KeyError,
+                ValueError) as exc:  # a failed session is a result (all misses), not a crash
             logs[i] = SessionLog(errors=[f"{type(exc).__name__}: {exc}"])
 
     async with trio.open_nursery() as nursery:
@@ -452,6 +455,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def dump_log(lg: SessionLog, m: mat.Material) -> dict[str, Any]:
+    """One session's results with arrival times in stream seconds (first chunk = 0)."""
+    t0 = lg.sent_at[0] if lg.sent_at else 0.0
+    return {"seed": m.seed, "errors": lg.errors,
+            "utterances": [[u.onset_s, u.end_s, u.text] for u in m.utterances],
+            "hyps": [{"final": h.final, "start_s": h.start_s, "end_s": h.end_s,
+                      "text": h.text, "recv_s": round(h.recv_s - t0, 3)} for h in lg.hyps]}
+
+
 def _finite(x: Any) -> Any:
     """JSON has no infinity: a miss-dominated percentile is written as "inf"."""
     if isinstance(x, dict):
@@ -475,6 +487,9 @@ def main() -> int:
                     help="smoke run (about 2-3 min): 1 session, 20 s of material, both "
                          "langs and systems")
     ap.add_argument("--no-offline", action="store_true", help="skip the offline WER")
+    ap.add_argument("--dump-events", action="store_true",
+                    help="also write every partial/final each session received to "
+                         "bench/out/<name>-events.json")
     ap.add_argument("--name", default="e2e_latency")
     args = ap.parse_args()
     if args.quick:
@@ -499,6 +514,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = [
         {"lang": lang, "sessions": n, "offline_wer": float(np.mean(offline[:n]))}
         for lang in langs for n in levels]
+    events: list[dict[str, Any]] = []
     for kind in systems:
         if kind == "voxgate":
             proc, url = start(["serve", "--port", "0", "--http-port", "0"], "ws://",
@@ -508,14 +524,20 @@ def main() -> int:
         try:
             for r in rows:
                 ms = materials[:r["sessions"]]
+                busy_s = wait_idle(proc.pid)  # leftovers of the previous run
                 seen = len(log_lines(proc.pid))
                 logs, s0, s1, peak = trio.run(measured_run, kind, url, proc.pid, ms, r["lang"])
                 r[kind] = summarize(logs, ms, s0, s1, peak)
+                if args.dump_events:
+                    events.append({"system": kind, "lang": r["lang"], "sessions": r["sessions"],
+                                   "logs": [dump_log(lg, m) for lg, m in zip(logs, ms,
+                                                                             strict=True)]})
                 # The server's own complaints during the run (stream failovers, errors).
                 bad = [ln for ln in log_lines(proc.pid)[seen:]
                        if any(w in ln.lower() for w in ("warning", "error", "traceback"))]
                 r[kind]["server_warnings"] = len(bad)
                 r[kind]["server_warning_sample"] = bad[:5]
+                r[kind]["idle_wait_before_s"] = busy_s
                 s = r[kind]
                 print(f"{kind} lang={r['lang']} N={r['sessions']}: first partial p50/p95 "
                       f"{fmt(s['first_partial_p50_ms'])}/{fmt(s['first_partial_p95_ms'])} ms, "
@@ -543,6 +565,8 @@ def main() -> int:
             "peer": f"{peer_whisperlive.WHISPER_LIVE} (faster-whisper backend, int8, "
                     "same CTranslate2 base weights)"}
     path = write_json(args.name, _finite(data))
+    if args.dump_events:
+        write_json(f"{args.name}-events", _finite({"events": events}))
     plot(rows, OUT / f"{args.name}.png")
     print(f"wrote {path} and {args.name}.png in {elapsed:.0f} s")
     return 0
