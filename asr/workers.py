@@ -311,7 +311,10 @@ class ProcessBackend:
         log_level: the workers' JSON log level (None: leave logging unconfigured).
 
     Call ``warmup()`` (or ``start()`` and ``wait_ready()``) before the first batch, and
-    ``close()`` at the end (it is also a context manager).
+    ``close()`` at the end (it is also a context manager). Workers are spawned, and
+    spawn re-imports the ``__main__`` module in each: a script that builds a
+    ``ProcessBackend`` needs the ``if __name__ == "__main__":`` guard (console scripts
+    and ``python -m`` have it).
     """
 
     def __init__(self, front: Backend, factory: Callable[[], Backend],
