@@ -5,9 +5,10 @@ tables, and writes ``bench/out/native.json`` (and ``native.png`` when matplotlib
 is installed).  Audio is real speech (pocketsphinx-testdata), 16 kHz mono, 20 ms
 frames unless a row says otherwise.
 
-The archive rows compare the session recorder (Ogg Opus through libopusenc, as
-``stages.archive.ArchiveEncoder`` runs it) with libsndfile through ``soundfile``,
-the encoder it replaced, fed the same 20 ms frames in the same run.
+The archive rows compare the session recorder (``stages.archive.ArchiveEncoder``:
+libopus at 16 kHz, CELT, with ``native.ogg``'s muxer), libopusenc (its previous
+encoder, which resamples to 48 kHz) and libsndfile through ``soundfile`` (the one before
+that), fed the same 20 ms frames in the same run.
 
 Each figure is the best of several repeats of a loop over many frames, timed in
 CPU time of the benchmark thread: the minimum is the run least disturbed by other
@@ -50,7 +51,7 @@ from native import (  # noqa: E402  # noqa: E402
     rms,
     s16_to_f32,
 )
-from stages.archive import DEFAULT_BITRATE, ArchiveEncoder  # noqa: E402
+from stages.archive import DEFAULT_BITRATE, DEFAULT_COMPLEXITY, ArchiveEncoder  # noqa: E402
 from tests import speech  # noqa: E402
 
 FRAME = 320  # 20 ms at 16 kHz
@@ -381,11 +382,22 @@ def archive_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
     archive = ArchiveEncoder()
     rows.append(
         archive_row(
-            f"ogg opus archive {DEFAULT_BITRATE // 1000}k: ArchiveEncoder (c5, 60 ms frames)",
+            f"ogg opus archive {DEFAULT_BITRATE // 1000}k: ArchiveEncoder (libopus 16 kHz "
+            f"CELT c{DEFAULT_COMPLEXITY}, 60 ms frames)",
             *pair_us(lambda i: archive.feed(frames[i % n]), lambda i: sndfile.feed(frames[i % n]),
                      n, repeats),
         )
     )
+    before = OggOpusWriter(bitrate=DEFAULT_BITRATE, complexity=5, signal="voice", frame_ms=60)
+    rows.append(
+        archive_row(
+            f"ogg opus {DEFAULT_BITRATE // 1000}k: OggOpusWriter (libopusenc c5, 60 ms frames: "
+            "the archive before)",
+            *pair_us(lambda i: before.write(frames[i % n]), lambda i: sndfile.feed(frames[i % n]),
+                     n, repeats),
+        )
+    )
+    before.close()
     writer = OggOpusWriter(bitrate=DEFAULT_BITRATE, complexity=5, signal="voice", frame_ms=20)
     rows.append(
         archive_row(
