@@ -310,9 +310,10 @@ def summarize(logs: list[SessionLog], materials: list[mat.Material], s0: ProcSam
     }
 
 
-def offline_wer(materials: list[mat.Material], tmp: Path) -> list[float]:
-    """WER of ``voxgate transcribe --json --language en`` on each session's audio."""
-    from asr.whisper.normalize import wer
+def offline_errors(materials: list[mat.Material], tmp: Path) -> list[Any]:
+    """Word errors of ``voxgate transcribe --json --language en`` on each session's audio
+    (summed over sessions like the streaming WER, so the two compare like for like)."""
+    from asr.whisper.normalize import word_errors
 
     out = []
     for m in materials:
@@ -324,7 +325,8 @@ def offline_wer(materials: list[mat.Material], tmp: Path) -> list[float]:
             w.writeframes(m.audio.astype("<i2").tobytes())
         r = subprocess.run([VOXGATE, "transcribe", "--json", "--language", "en", str(path)],
                            capture_output=True, text=True, check=True)
-        out.append(wer(m.reference, json.loads(r.stdout.strip().splitlines()[-1])["text"]))
+        text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
+        out.append(word_errors(m.reference, text))
     return out
 
 
@@ -455,6 +457,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _commit() -> str:
+    r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe",
+                        "--always", "--dirty"], capture_output=True, text=True, check=False)
+    return r.stdout.strip()
+
+
 def dump_log(lg: SessionLog, m: mat.Material) -> dict[str, Any]:
     """One session's results with arrival times in stream seconds (first chunk = 0)."""
     t0 = lg.sent_at[0] if lg.sent_at else 0.0
@@ -498,6 +506,11 @@ def main() -> int:
     langs = args.lang.split(",")
     systems = args.systems.split(",")
     t_start = time.monotonic()
+    if "peer" in systems and not peer_whisperlive.peer_python().exists():
+        print(f"no peer environment at {peer_whisperlive.peer_python()}: run "
+              "`.venv/bin/python bench/peer_whisperlive.py setup` (or --systems voxgate)",
+              file=sys.stderr)
+        return 2
 
     clips = mat.corpus()
     materials = [mat.plan(clips, min_duration_s=args.duration, seed=i) for i in range(max(levels))]
@@ -505,14 +518,16 @@ def main() -> int:
     print(f"material: {len(materials)} sessions x {materials[0].duration_s:.0f} s "
           f"({materials[0].speech_s:.0f} s speech, {len(materials[0].utterances)} utterances)",
           flush=True)
-    offline = [math.nan] * len(materials)
-    if not args.no_offline:
-        offline = offline_wer(materials, tmp)
-        print(f"offline WER per session: {', '.join(f'{100 * w:.1f}%' for w in offline)}",
+    offline = [] if args.no_offline else offline_errors(materials, tmp)
+    if offline:
+        print(f"offline WER per session: {', '.join(f'{100 * e.wer:.1f}%' for e in offline)}",
               flush=True)
 
+    def offline_wer(n: int) -> float:
+        return sum(offline[1:n], offline[0]).wer if offline else math.nan
+
     rows: list[dict[str, Any]] = [
-        {"lang": lang, "sessions": n, "offline_wer": float(np.mean(offline[:n]))}
+        {"lang": lang, "sessions": n, "offline_wer": offline_wer(n)}
         for lang in langs for n in levels]
     events: list[dict[str, Any]] = []
     for kind in systems:
@@ -561,9 +576,10 @@ def main() -> int:
             "endpoint_ms": ENDPOINT_MS, "capacity_final_p95_ms": CAPACITY_FINAL_P95_MS,
             "capacity": {lang: {k: capacity(rows, k, lang) for k in systems} for lang in langs},
             "duration_s": args.duration, "material_s": materials[0].duration_s,
-            "cpu": cpu_model(), "elapsed_s": elapsed,
-            "peer": f"{peer_whisperlive.WHISPER_LIVE} (faster-whisper backend, int8, "
-                    "same CTranslate2 base weights)"}
+            "cpu": cpu_model(), "elapsed_s": elapsed, "commit": _commit(),
+            "peer": f"{peer_whisperlive.WHISPER_LIVE} as shipped (faster-whisper backend, "
+                    "int8, beam 5, temperature fallback, its Silero VAD filter, one shared "
+                    "model), on the same CTranslate2 base weights"}
     path = write_json(args.name, _finite(data))
     if args.dump_events:
         write_json(f"{args.name}-events", _finite({"events": events}))
