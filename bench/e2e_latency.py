@@ -326,6 +326,7 @@ def offline_errors(materials: list[mat.Material], tmp: Path) -> list[Any]:
         r = subprocess.run([VOXGATE, "transcribe", "--json", "--language", "en", str(path)],
                            capture_output=True, text=True, check=True)
         text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
+        path.unlink()  # 4 MB per session, written only for the CLI
         out.append(word_errors(m.reference, text))
     return out
 
