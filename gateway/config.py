@@ -151,6 +151,14 @@ class GatewayConfig:
         _range(640, 16 * 1024 * 1024)))
     archive_dir: str = field(default="./records", metadata=_key(
         "ARCHIVE_DIR", "local archive folder (the embedded default store)"))
+    archive_fallback_dir: str = field(default="", metadata=_key(
+        "ARCHIVE_FALLBACK_DIR", "local folder for recordings the archive store could not "
+        "take (disk full, read-only, S3 down); uploaded from there once it works again "
+        "(empty: <system temp>/voxgate-archive-fallback)"))
+    archive_retry_interval_s: float = field(default=5.0, metadata=_key(
+        "ARCHIVE_RETRY_INTERVAL_S", "how often recordings in ARCHIVE_FALLBACK_DIR are "
+        "offered to the store again, s (doubles up to 60 s while it fails)",
+        _range(0.1, 3600)))
     archive_store: str = field(default="local", metadata=_key(
         "ARCHIVE_STORE", "where recordings go: local (ARCHIVE_DIR, served by the gateway) "
         "or s3 (S3-compatible object storage, /records redirects to it)",

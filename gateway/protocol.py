@@ -39,6 +39,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     BUSY = "BUSY"
     ASR_UNAVAILABLE = "ASR_UNAVAILABLE"
+    ARCHIVE_FAILED = "ARCHIVE_FAILED"  # the recording could not be stored (yet); non-fatal
     INTERNAL = "INTERNAL"
 
 

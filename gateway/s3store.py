@@ -330,6 +330,7 @@ class S3Writer:
         self._key = key
         self._obj = store.object_key(key)
         self._spool = spool
+        self.local_copy = spool  # what was written so far, for ArchiveSink's fallback
         self._fh = fh
         self._size = 0  # bytes written to the spool file
         self._sent = 0  # bytes covered by uploaded parts
@@ -337,6 +338,10 @@ class S3Writer:
         self._parts: list[dict[str, Any]] = []
         self._next_try = 0  # after a part failed: spool size at which to try again
         self._closed = False
+
+    async def flush_local(self) -> None:
+        """Make ``local_copy`` (the spool file) hold every byte written so far."""
+        await self._fh.flush()  # type: ignore[attr-defined]
 
     async def write(self, data: bytes) -> None:
         """Append ``data``; upload a part when one has filled.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from pathlib import Path
 from typing import Any, cast
 
 import trio
@@ -24,7 +25,7 @@ from .config import GatewayConfig
 from .httpapp import GatewayHttpApp
 from .metrics import GatewayMetrics
 from .protocol import OversizedMessage
-from .records import store_from_config
+from .records import ArchiveRetrier, RecordStore, default_fallback_dir, store_from_config
 from .s3store import S3Store
 from .session import GatewayContext, Session
 from .vadservice import VadService
@@ -41,6 +42,7 @@ async def serve(
     *,
     shutdown: trio.Event | None = None,
     vad: VadService | None = None,
+    store: RecordStore | None = None,
     task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``shutdown`` is set; then drain the sessions."""
@@ -52,7 +54,11 @@ async def serve(
     pools = AsrPools(cfg.pool_urls(), ping_interval_s=cfg.asr_ping_interval_s,
                      ping_timeout_s=cfg.asr_ping_timeout_s,
                      breaker_open_s=cfg.asr_breaker_open_s)
-    store = store_from_config(cfg)
+    store = store if store is not None else store_from_config(cfg)
+    fallback_dir = (Path(cfg.archive_fallback_dir) if cfg.archive_fallback_dir
+                    else default_fallback_dir())
+    retrier = (ArchiveRetrier(store, fallback_dir, interval_s=cfg.archive_retry_interval_s)
+               if store is not None else None)
     vad = vad or VadService()
     vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
 
@@ -77,7 +83,13 @@ async def serve(
             hyper_serve, cast(Any, http_app), hc, shutdown_trigger=http_trigger))
         http_port = int(binds[0].rsplit(":", 1)[1])
         public_base = cfg.public_base.rstrip("/") or f"http://{cfg.host}:{http_port}"
-        ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base)
+        ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base,
+                             fallback_dir=fallback_dir, archive_retrier=retrier)
+        if retrier is not None:
+            await nursery.start(retrier.run)  # also stores what an earlier run left
+            metrics.counter_fn("archive_fallback_stored", "recordings stored from the "
+                               "local fallback after the store failed",
+                               lambda: float(retrier.stored))
         metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
                          lambda: vad.stats.last_tick_ms)
         for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),

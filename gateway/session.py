@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -56,7 +57,13 @@ from .protocol import (
     dumps,
     parse_text,
 )
-from .records import RecordStore, RecordWriter, record_key
+from .records import (
+    ArchiveRetrier,
+    ArchiveSink,
+    RecordStore,
+    default_fallback_dir,
+    record_key,
+)
 from .vadservice import VadService
 
 log = logging.getLogger("voxgate.gateway.session")
@@ -85,6 +92,8 @@ class GatewayContext:
     shutting_down: trio.Event = field(default_factory=trio.Event)
     drained: trio.Event = field(default_factory=trio.Event)  # shutting down, no sessions
     sessions: set[Session] = field(default_factory=set)
+    fallback_dir: Path = field(default_factory=default_fallback_dir)
+    archive_retrier: ArchiveRetrier | None = None
 
 
 @dataclass
@@ -130,6 +139,7 @@ class Session:
         self._asr_done = trio.Event()
         self._writer_done = trio.Event()
         self._archive_result: dict[str, Any] | None = None
+        self._archive_told = False  # the client has its ARCHIVE_FAILED
         self._archive_done = trio.Event()
         self._channel: AsrChannel | None = None
         self._ended_at: dict[int, float] = {}  # utterance -> when it ended, until its final
@@ -770,11 +780,16 @@ class Session:
     # -- archive --------------------------------------------------------------------
 
     async def _archive(self) -> None:
+        """Encode the session's audio and store it. A failing store never stops this
+        task from draining its queue (that would freeze ingest): the recording goes on
+        into a local fallback and is stored later (``ArchiveSink``, ``ArchiveRetrier``);
+        the client gets one non-fatal ``ARCHIVE_FAILED``."""
         assert self.ctx.store is not None
         encoder = ArchiveEncoder()
-        writer: RecordWriter | None = None
+        sink = ArchiveSink(self.ctx.store, self.flow_id, self.ctx.fallback_dir)
+        committed = False
         try:
-            writer = await self.ctx.store.open(self.flow_id)
+            self._archive_problem(await sink.open())
             async for samples in self._archive_out:
                 if samples is None:
                     break
@@ -783,24 +798,41 @@ class Session:
                 ms = (time.perf_counter() - t0) * 1000
                 self.stats["compress_ms"] += ms
                 self.ctx.metrics.compress_latency.observe(ms)
-                await writer.write(data)
+                self._archive_problem(await sink.write(data))
             tail, result = encoder.close()
-            await writer.write(tail)
-            stored = await writer.commit()
-            writer = None
+            self._archive_problem(await sink.write(tail))
+            stored, problem = await sink.commit()
+            committed = True
+            url = f"{self.ctx.public_base}/records/{sink.key}"
+            if stored is None:
+                self._archive_problem(problem or "the recording could not be stored",
+                                      always=True, url=url)
+                if self.ctx.archive_retrier is not None:
+                    self.ctx.archive_retrier.poke()
+                return
             self._archive_result = {
-                "url": f"{self.ctx.public_base}/records/{stored.key}",
-                "duration_ms": result.duration_ms, "size_bytes": result.bytes,
+                "url": url, "duration_ms": result.duration_ms, "size_bytes": result.bytes,
                 "sha256": result.sha256, "content_type": CONTENT_TYPE,
             }
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:
             log.exception("archive failed for %s", self.flow_id)
             self._error(ErrorCode.INTERNAL, f"recording failed: {exc}", False)
         finally:
-            if writer is not None:
-                with trio.CancelScope(shield=True):
-                    await writer.abort()
+            if not committed:
+                await sink.abort()
             self._archive_done.set()
+
+    def _archive_problem(self, problem: str | None, *, always: bool = False,
+                         url: str = "") -> None:
+        """One ``ARCHIVE_FAILED`` when the store first fails; one more at the end if the
+        recording could not be stored (it names where it will appear)."""
+        if problem is None or (self._archive_told and not always):
+            return
+        self._archive_told = True
+        self.ctx.metrics.errors.labels(ErrorCode.ARCHIVE_FAILED.value).inc()
+        where = f" (it will appear at {url})" if url and "kept" in problem else ""
+        self._emit(self.ew.error(ErrorCode.ARCHIVE_FAILED, f"recording: {problem}{where}",
+                                 fatal=False))
 
     # -- the end of a session -------------------------------------------------------
 

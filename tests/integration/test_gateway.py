@@ -53,13 +53,14 @@ class Gateway:
 
 
 async def start_gateway(nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path,
-                        asr_url: str, **overrides: Any) -> Gateway:
+                        asr_url: str, *, store: Any = None, **overrides: Any) -> Gateway:
     cfg = GatewayConfig.load(env={}, overrides={
         "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
+        "archive_fallback_dir": str(tmp_path / "fallback"),
         "asr_urls": asr_url, "flush_idle_s": 1.0, **overrides})
     shutdown = trio.Event()
     ws_port, http_port = await nursery.start(functools.partial(
-        serve, cfg, shutdown=shutdown, vad=VadService(vad_model)))
+        serve, cfg, shutdown=shutdown, vad=VadService(vad_model), store=store))
     return Gateway(f"ws://127.0.0.1:{ws_port}/ws/stream", f"http://127.0.0.1:{http_port}",
                    tmp_path / "records", shutdown, cfg)
 
