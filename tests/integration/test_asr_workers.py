@@ -293,24 +293,39 @@ def test_workers_exit_when_the_parent_is_killed() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_real_whisper_in_a_worker_matches_in_process() -> None:
+    """The real engine in a worker answers as in-process; kill -9 of it mid-final is
+    answered by the warm standby with the same text."""
     from asr.engine import DEFAULT_POOL, DEFAULT_POOLS, WhisperBackend
     from asr.whisper.decoding import read_audio_file
 
     audio = read_audio_file(LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0880.wav")
+    longer = read_audio_file(LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0870.wav")
     jobs = [WireJob("final", "en", audio, {"lang": "en"}),
-            WireJob("lid", "multi", audio, {})]
-    local = WhisperBackend(DEFAULT_POOLS, DEFAULT_POOL, threads=1)
-    # The worker hands WireJobs to the engine as they are; do the same here.
-    want_final = local.run_batch("en", cast("list[Job]", jobs[:1]))[0]
-    want_lid = local.run_batch("multi", cast("list[Job]", jobs[1:]))[0]
-    cfg = WorkerConfig(workers=1, worker_threads=1, standby_workers=0)
+            WireJob("lid", "multi", audio, {}),
+            WireJob("final", "en", longer, {"lang": "en"})]
+    cfg = WorkerConfig(workers=1, worker_threads=1, standby_workers=1)
     with ProcessBackend.whisper(DEFAULT_POOLS, DEFAULT_POOL, cfg) as backend:
-        backend.start()
-        backend.wait_ready(60)
+        backend.start()  # the workers load while the reference decodes run here
+        local = WhisperBackend(DEFAULT_POOLS, DEFAULT_POOL, threads=1)
+        # The worker hands WireJobs to the engine as they are; do the same here.
+        want_final = local.run_batch("en", cast("list[Job]", jobs[:1]))[0]
+        want_lid = local.run_batch("multi", cast("list[Job]", jobs[1:2]))[0]
+        want_longer = local.run_batch("en", cast("list[Job]", jobs[2:]))[0]
+        backend.warmup()
         got_final = backend.run_batch("en", jobs[:1])[0]
-        got_lid = backend.run_batch("multi", jobs[1:])[0]
+        got_lid = backend.run_batch("multi", jobs[1:2])[0]
         partial = backend.run_batch("en", [WireJob("partial", "en", audio, {})])[0]
         policy = backend.partial_policy("en")
+        # kill -9 of the worker in the middle of a 7 s final.
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.extend(backend.run_batch("en", jobs[2:])))
+        t.start()
+        assert wait_until(lambda: backend.statistics().busy == 1, 5)
+        time.sleep(0.1)
+        (busy,) = [w["pid"] for w in backend.health()["workers"] if w["state"] == "busy"]
+        os.kill(busy, signal.SIGKILL)
+        t.join(30)
+        st = backend.statistics()
     assert isinstance(got_final, Recognition) and isinstance(want_final, Recognition)
     assert got_final.text == want_final.text
     assert "not an ill" in got_final.text.lower() and "young man" in got_final.text.lower()
@@ -318,6 +333,9 @@ def test_real_whisper_in_a_worker_matches_in_process() -> None:
     # The parent's partial policy (tokenizer only, no model) reads the worker's tokens.
     assert isinstance(partial, Recognition) and partial.tokens
     assert policy is not None and policy.update(partial) == partial.text
+    assert isinstance(want_longer, Recognition) and "dashwood" in want_longer.text.lower()
+    assert [r.text for r in got] == [want_longer.text]
+    assert st.crashes == 1 and st.reruns == 1 and st.last_failover_s < 1.0
 
 
 def make_standin(delay_s: float) -> Any:
