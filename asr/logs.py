@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 FIELDS = ("flowId", "stage", "seq", "sr", "ns", "bytes_in", "bytes_out", "lang", "model",
-          "latency_ms", "err_code", "asr_link_codec", "worker_pid")
+          "latency_ms", "err_code", "asr_link_codec", "worker_pid", "utterance", "pool",
+          "trace_id", "span_id")
 
 
 def fields(**values: Any) -> dict[str, Any]:

@@ -29,7 +29,16 @@ from typing import Any, cast
 
 import numpy as np
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from native import OpusDecoder, OpusError
 
@@ -42,6 +51,7 @@ from .backend import (
     PartialPolicy,
     Recognition,
 )
+from .logs import fields
 from .scheduler import Job, Scheduler, SchedulerBusy, SchedulerPolicy
 from .stream import SAMPLE_RATE, CapReached, PartialDue, Utterance, UtteranceAssembler
 
@@ -181,16 +191,28 @@ def hypercorn_config(cfg: AsrServerConfig) -> Any:
     return hc
 
 
+# Latency buckets (ms) around the SLA: first partial p50 300 / p95 600, finals at
+# endpoint + 300 ms; dense from 100 to 2000 ms where alerts compare, coarse past it.
+LATENCY_BUCKETS_MS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 800, 1000, 1500, 2000,
+                      3000, 5000, math.inf)
+
+
 class Metrics:
-    """The service's Prometheus metrics, in a registry of its own."""
+    """The service's Prometheus metrics, in a registry of its own.
+
+    Things that are counted are counters (``_total``, as prometheus_client names them),
+    so PromQL can take ``rate()`` of them across restarts. The scheduler's and the
+    inference workers' numbers are read from their ``statistics()`` once per scrape
+    (``_StatsCollector``), so neither imports a metrics library. ``process_*`` covers this
+    process; the workers' CPU is exported apart, as they are other processes.
+    """
 
     def __init__(self, app: AsrApp) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
         self.latency = Histogram(
             "asr_latency_ms", "final latency: finalize received to final sent, ms",
-            buckets=(50, 100, 200, 300, 400, 600, 800, 1000, 1500, 2000, 3000, 5000, math.inf),
-            registry=r,
-        )
+            buckets=LATENCY_BUCKETS_MS, registry=r)
         self.streams = Counter("asr_streams", "recognize streams accepted", registry=r)
         self.busy = Counter("asr_busy_rejections", "streams or jobs refused: busy",
                             registry=r)
@@ -201,32 +223,102 @@ class Metrics:
         self.link_errors = Counter("asr_link_errors", "link protocol errors", ["code"],
                                    registry=r)
         self.events = Counter("asr_events", "events sent", ["type"], registry=r)
+        self.flow = Counter("asr_flow_events", "flow events sent to streams", ["code"],
+                            registry=r)
+        # Known label values start at 0, so rate() panels have a series before the
+        # first occurrence (and an increase from 0 is not lost).
+        for err in link.ErrorCode:
+            self.link_errors.labels(err.value)
+        for kind in ("partial", "final", "end", "error", "flow"):
+            self.events.labels(kind)
+        for code in ("BEHIND", "OK"):
+            self.flow.labels(code)
         g = Gauge("asr_inflight_sessions", "streams in progress", registry=r)
         g.set_function(lambda: app.active)
         g = Gauge("asr_queue_depth", "jobs waiting for the engine", registry=r)
         g.set_function(lambda: app.scheduler.queued)
-        g = Gauge("asr_rtf", "engine compute time over audio time, since start", registry=r)
-        g.set_function(lambda: app.scheduler.statistics().rtf)
-        g = Gauge("asr_partials_dropped", "partial jobs made stale before running",
-                  registry=r)
-        g.set_function(lambda: app.scheduler.statistics().partials_dropped)
-        g = Gauge("asr_jobs_failed", "jobs that failed alone or with their batch",
-                  registry=r)
-        g.set_function(lambda: app.scheduler.statistics().jobs_failed)
-        g = Gauge("asr_partials_promoted", "partials run early: their max gap ran out",
-                  registry=r)
-        g.set_function(lambda: app.scheduler.statistics().starved_promotions)
-        self.deadline_misses = Gauge("asr_deadline_misses", "jobs done past their deadline",
-                                     ["kind"], registry=r)
-        for kind in ("lid", "final", "partial"):
-            self.deadline_misses.labels(kind).set_function(
-                functools.partial(lambda k: app.scheduler.statistics().deadline_misses.get(
-                    k, 0), kind))
-        self.flow = Counter("asr_flow_events", "flow events sent to streams", ["code"],
-                            registry=r)
+        r.register(_StatsCollector(app))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StatsCollector(Collector):
+    """The scheduler's and (when the backend has them) the workers' ``statistics()``."""
+
+    # WorkerStats field -> (metric name without _total, help)
+    WORKER_COUNTERS = (
+        ("restarts", "asr_worker_restarts", "inference worker processes started after "
+         "the initial set"),
+        ("crashes", "asr_worker_crashes", "inference workers that died mid-job"),
+        ("hangs", "asr_worker_hangs", "inference workers killed past their job deadline"),
+        ("failed_starts", "asr_worker_failed_starts", "inference workers that failed to "
+         "start"),
+        ("reruns", "asr_worker_reruns", "batches run again after their worker was lost"),
+    )
+
+    def __init__(self, app: AsrApp) -> None:
+        self.app = app
+
+    def describe(self) -> list[Metric]:
+        return []  # no duplicate check at registration; collect() is cheap but dynamic
+
+    def collect(self) -> list[Metric]:
+        s = self.app.scheduler.statistics()
+        out: list[Metric] = [
+            GaugeMetricFamily("asr_rtf", "engine compute time over audio time, since "
+                              "start (rate(asr_compute_seconds_total) / "
+                              "rate(asr_audio_seconds_total) gives it over a window)",
+                              value=s.rtf),
+            CounterMetricFamily("asr_audio_seconds", "audio seconds in jobs run "
+                                "(partials re-count their utterance)", value=s.audio_s),
+            CounterMetricFamily("asr_compute_seconds", "engine wall seconds spent on "
+                                "batches", value=s.compute_s),
+            CounterMetricFamily("asr_batches", "engine batches run", value=s.batches),
+            CounterMetricFamily("asr_jobs", "jobs run (partials, finals, LID)",
+                                value=s.jobs_done),
+            CounterMetricFamily("asr_jobs_failed", "jobs that failed alone or with their "
+                                "batch", value=s.jobs_failed),
+            CounterMetricFamily("asr_partials_dropped", "partial jobs made stale before "
+                                "running", value=s.partials_dropped),
+            CounterMetricFamily("asr_partials_promoted", "partials run early: their max "
+                                "gap ran out", value=s.starved_promotions),
+        ]
+        misses = CounterMetricFamily("asr_deadline_misses", "jobs done past their deadline",
+                                     labels=["kind"])
+        for kind in sorted({"lid", "final", "partial", *s.deadline_misses}):
+            misses.add_metric([kind], s.deadline_misses.get(kind, 0))
+        out.append(misses)
+        out.extend(self._workers())
+        return out
+
+    def _workers(self) -> list[Metric]:
+        stats_fn = getattr(self.app.backend, "statistics", None)
+        if not callable(stats_fn):
+            return []
+        w = stats_fn()
+        if not hasattr(w, "cpu_s"):  # not a worker backend
+            return []
+        out: list[Metric] = [CounterMetricFamily(
+            "asr_worker_cpu_seconds", "user + system CPU seconds of the inference worker "
+            "processes, live and gone (as of each worker's last answer)",
+            value=float(sum(w.cpu_s)) + float(w.retired_cpu_s))]
+        for field_name, name, doc in self.WORKER_COUNTERS:
+            out.append(CounterMetricFamily(name, doc, value=getattr(w, field_name)))
+        states = GaugeMetricFamily("asr_workers", "inference worker processes by state",
+                                   labels=["state"])
+        busy = int(w.busy)
+        for state, n in (("idle", int(w.ready) - busy), ("busy", busy),
+                         ("starting", int(w.starting))):
+            states.add_metric([state], n)
+        out.append(states)
+        out.append(GaugeMetricFamily("asr_workers_wanted", "inference workers configured "
+                                     "(active plus warm standby)",
+                                     value=int(w.workers) + int(w.standby_workers)))
+        out.append(GaugeMetricFamily("asr_workers_crash_looping", "1 while workers die "
+                                     "faster than they are replaced (/healthz fails)",
+                                     value=1.0 if w.crash_looping else 0.0))
+        return out
 
 
 class AsrApp:
@@ -307,14 +399,16 @@ class AsrApp:
             await _respond(send, status, {"error": code},
                            headers=[(b"retry-after", str(self.cfg.retry_after_s).encode())])
             return
+        session = LinkSession(self, receive, send)
         self.active += 1
         self.metrics.streams.inc()
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", _content_type(scope).encode())]})
-            await LinkSession(self, receive, send).run()
+            await session.run()
         finally:
             self.active -= 1
+            session.log_end()
 
     async def _lid(self, receive: Receive, send: Send) -> None:
         pool = self.backend.lid_pool()
@@ -415,10 +509,34 @@ class LinkSession:
         self._queued_final_samples = 0
         self._covered_samples = 0  # of the growing utterance, by its latest partial
         self._behind = False
+        # For the stream's log lines (asr/logs.py fields).
+        self._t0 = time.perf_counter()
+        self.bytes_in = self.bytes_out = self.samples_in = 0
+        self.last_seq = -1
+        self.err_code = ""
+        self.model = ""  # the pool's model, set at Start
 
     @property
     def flow_id(self) -> str:
         return self.start.flow_id if self.start else ""
+
+    def _model(self) -> str:
+        """The pool's model name when the backend describes its pools, else the pool."""
+        describe = getattr(self.app.backend, "describe", None)
+        if callable(describe):
+            with contextlib.suppress(Exception):
+                return str(describe()[self.pool]["model"])
+        return self.pool
+
+    def log_end(self) -> None:
+        """One line per stream when it ends, with what it carried."""
+        log.info("stream end", extra=fields(
+            flowId=self.flow_id, stage="asr_stream", seq=self.last_seq, sr=SAMPLE_RATE,
+            ns=self.samples_in, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            lang=self.lang, model=self.model,
+            latency_ms=round((time.perf_counter() - self._t0) * 1000, 1),
+            err_code=self.err_code,
+            asr_link_codec=self.start.codec if self.start else ""))
 
     async def run(self) -> None:
         try:
@@ -470,6 +588,7 @@ class LinkSession:
                     scope.cancel()
                     return
                 data = message.get("body", b"")
+                self.bytes_in += len(data)
                 if data and not self._failed:
                     self._handle_bytes(data)
                 if not message.get("more_body", False):
@@ -521,8 +640,12 @@ class LinkSession:
                 fatal=True))
             return
         self.start, self.pool, self.lang = start, pool, lang
+        self.model = self._model()
         if start.codec == "opus":
             self.decoder = OpusDecoder(16000, 1)
+        log.info("stream start", extra=fields(
+            flowId=start.flow_id, stage="asr_stream", sr=start.sr, lang=lang or "auto",
+            pool=pool, model=self.model, asr_link_codec=start.codec))
 
     def _on_audio(self, item: link.AudioIn) -> None:
         pcm_parts = []
@@ -554,6 +677,8 @@ class LinkSession:
                                  else np.zeros(320, np.int16))
             pcm_parts.append(np.frombuffer(packet.data, dtype="<i2").astype(np.int16))
         pcm = np.concatenate(pcm_parts)
+        self.samples_in += len(pcm)
+        self.last_seq = packet.seq
         pts = max(0, packet.pts_ms - 20 * item.lost)
         for action in self.assembler.add(pcm, pts):
             if isinstance(action, CapReached):
@@ -596,6 +721,10 @@ class LinkSession:
             self._cut(end=True)
 
     def _emit_error(self, code: link.ErrorCode, message: str, fatal: bool) -> None:
+        self.err_code = code.value
+        log.warning("stream error: %s", message, extra=fields(
+            flowId=self.flow_id, stage="asr_stream", err_code=code.value, lang=self.lang,
+            model=self.model))
         self._emit(link.AsrEvent("error", self.flow_id, utterance=self.assembler.index,
                                  code=code.value, message=message, fatal=fatal))
 
@@ -664,11 +793,17 @@ class LinkSession:
             self._emit_error(link.ErrorCode.BUSY, "the engine queue is full", False)
             return
         except Exception as exc:
-            log.exception("final failed for %s", self.flow_id)
+            log.exception("final failed", extra=fields(
+                flowId=self.flow_id, stage="asr_final", err_code="INTERNAL",
+                model=self.model))
             self._emit_error(link.ErrorCode.INTERNAL, f"recognition failed: {exc}", False)
             return
         assert isinstance(result, Recognition)
-        self.app.metrics.latency.observe((time.perf_counter() - started) * 1000)
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.app.metrics.latency.observe(latency_ms)
+        log.info("final", extra=fields(
+            flowId=self.flow_id, stage="asr_final", utterance=utt.index, ns=len(utt.audio),
+            lang=result.lang, model=self.model, latency_ms=round(latency_ms, 1)))
         self._last_partial.pop(utt.index, None)
         self._emit(link.AsrEvent("final", self.flow_id, utterance=utt.index, text=result.text,
                                  ts=(utt.start_ms, utt.end_ms), lang=result.lang))
@@ -717,7 +852,9 @@ class LinkSession:
         except SchedulerBusy:
             return
         except Exception:
-            log.exception("partial failed for %s", self.flow_id)
+            log.exception("partial failed", extra=fields(
+                flowId=self.flow_id, stage="asr_partial", err_code="INTERNAL",
+                model=self.model))
             return
         finally:
             if self._partial_job is job:
@@ -750,8 +887,10 @@ class LinkSession:
                         break
                 for ev in batch:
                     self.app.metrics.events.labels(ev.type).inc()
-                await self._send({"type": "http.response.body",
-                                  "body": link.encode_many(list(batch)), "more_body": True})
+                body = link.encode_many(list(batch))
+                self.bytes_out += len(body)
+                await self._send({"type": "http.response.body", "body": body,
+                                  "more_body": True})
         finally:
             self._sent.set()
 
