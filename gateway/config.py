@@ -213,6 +213,10 @@ class GatewayConfig:
         "ASR_BREAKER_OPEN_S", "an ASR endpoint that failed gets no new stream for this "
         "long, then one probe (half-open); doubles up to 8x while probes fail, s",
         _range(0.05, 300)))
+    shutdown_grace_s: float = field(default=20.0, metadata=_key(
+        "SHUTDOWN_GRACE_S", "on SIGTERM, sessions get this long to finish their finals; "
+        "then they are cancelled, and their recordings are still committed, s",
+        _range(0, 3600)))
     auth_jwt_secret: str = field(default="", metadata=_key(
         "AUTH_JWT_SECRET", "HS256 secret; when set, start.auth.token must be a valid JWT"))
 

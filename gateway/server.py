@@ -34,7 +34,6 @@ log = logging.getLogger("voxgate.gateway")
 
 WS_PATH = "/ws/stream"
 MAX_WS_MESSAGE_BYTES = 4 * 1024 * 1024  # larger than any limit we enforce ourselves
-SHUTDOWN_GRACE_S = 20.0
 
 
 async def serve(
@@ -134,7 +133,7 @@ async def serve(
             for s in list(ctx.sessions):
                 s.stop_ingest()
             if ctx.sessions:
-                with trio.move_on_after(SHUTDOWN_GRACE_S):
+                with trio.move_on_after(cfg.shutdown_grace_s):
                     await ctx.drained.wait()
             sessions.cancel_scope.cancel()
         http_stop.set()

@@ -72,6 +72,7 @@ START_TIMEOUT_S = 10.0
 FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
 HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
 LOW_WATER_S = 1.0
+SALVAGE_S = 5.0  # a cancelled session's recording gets this long to be committed
 ASR_QUEUE_HIGH_FRAMES = 250  # 5 s of frames waiting for the ASR link: PAUSE
 ASR_QUEUE_LOW_FRAMES = 50
 SAMPLE_RATE = 16000
@@ -787,7 +788,7 @@ class Session:
         assert self.ctx.store is not None
         encoder = ArchiveEncoder()
         sink = ArchiveSink(self.ctx.store, self.flow_id, self.ctx.fallback_dir)
-        committed = False
+        committed = tail_done = False
         try:
             self._archive_problem(await sink.open())
             async for samples in self._archive_out:
@@ -800,6 +801,7 @@ class Session:
                 self.ctx.metrics.compress_latency.observe(ms)
                 self._archive_problem(await sink.write(data))
             tail, result = encoder.close()
+            tail_done = True
             self._archive_problem(await sink.write(tail))
             stored, problem = await sink.commit()
             committed = True
@@ -817,10 +819,43 @@ class Session:
         except ValueError as exc:
             log.exception("archive failed for %s", self.flow_id)
             self._error(ErrorCode.INTERNAL, f"recording failed: {exc}", False)
+            with trio.CancelScope(shield=True):
+                await sink.abort()
+            committed = True
         finally:
             if not committed:
-                await sink.abort()
+                # Cancelled (shutdown grace over, a crash elsewhere): keep what was
+                # heard, never delete it.
+                await self._salvage(encoder, sink, tail_done)
             self._archive_done.set()
+
+    async def _salvage(self, encoder: ArchiveEncoder, sink: ArchiveSink, tail_done: bool
+                       ) -> None:
+        """Close and commit the recording of the audio received so far (what is still
+        queued included), shielded and bounded; a store that cannot take it in time
+        leaves it in the fallback folder."""
+        with trio.CancelScope(shield=True), trio.move_on_after(SALVAGE_S):
+            try:
+                while not tail_done:
+                    samples = self._archive_out.receive_nowait()
+                    if samples is None:
+                        break
+                    await sink.write(encoder.feed(samples))
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                pass
+            try:
+                if not tail_done:
+                    tail, _result = encoder.close()
+                    await sink.write(tail)
+                stored, problem = await sink.commit()
+            except (OSError, ValueError) as exc:
+                log.error("recording of %s could not be salvaged: %s", self.flow_id, exc)
+                return
+            log.info("recording of %s committed on cancellation: %s", self.flow_id,
+                     stored.key if stored else problem, extra=fields(
+                         flowId=self.flow_id, stage="archive"))
+            if stored is None and self.ctx.archive_retrier is not None:
+                self.ctx.archive_retrier.poke()
 
     def _archive_problem(self, problem: str | None, *, always: bool = False,
                          url: str = "") -> None:
