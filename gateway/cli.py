@@ -66,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace) -> int:
-    from gateway.main import stream_main
+    from gateway.stream_cli import stream_main
 
     return stream_main(args)
 
@@ -136,15 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML file with settings")
         p.set_defaults(func=func)
 
-    st = sub.add_parser("stream", help="stream a WAV file in real time and print results")
-    st.add_argument("file", help="16 kHz mono PCM16 WAV file")
+    st = sub.add_parser(
+        "stream", help="stream a WAV file (or raw PCM16 from stdin) and print results",
+        description="Stream audio to a gateway with the client SDK and print partials, "
+        "finals, the language, the recording and the metrics. A dropped connection is "
+        "resumed. Example: sox talk.mp3 -t raw -r 16000 -e signed -b 16 -c 1 - | "
+        "voxgate stream -")
+    st.add_argument("file", help="WAV file (PCM16, any rate, mono or stereo), or - for raw "
+                    "PCM16 LE mono on standard input")
     st.add_argument("--url", default="ws://127.0.0.1:8080/ws/stream")
     st.add_argument("--realtime", dest="realtime", action="store_true", default=True,
                     help="pace the audio in real time (default)")
     st.add_argument("--fast", dest="realtime", action="store_false",
-                    help="send as fast as the server accepts")
+                    help="send as fast as the server's flow control allows")
+    st.add_argument("--rate", type=int, default=16000,
+                    help="sample rate of raw audio on stdin, Hz (default 16000)")
     st.add_argument("--lang", default="auto", help="user_lang_pref hint (default auto)")
     st.add_argument("--flow-id", help="flowId for the session (default: server-made)")
+    st.add_argument("--token", help="JWT for a gateway with auth")
+    st.add_argument("--json", action="store_true", help="print every event as a JSON line")
     st.set_defaults(func=_stream)
 
     tr = sub.add_parser("transcribe", help="transcribe a 16 kHz mono WAV file")

@@ -314,3 +314,36 @@ async def test_a_silent_server_is_detected_and_the_client_reconnects(
                     await s.flush()
     assert "Reconnecting" in kinds(events) and isinstance(events[-1], vc.End)
     assert len(script.connections) == 2
+
+
+async def test_voxgate_stream_command_reads_stdin_and_wav(gateway: Callable[..., Any],
+                                                          tmp_path: Path) -> None:
+    import sys
+    import wave
+
+    url = await gateway()
+    audio = utterance_audio()
+    voxgate = [sys.executable, "-c", "from gateway.cli import main; raise SystemExit(main())"]
+    raw = await trio.run_process([*voxgate, "stream", "-", "--fast", "--url", url, "--json",
+                                  "--flow-id", "cli-stdin"],
+                                 stdin=audio.tobytes(), capture_stdout=True,
+                                 capture_stderr=True, check=False)
+    assert raw.returncode == 0, raw.stderr.decode()
+    lines = [json.loads(x) for x in raw.stdout.decode().splitlines()]
+    names = [x["event"] for x in lines]
+    assert names[0] == "Ack" and names[-1] == "End" and "Final" in names
+    assert next(x for x in lines if x["event"] == "Metrics")["audio_ms"] == len(audio) // 16
+    path = tmp_path / "stereo44k.wav"
+    stereo = np.repeat(np.interp(np.arange(len(audio) * 44100 // 16000) * 16000 / 44100,
+                                 np.arange(len(audio)), audio).astype(np.int16)[:, None],
+                       2, axis=1)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(stereo.tobytes())
+    text = await trio.run_process([*voxgate, "stream", str(path), "--fast", "--url", url],
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    assert text.returncode == 0, text.stderr.decode()
+    out = text.stdout.decode()
+    assert "✔" in out and "recording: http" in out and "end (flush)" in out
