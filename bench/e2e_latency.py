@@ -173,7 +173,10 @@ async def peer_session(url: str, m: mat.Material, lang: str) -> SessionLog:
     log = SessionLog()
     uid = uuid.uuid4().hex
     opts = {"uid": uid, "language": None if lang == "auto" else lang, "task": "transcribe",
-            "model": "base", "use_vad": True, "audio_format": "int16"}
+            "model": "base", "use_vad": True, "audio_format": "int16",
+            # Its own client's defaults, spelled out: the peer runs as its users get it.
+            "send_last_n_segments": 10, "no_speech_thresh": 0.45, "clip_audio": False,
+            "same_output_threshold": 10}
     seen_final: set[tuple[str, str, str]] = set()
     async with open_websocket_url(url, max_message_size=4 << 20) as ws:
         await ws.send_message(json.dumps(opts))
@@ -503,6 +506,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.sessions, args.duration = "1", 20.0
+        if args.name == "e2e_latency":
+            args.name = "e2e_latency_quick"  # never overwrite a full run's figures
     levels = [int(x) for x in args.sessions.split(",")]
     langs = args.lang.split(",")
     systems = args.systems.split(",")
