@@ -131,3 +131,26 @@ def test_merge_joins_clips_closer_than_the_gap() -> None:
 def test_plan_rejects_nothing_to_play() -> None:
     with pytest.raises(ValueError):
         mat.plan([], min_duration_s=10, seed=0)
+
+
+def test_send_time_is_the_send_of_the_chunk_holding_the_sample() -> None:
+    from bench.e2e_latency import SessionLog
+
+    log = SessionLog(sent_at=[10.0, 10.02, 10.05, 10.06])  # 20 ms chunks, one late
+    assert log.send_time(0.0) == 10.0
+    assert log.send_time(0.019) == 10.0
+    assert log.send_time(0.045) == 10.05  # sample 720 is in chunk 2
+    assert log.send_time(9.0) == 10.06  # past what was sent: the last send
+
+
+def test_capacity_is_the_most_sessions_within_the_final_p95_bound() -> None:
+    from bench.e2e_latency import CAPACITY_FINAL_P95_MS, capacity
+
+    def row(n: int, p95: float) -> dict[str, object]:
+        return {"lang": "en", "sessions": n, "voxgate": {"final_p95_ms": p95}}
+
+    ok, over = CAPACITY_FINAL_P95_MS - 1, CAPACITY_FINAL_P95_MS + 1
+    rows = [row(1, ok), row(4, ok), row(8, over), row(16, math.inf)]
+    assert capacity(rows, "voxgate", "en") == 4
+    assert capacity(rows, "voxgate", "auto") == 0
+    assert capacity([row(1, math.inf)], "voxgate", "en") == 0
