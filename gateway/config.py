@@ -213,6 +213,10 @@ class GatewayConfig:
         "ASR_BREAKER_OPEN_S", "an ASR endpoint that failed gets no new stream for this "
         "long, then one probe (half-open); doubles up to 8x while probes fail, s",
         _range(0.05, 300)))
+    resume_window_s: float = field(default=10.0, metadata=_key(
+        "RESUME_WINDOW_S", "a seq_header client that disconnects may reconnect with the "
+        "same flowId this long and continue its session, s (0: no resume)",
+        _range(0, 3600)))
     shutdown_grace_s: float = field(default=20.0, metadata=_key(
         "SHUTDOWN_GRACE_S", "on SIGTERM, sessions get this long to finish their finals; "
         "then they are cancelled, and their recordings are still committed, s",

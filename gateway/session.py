@@ -94,6 +94,8 @@ class GatewayContext:
     drained: trio.Event = field(default_factory=trio.Event)  # shutting down, no sessions
     sessions: set[Session] = field(default_factory=set)
     fallback_dir: Path = field(default_factory=default_fallback_dir)
+    # flowId -> a session whose client disconnected, waiting RESUME_WINDOW_S for it
+    parked: dict[str, Session] = field(default_factory=dict)
     archive_retrier: ArchiveRetrier | None = None
 
 
@@ -141,6 +143,10 @@ class Session:
         self._writer_done = trio.Event()
         self._archive_result: dict[str, Any] | None = None
         self._archive_told = False  # the client has its ARCHIVE_FAILED
+        self._ws_changed = trio.Event()  # a reconnect adopted, or the wait for one ended
+        self._resume_given_up = False
+        self._finished = trio.Event()  # run() is over (an adopting handler waits on it)
+        self.resumes = 0
         self._archive_done = trio.Event()
         self._channel: AsrChannel | None = None
         self._ended_at: dict[int, float] = {}  # utterance -> when it ended, until its final
@@ -188,7 +194,12 @@ class Session:
                                                    fatal=True))
                 await self._close(1011)
         finally:
+            self._finished.set()
+            self._resume_given_up = True
+            self._ws_changed.set()
             self.ctx.sessions.discard(self)
+            if self.ctx.parked.get(self.flow_id) is self:
+                del self.ctx.parked[self.flow_id]
             if self.ctx.shutting_down.is_set() and not self.ctx.sessions:
                 self.ctx.drained.set()
             self.ctx.metrics.active_sessions.dec()
@@ -204,6 +215,11 @@ class Session:
         if start is None:
             return
         self.start = start
+        parked = self.ctx.parked.get(start.flow_id)
+        if parked is not None and "seq_header" in start.features:
+            # A reconnect within the window: that session goes on over this socket.
+            await parked.adopt(self.ws)
+            return
         if not await self._admit():
             return
         self._setup_stages()
@@ -313,10 +329,17 @@ class Session:
             self._lid_decided.set()
 
     def _ack(self) -> None:
+        self._emit(self._ack_event())
+
+    def _ack_event(self, *, resumed: bool = False) -> dict[str, Any]:
         assert self.start is not None
         c = self.cfg
-        self._emit(self.ew.ack(
+        extra: dict[str, Any] = {}
+        if resumed and self.seqbuf is not None:
+            extra = {"resumed": True, "next_seq": self.seqbuf.next_seq}
+        return self.ew.ack(
             session={
+                **extra,
                 "features": sorted(self.start.features),
                 "return": sorted(self.start.returns),
                 "asr_link_codec": c.asr_link_codec, "frame_ms": 20, "sr": SAMPLE_RATE,
@@ -335,7 +358,60 @@ class Session:
                 "max_utterance_ms": int(c.max_utterance_s * 1000),
                 "reorder_window": self.seqbuf.window if self.seqbuf else 0,
             },
-        ))
+        )
+
+    # -- resume ---------------------------------------------------------------------
+
+    def _resumable(self) -> bool:
+        return (self.seqbuf is not None and self.cfg.resume_window_s > 0
+                and not self.ctx.shutting_down.is_set())
+
+    async def _park(self) -> bool:
+        """The client went away: wait ``resume_window_s`` for it to reconnect with the
+        same flowId and ``seq_header``. Everything else goes on meanwhile (finals are
+        queued for the new socket). Returns whether it came back."""
+        ws = self.ws
+        self.ctx.parked[self.flow_id] = self
+        log.info("client disconnected; waiting %.0f s for it to resume",
+                 self.cfg.resume_window_s, extra=fields(flowId=self.flow_id,
+                                                        stage="session"))
+        try:
+            with trio.move_on_after(self.cfg.resume_window_s):
+                while self.ws is ws:
+                    await self._ws_changed.wait()
+        finally:
+            if self.ctx.parked.get(self.flow_id) is self:
+                del self.ctx.parked[self.flow_id]
+            if self.ws is ws:  # timed out, or shutdown: the writer stops waiting too
+                self._resume_given_up = True
+                self._ws_changed.set()
+        if self.ws is ws:
+            return False
+        self._last_audio = time.monotonic()
+        return True
+
+    async def adopt(self, ws: WebSocketConnection) -> None:
+        """Continue this parked session over ``ws`` (a reconnect): an ``ack`` with
+        ``resumed`` and ``next_seq`` (the first seq the client must send again), then
+        the events queued meanwhile. Returns when the session ends."""
+        if self.ctx.parked.get(self.flow_id) is self:
+            del self.ctx.parked[self.flow_id]
+        self.resumes += 1
+        self.ws = ws
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send_message(dumps(self.ew.stamp(self._ack_event(resumed=True))))
+        changed, self._ws_changed = self._ws_changed, trio.Event()
+        changed.set()
+        log.info("client resumed at seq %s", self.seqbuf.next_seq if self.seqbuf else None,
+                 extra=fields(flowId=self.flow_id, stage="session"))
+        await self._finished.wait()
+
+    async def _socket_back(self, ws: WebSocketConnection) -> bool:
+        """The writer's side of a disconnect: wait until ingest has a new socket (True)
+        or has given up on one (False)."""
+        while self.ws is ws and not self._resume_given_up:
+            await self._ws_changed.wait()
+        return self.ws is not ws
 
     # -- ingest ---------------------------------------------------------------------
 
@@ -353,12 +429,19 @@ class Session:
 
     async def _ingest_loop(self) -> str:
         while True:
+            if self._paused:
+                # Held (flow PAUSE from anywhere, e.g. the ASR said BEHIND while we
+                # waited for a frame): a held client is not idle.
+                await self._resume.wait()
+                self._last_audio = time.monotonic()
             deadline = self._last_audio + self.cfg.flush_idle_s
             message: str | bytes | OversizedMessage | None = None
             with trio.move_on_at(_trio_deadline(deadline)) as idle:
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed:
+                    if self._resumable() and await self._park():
+                        continue
                     return "disconnect"
             if idle.cancelled_caught or message is None:
                 return "idle"
@@ -995,8 +1078,19 @@ class Session:
             self._writer_done.set()
 
     async def _write(self, event: dict[str, Any]) -> None:
-        await self.ws.send_message(dumps(self.ew.stamp(event)))
-        self.ctx.metrics.egress_events.labels(event["type"]).inc()
+        data = dumps(self.ew.stamp(event))
+        while True:
+            ws = self.ws
+            try:
+                await ws.send_message(data)
+            except ConnectionClosed:
+                # With resume, the event waits for the client's next socket (sent again
+                # with the same seq: the client may have had it).
+                if self.seqbuf is None or not await self._socket_back(ws):
+                    raise
+                continue
+            self.ctx.metrics.egress_events.labels(event["type"]).inc()
+            return
 
     async def _close(self, code: int) -> None:
         with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
