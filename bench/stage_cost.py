@@ -112,7 +112,7 @@ def recording(seconds: float) -> Recording:
     clips = [a for _, a, _ in speech.librivox()]
     speech_n = sum(len(c) for c in clips)
     total = max(int(seconds * SAMPLE_RATE), speech_n) // FRAME_SAMPLES * FRAME_SAMPLES
-    gap = (total - speech_n) // len(clips)
+    gap = max(0, total - speech_n) // len(clips)  # --seconds shorter than the clips: none
     rng = np.random.default_rng(0)
     parts: list[npt.NDArray[np.int16]] = []
     for c in clips:
@@ -406,11 +406,15 @@ def gate_sweep(model: VadModel, gates: tuple[float, ...] = (-45, -50, -55, -60, 
     audio = material()
     cfg, _ = endpoint_config()
 
+    cpu: dict[float | None, float] = {}
+
     def run(gate: float | None) -> tuple[list[Any], list[VadWindow], int]:
         st = VadStream(gate_dbfs=gate)
         for i in range(0, len(audio) - FRAME_SAMPLES + 1, FRAME_SAMPLES):
             st.feed(audio[i:i + FRAME_SAMPLES])
+        c0 = time.process_time()
         windows = VadBatcher(model).run([st])[0]
+        cpu[gate] = (time.process_time() - c0) * 1000 / (len(audio) / SAMPLE_RATE)
         ep = Endpointer(cfg)
         return [e for w in windows for e in ep.feed(w)], windows, st.gated
 
@@ -423,11 +427,13 @@ def gate_sweep(model: VadModel, gates: tuple[float, ...] = (-45, -50, -55, -60, 
     for g in gates:
         evs, _, gated = run(g)
         rows.append({"gate_dbfs": g, "gated_share": round(gated / n, 4),
-                     "same_utterances": evs == ref})
+                     "same_utterances": evs == ref,
+                     "vad_cpu_ms_per_audio_s": round(cpu[g], 3)})
     return {"quietest_speech_window_dbfs": round(float(dbfs[probs >= cfg.neg_threshold].min()),
                                                  1),
             "median_pause_window_dbfs": round(float(np.median(dbfs[probs < 0.1])), 1),
-            "utterance_events": len(ref), "rows": rows}
+            "utterance_events": len(ref), "ungated_vad_cpu_ms_per_audio_s": round(cpu[None], 3),
+            "rows": rows}
 
 
 # -- output ----------------------------------------------------------------------------
@@ -652,10 +658,12 @@ def main(argv: list[str] | None = None) -> int:
         result["gate_sweep"] = g
         print(f"\nVAD RMS gate: quietest window scored as speech "
               f"{g['quietest_speech_window_dbfs']} dBFS, median pause "
-              f"{g['median_pause_window_dbfs']} dBFS, {g['utterance_events']} endpointer events")
+              f"{g['median_pause_window_dbfs']} dBFS, {g['utterance_events']} endpointer events; "
+              f"VAD batch 1 ungated {g['ungated_vad_cpu_ms_per_audio_s']:.2f} CPU ms/s")
         for r in g["rows"]:
             print(f"  gate {r['gate_dbfs']:>4} dBFS: {r['gated_share'] * 100:5.1f}% of windows "
-                  f"gated, utterances {'identical' if r['same_utterances'] else 'CHANGED'}")
+                  f"gated, utterances {'identical' if r['same_utterances'] else 'CHANGED'}, "
+                  f"VAD {r['vad_cpu_ms_per_audio_s']:.2f} CPU ms/s")
 
     path = write_json(args.name, result)
     wrote = [str(path)]
