@@ -179,3 +179,14 @@ Checks run once per render.
 {{- fail "asr.tls.enabled needs asr.tls.secretName (a kubernetes.io/tls Secret)" -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The ServiceAccount the pods run as.
+*/}}
+{{- define "voxgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "voxgate.prefix" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
