@@ -301,7 +301,9 @@ async def run_session(cfg: LoadConfig, framed: Framed, index: int, counters: Cou
             elif kind == "end":
                 res.ended = True
                 res.end_reason = ev.get("reason")
-                res.flush_to_end_s = now - t_flush
+                # an end before our flush (the gateway's idle flush, an error) has no
+                # flush -> end time; end_reason says why
+                res.flush_to_end_s = None if math.isnan(t_flush) else now - t_flush
                 ended.set()
         acked.set()
         ended.set()
@@ -443,8 +445,10 @@ def verify_archives(results: list[SessionResult], timeout_s: float = 30.0) -> No
 
 
 def steady_window(run: LoadRun) -> tuple[Sample, Sample] | None:
-    """First and last monitor samples while every session was streaming."""
-    full = [s for s in run.samples if s.streaming == run.cfg.sessions]
+    """First and last monitor samples while every session was streaming (every session
+    that got as far: one that failed to connect does not void the measurement)."""
+    most = max((s.streaming for s in run.samples), default=0)
+    full = [s for s in run.samples if s.streaming == most > 0]
     if len(full) < 2:
         return None
     return full[0], full[-1]
@@ -463,6 +467,7 @@ def aggregate(run: LoadRun) -> dict[str, Any]:
     out: dict[str, Any] = {
         "sessions": len(rs),
         "ended": sum(r.ended for r in rs),
+        "end_reasons": dict(Counter(str(r.end_reason) for r in rs)),
         "failures": Counter(r.failure.split(":")[0] for r in rs if r.failure),
         "frames_sent": sum(r.frames_sent for r in rs),
         "audio_sent_s": round(sum(r.samples_sent for r in rs) / SAMPLE_RATE, 2),
