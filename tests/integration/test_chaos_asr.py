@@ -40,8 +40,9 @@ from tests.standin import StandInEngine
 
 async def main():
     cfg = AsrServerConfig(port=int(sys.argv[1]))
+    engine = StandInEngine(delay_s=float(sys.argv[2]))
     async with trio.open_nursery() as n:
-        app, port = await n.start(functools.partial(serve, StandInEngine(), cfg))
+        app, port = await n.start(functools.partial(serve, engine, cfg))
         await app.ready_event.wait()
         print(port, flush=True)
 
@@ -52,9 +53,10 @@ trio.run(main)
 class AsrProcess:
     """A stand-in ASR service in its own process."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", ASR_MAIN, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+            [sys.executable, "-c", ASR_MAIN, str(port), str(delay_s)], cwd=ROOT,
+            stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
@@ -82,8 +84,9 @@ async def asr_procs() -> AsyncIterator[list[AsrProcess]]:
         p.kill()
 
 
-async def _start(procs: list[AsrProcess], port: int = 0) -> AsrProcess:
-    p = await trio.to_thread.run_sync(AsrProcess, port)
+async def _start(procs: list[AsrProcess], port: int = 0, delay_s: float = 0.0
+                 ) -> AsrProcess:
+    p = await trio.to_thread.run_sync(AsrProcess, port, delay_s)
     procs.append(p)
     return p
 
@@ -204,4 +207,23 @@ async def test_stalled_endpoint_is_detected_by_ping_and_failed_over(
     # PING every 0.25 s, unanswered for 1.5 s: 1.75 s at most, plus this poll's slack.
     assert detected <= 2.5
     assert await _metric(gw.http, "asr_link_failovers_total") >= 1
+    gw.shutdown.set()
+
+
+async def test_overdue_final_fails_over_to_a_healthy_endpoint(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path,
+        asr_procs: list[AsrProcess]) -> None:
+    # a answers PINGs but its engine takes 20 s a batch: only the final deadline tells.
+    a = await _start(asr_procs, delay_s=20.0)
+    b = await _start(asr_procs)
+    gw = await start_gateway(nursery, vad_model, tmp_path, f"{a.url},{b.url}",
+                             asr_final_deadline_s=2.0)
+
+    async def nothing() -> None:
+        pass
+
+    r = await _stream_while(gw.ws_url, nothing, 0.0)
+    _check(r)
+    assert await _metric(gw.http, "asr_link_failovers_total") >= 1
+    assert await _metric(gw.http, "asr_link_ping_timeouts_total") == 0
     gw.shutdown.set()
