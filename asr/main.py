@@ -118,16 +118,27 @@ async def _announce_ready(app: Any, scheme: str, host: str, port: int) -> None:
     print(f"voxgate asr: ready on {scheme}://{host}:{port}", flush=True)
 
 
-def main(config: str | None, host: str | None = None, port: int | None = None,
-         **workers: Any) -> int:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+def main(config: str | None, host: str | None = None, port: int | None = None, *,
+         log_level: str = "info", log_format: str = "json", **workers: Any) -> int:
     """Run the service; ``workers`` are ``[workers]`` overrides (None: keep the file's).
+
+    Args:
+        log_level: ``debug``, ``info``, ``warning`` or ``error`` (workers log the same).
+        log_format: ``json`` (one object a line, the seed's fields) or ``text``.
 
     Raises:
         ValueError: invalid configuration.
     """
-    setup(logging.INFO)
+    if log_level not in LOG_LEVELS or log_format not in LOG_FORMATS:
+        raise ValueError(f"log level must be one of {LOG_LEVELS}, format one of {LOG_FORMATS}")
+    level = getattr(logging, log_level.upper())
+    setup(level, json_format=log_format == "json")
     cfg, pools, default, wcfg = load_config(config, workers=workers, host=host, port=port)
-    backend, scheduler = build_backend(pools, default, wcfg, cfg)
+    backend, scheduler = build_backend(pools, default, wcfg, cfg, log_level=level)
     try:
         trio.run(run, cfg, backend, scheduler)
     finally:

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata)
+# prometheus: promtool checks the rules and both services' /metrics in the tests, and the
+# live-Prometheus test scrapes a gateway and an ASR service with the real server.
+APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata prometheus)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -8,6 +8,9 @@ echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
 .venv/bin/mypy native stages gateway asr clients/python/voxgate_client
+echo "== promtool"
+promtool check rules deploy/prometheus/voxgate-rules.yaml
+(cd deploy/prometheus && promtool test rules voxgate-rules.test.yaml)
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"

@@ -50,7 +50,8 @@ def _asr(args: argparse.Namespace) -> int:
 
     return main(args.config, args.host, args.port, workers=args.workers,
                 worker_threads=args.worker_threads, standby_workers=args.standby_workers,
-                job_timeout_s=args.job_timeout_s)
+                job_timeout_s=args.job_timeout_s, log_level=args.log_level,
+                log_format=args.log_format)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a batch's deadline is S plus job_timeout_per_audio_s "
                      f"({wdef.job_timeout_per_audio_s:g}) per second of its audio; past it "
                      f"the worker is killed and replaced (default {wdef.job_timeout_s:g})")
+    asr.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"],
+                     help="log level of the service and its workers (default info)")
+    asr.add_argument("--log-format", default="json", choices=["json", "text"],
+                     help="json: one object a line with flowId, stage, latency_ms, ... "
+                     "(default); text: for a person at a terminal")
     asr.set_defaults(func=_asr)
 
     from gateway.config import GatewayConfig
