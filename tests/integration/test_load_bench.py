@@ -72,3 +72,29 @@ async def test_load_core_accounting(tmp_path: Path) -> None:
         assert r.lost_ms == 0
     assert agg["ended"] == 3 and agg["archive_checked"] == 3 and agg["lost_ms_total"] == 0
     assert not agg["errors"]
+
+
+async def test_soak_core_reconnects_and_accounts(tmp_path: Path) -> None:
+    from bench.soak import soak, summarize
+
+    cfg_gw = GatewayConfig.load(env={}, overrides={
+        "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
+        "asr_urls": f"http://127.0.0.1:{free_port()}"})
+    shutdown = trio.Event()
+    framed = frame_material(material(), 20)
+    async with trio.open_nursery() as nursery:
+        ws_port, _ = await nursery.start(functools.partial(
+            serve, cfg_gw, shutdown=shutdown, vad=VadService(VadModel())))
+        cfg = LoadConfig(url=f"ws://127.0.0.1:{ws_port}/ws/stream", sessions=2, seconds=1.0,
+                         ramp_s=0.1, speed=4.0, ping_every_s=0.2, end_timeout_s=10.0,
+                         run_id="s")
+        with trio.fail_after(30):
+            run = await soak(cfg, framed, minutes=0.05, pid=None)
+        shutdown.set()
+    s = summarize(run, warmup_s=0.0)
+    flows = [r.flow_id for _, r in run.sessions]
+    assert len(flows) == len(set(flows)) >= 4  # each reconnect is a new session
+    assert s["sessions_run"] == s["ended"] == len(flows)
+    assert s["lost_ms_total"] == 0 and s["sessions_without_record"] == 0
+    assert not s["errors"] and not s["failures"]
+    assert s["audio_sent_s"] == len(flows) * 1.0
