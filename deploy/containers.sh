@@ -143,13 +143,17 @@ same_libopus() {
   pass "wheels: host libopus0/libopusenc0 match the base ($(sed -n 's/^  libopus0 //p' "$LOCK"))"
 }
 
+pip_venv() {  # a throwaway venv for `pip wheel`: the project's .venv stays untouched
+  [ -x "$WORK/pipvenv/bin/pip" ] || python3 -m venv "$WORK/pipvenv"
+}
+
 wheels() {
   log "wheels: pip wheel of the committed tree (git HEAD $(git -C "$REPO" rev-parse --short HEAD))"
   rm -rf "$WORK/src" "$WORK/wheels"
   mkdir -p "$WORK/src" "$WORK/wheels"
   # The committed tree, not the working tree: an image says which revision it holds.
   git -C "$REPO" archive HEAD | tar -x -C "$WORK/src"
-  [ -x "$WORK/pipvenv/bin/pip" ] || python3 -m venv "$WORK/pipvenv"
+  pip_venv
   "${NICE[@]}" "$WORK/pipvenv/bin/pip" wheel -q --disable-pip-version-check \
       -w "$WORK/wheels" "$WORK/src" >"$WORK/wheels.log" 2>&1 \
     && "${NICE[@]}" "$WORK/pipvenv/bin/pip" wheel -q --disable-pip-version-check --no-deps \
@@ -326,7 +330,7 @@ print(json.dumps(result, indent=1))
 PY
 }
 
-check_stream() {  # check_stream LABEL WS_URL EXPECT_RECORD_PREFIX
+check_stream() {  # check_stream LABEL WS_URL EXPECT_RECORD_PREFIX [EXPECT_REDIRECT_PREFIX]
   local out=$WORK/stream-$1.json text url
   if ! stream_sdk "$2" "$out"; then fail "stream ($1): the SDK failed"; return; fi
   text=$(python3 -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["finals"]))' "$out")
@@ -345,6 +349,14 @@ check_stream() {  # check_stream LABEL WS_URL EXPECT_RECORD_PREFIX
     "$3"*) pass "stream ($1): record_url $url" ;;
     *) fail "stream ($1): record_url '$url' is not under $3"; return ;;
   esac
+  if [ -n "${4:-}" ]; then
+    local hop
+    hop=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code} %{redirect_url}' "$url" 2>&1)
+    case "$hop" in
+      "307 $4"*) pass "record ($1): the gateway redirects to the object store (${hop%%\?*}?...)" ;;
+      *) fail "record ($1): expected a 307 to $4, got '$hop'" ;;
+    esac
+  fi
   local ctype magic
   ctype=$(curl -fsSL --max-time 10 -o "$WORK/record-$1.ogg" -w '%{content_type}' "$url" 2>&1) \
     || { fail "record ($1): GET $url: $ctype"; return; }
@@ -444,15 +456,16 @@ compose() {
   # The presigned record URLs name S3_ENDPOINT_URL: an address that both the gateway
   # container and this host reach (the host's IP, where the S3 port is published).
   export VOXGATE_S3_URL=${VOXGATE_S3_URL:-http://$(hostname -I | awk '{print $1}'):${VOXGATE_S3_PORT_HOST:-9000}}
-  "${PC[@]}" down -t 5 >/dev/null 2>&1 || true
+  "${PC[@]}" down -v -t 5 >/dev/null 2>&1 || true
   START_RUN=$SECONDS
   "${NICE[@]}" "${PC[@]}" up -d >"$WORK/compose-up.log" 2>&1 \
     || die "compose: up failed (see $WORK/compose-up.log)"
-  trap '"${PC[@]}" down -t 20 >/dev/null 2>&1 || true' EXIT
+  trap '"${PC[@]}" down -v -t 20 >/dev/null 2>&1 || true' EXIT
   wait_ready "$(compose_container asr)" "http://127.0.0.1:${VOXGATE_ASR_PORT_HOST:-18090}/readyz" 240 \
     && wait_ready "$(compose_container gateway)" "http://127.0.0.1:$http_port/readyz" 60 || true
-  check_stream compose "ws://127.0.0.1:$ws_port/ws/stream" "http://127.0.0.1:$http_port/records/"
-  "${PC[@]}" down -t 20 >/dev/null 2>&1 || true
+  check_stream compose "ws://127.0.0.1:$ws_port/ws/stream" "http://127.0.0.1:$http_port/records/" \
+    "$VOXGATE_S3_URL/voxgate-records/"
+  "${PC[@]}" down -v -t 20 >/dev/null 2>&1 || true
   trap - EXIT
   pass "compose: down"
 }
@@ -472,6 +485,7 @@ s3_image() {
   # wheels, for trying ARCHIVE_STORE=s3 locally (not for production).
   [ -n "${BASE_REF:-}" ] || BASE_REF=$BASE_REPO@$(locked_digest)
   mkdir -p "$WORK/s3ctx/wheels"
+  pip_venv
   "${NICE[@]}" "$WORK/pipvenv/bin/pip" wheel -q --disable-pip-version-check \
     -w "$WORK/s3ctx/wheels" 'moto[server]>=5.0' >"$WORK/s3wheels.log" 2>&1 \
     || die "compose: pip wheel moto[server] failed"
