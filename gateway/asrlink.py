@@ -612,6 +612,8 @@ class _Pending:
     partial_end_ms: int = -1  # the furthest partial passed on
     replays: int = 0
     sent: bool = False  # went to a stream that is gone: the next one is a replay
+    tentative: bool = False  # an early start not yet confirmed: partials held back
+    discard: bool = False  # a withdrawn early start: finalized only to close it; no final
 
 
 UNAVAILABLE = "UNAVAILABLE"  # code of the channel's own error event: utterances given up
@@ -679,11 +681,36 @@ class AsrChannel:
             with trio.CancelScope(shield=True):
                 await self.aclose()
 
-    def begin(self, utterance: int) -> None:
-        """An utterance starts; its audio follows."""
+    def begin(self, utterance: int, *, tentative: bool = False) -> None:
+        """An utterance starts; its audio follows. ``tentative``: an early start that
+        ``confirm`` or ``cancel`` settles."""
         if self._pending and self._pending[-1].finalized_at is None:
             self._drop_open()
-        self._pending.append(_Pending(utterance))
+        self._pending.append(_Pending(utterance, tentative=tentative))
+
+    def confirm(self) -> None:
+        """The open (tentative) utterance is speech after all."""
+        cur = self._open_utterance()
+        if cur is not None:
+            cur.tentative = False
+
+    async def cancel(self) -> None:
+        """Withdraw the open tentative utterance (a false start). If none of its audio
+        went out, that is free; otherwise it is finalized to close it on the service and
+        its final is dropped (the link has no cheaper way to forget an utterance)."""
+        async with self._lock:
+            cur = self._open_utterance()
+            if cur is None:
+                return
+            if cur.index is None:
+                self._pending.remove(cur)
+                self._packets -= len(cur.packets)
+                return
+            cur.discard = True
+            cur.finalized_at = trio.current_time()
+            self._wake.set()
+            if self._stream is not None and not self._recovering:
+                await self._send(self._stream, [link.Finalize()])
 
     async def send_audio(self, frames: list[tuple[np.ndarray, int]]) -> None:
         """Encode 20 ms int16 frames ``(pcm, pts_ms)`` of the open utterance and send
@@ -929,6 +956,10 @@ class AsrChannel:
         for p in list(self._pending):
             replay = p.sent or p.index is not None
             p.index = None
+            if p.discard:  # a withdrawn early start: nothing to ask again
+                self._pending.remove(p)
+                self._packets -= len(p.packets)
+                continue
             if not p.packets:
                 if p.finalized_at is not None:
                     # Its replay was dropped at the bound: it cannot be asked again.
@@ -997,6 +1028,10 @@ class AsrChannel:
                 self._pending.remove(p)
                 self._packets -= len(p.packets)
                 self._wake.set()
+                if p.discard:
+                    return
+            elif p.tentative or p.discard:
+                return  # an early start's partial waits for speech to be confirmed
             elif ev.ts[1] < p.partial_end_ms:
                 return  # a replay's partials catching up with what was passed on
             else:

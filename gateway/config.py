@@ -144,6 +144,10 @@ class GatewayConfig:
         "PREROLL_MS", "audio kept before the speech onset, ms", _range(0, 2000)))
     max_utterance_s: float = field(default=20.0, metadata=_key(
         "MAX_UTTERANCE_S", "an utterance is forced final after this long, s", _range(1, 30)))
+    early_start: bool = field(default=True, metadata=_key(
+        "EARLY_START", "open the recognition stream on the first speech window (with the "
+        "pre-roll), VAD_MIN_SPEECH_MS before speech is confirmed; a false start is "
+        "withdrawn"))
     max_sessions: int = field(default=200, metadata=_key(
         "MAX_SESSIONS", "sessions past this are refused with BUSY", _range(1, 100000)))
     max_frame_bytes: int = field(default=65536, metadata=_key(

@@ -34,8 +34,10 @@ from stages.endpoint import (
     Endpointer,
     SendFrame,
     SpeechGate,
+    UtteranceCancelled,
     UtteranceEnded,
     UtteranceStarted,
+    UtteranceTentative,
 )
 from stages.lid import LidDecision, LidPlanner, LidRequest
 from stages.reframe import IngestError, PcmFrame, Reframer, SeqBuffer
@@ -129,6 +131,7 @@ class Session:
             endpoint_silence_ms=self.cfg.endpoint_silence_ms,
             preroll_ms=self.cfg.preroll_ms,
             max_utterance_s=self.cfg.max_utterance_s,
+            early_start=self.cfg.early_start,
         ))
         self.gate = SpeechGate(self.cfg.preroll_ms)
         self._events_in, self._events_out = trio.open_memory_channel[dict[str, Any]](1024)
@@ -155,13 +158,14 @@ class Session:
         self._paused = False
         self._resume = trio.Event()
         self._asr_behind = False  # the ASR service said flow BEHIND (until OK)
+        self._tentative = False  # an early-started utterance is open, not yet confirmed
         self._ingest_scope = trio.CancelScope()
         self._last_audio = time.monotonic()
         self._first_speech_sent: float | None = None
         self.first_partial_ms: float | None = None
         self.stats: dict[str, Any] = {"bytes_in": 0, "speech_samples": 0, "utterances": 0,
                                       "compress_ms": 0.0, "pcm_to_opus_fail": 0,
-                                      "link_bytes": 0}
+                                      "link_bytes": 0, "false_starts": 0}
         self._lang = ""
         self.denoise: DenoiseStage | None = None
         self.lid: LidPlanner | None = None
@@ -613,6 +617,8 @@ class Session:
             for f in frames:
                 await self._asr_in.send(SendFrame(ev.utterance, f))
             return
+        if isinstance(ev, UtteranceCancelled) and self.denoise is not None:
+            self.denoise.flush()  # the false start's delayed frames go nowhere
         if isinstance(ev, UtteranceEnded):
             if self.denoise is not None:
                 for f in self.denoise.flush():
@@ -724,13 +730,33 @@ class Session:
                 self._asr_done.set()
 
     async def _asr_control(self, item: Any, nursery: trio.Nursery) -> None:
+        if isinstance(item, UtteranceTentative):
+            # Early start: the stream opens and audio flows ~min_speech before VAD
+            # confirms; a false start is withdrawn (UtteranceCancelled).
+            self._tentative = "asr" in self._returns()
+            self._skip_utterance = not self._tentative
+            if self._tentative:
+                (await self._ensure_channel(nursery)).begin(item.index, tentative=True)
+            return
+        if isinstance(item, UtteranceCancelled):
+            if self._tentative and self._channel is not None:
+                await self._channel.cancel()
+            self._tentative = False
+            self._skip_utterance = True
+            self.stats["false_starts"] += 1
+            return
         if isinstance(item, UtteranceStarted):
             self.stats["utterances"] += 1
             self._open_utt = _Utt(item.index, item.start)
             self._skip_utterance = "asr" not in self._returns()
             if self._skip_utterance:
                 return
-            (await self._ensure_channel(nursery)).begin(item.index)
+            channel = await self._ensure_channel(nursery)
+            if self._tentative:
+                channel.confirm()
+            else:
+                channel.begin(item.index)
+            self._tentative = False
         elif isinstance(item, UtteranceEnded):
             if self._open_utt is not None:
                 self._open_utt.end_sample = item.end
@@ -1003,6 +1029,7 @@ class Session:
             "audio_ms": audio_ms,
             "speech_ms": self.stats["speech_samples"] * 1000 // SAMPLE_RATE,
             "utterances": self.stats["utterances"],
+            "false_starts": self.stats["false_starts"],
             "bytes_in": self.stats["bytes_in"],
             "asr_link_codec": self.cfg.asr_link_codec,
             "pcm_to_opus_fail": self.stats["pcm_to_opus_fail"],

@@ -36,6 +36,10 @@ class EndpointConfig:
     preroll_ms: int = 300
     tail_ms: int = 200  # trailing audio kept after the last speech in an utterance
     max_utterance_s: float = 20.0
+    # Announce an utterance on its first speech window (``UtteranceTentative``), before
+    # min_speech confirms it, so recognition can start ~min_speech earlier; speech that
+    # stops short of min_speech is then withdrawn (``UtteranceCancelled``).
+    early_start: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.neg_threshold <= self.threshold < 1.0:
@@ -56,6 +60,24 @@ class UtteranceStarted:
 
 
 @dataclass(frozen=True)
+class UtteranceTentative:
+    """Speech heard, not yet ``min_speech`` of it (``early_start``): utterance ``index``
+    may start at ``start`` (with pre-roll). Either ``UtteranceStarted`` with the same
+    index and start confirms it, or ``UtteranceCancelled`` withdraws it."""
+
+    index: int
+    start: int
+
+
+@dataclass(frozen=True)
+class UtteranceCancelled:
+    """The tentative utterance ``index`` was not speech after all (a false start); its
+    index is used again by the next one."""
+
+    index: int
+
+
+@dataclass(frozen=True)
 class UtteranceEnded:
     """Utterance ``index`` is over at ``end``: time for its final.
 
@@ -68,7 +90,7 @@ class UtteranceEnded:
     reason: str
 
 
-EndpointEvent = UtteranceStarted | UtteranceEnded
+EndpointEvent = UtteranceStarted | UtteranceEnded | UtteranceTentative | UtteranceCancelled
 
 
 class State(Enum):
@@ -118,6 +140,8 @@ class Endpointer:
         self._utt_start = 0
         self._last_speech = 0  # end of the last speech window in the utterance
         self._floor = 0  # audio before this belongs to an earlier utterance
+        self.tentative = 0  # early starts announced
+        self.false_starts = 0  # early starts withdrawn
 
     @property
     def in_utterance(self) -> bool:
@@ -161,6 +185,13 @@ class Endpointer:
         out: list[EndpointEvent] = []
         if before is State.SILENCE and self.state is State.ONSET:
             self._onset = max(win_start, self._floor)
+            if self.config.early_start and window.end - self._onset < self._min_speech:
+                self.tentative += 1
+                out.append(UtteranceTentative(
+                    self.utterances, max(self._onset - self._preroll, self._floor)))
+        elif before is State.ONSET and self.state is State.SILENCE and self.config.early_start:
+            self.false_starts += 1
+            out.append(UtteranceCancelled(self.utterances))
         if symbol is Symbol.SPEECH and self.in_utterance:
             self._last_speech = window.end
         if self.state is State.ONSET and window.end - self._onset >= self._min_speech:
@@ -181,7 +212,11 @@ class Endpointer:
     def force(self, reason: str) -> list[EndpointEvent]:
         """End the open utterance now (``finalize`` from the client, or a flush)."""
         if not self.in_utterance:
+            withdrawn = self.state is State.ONSET and self.config.early_start
             self.state = State.SILENCE
+            if withdrawn:
+                self.false_starts += 1
+                return [UtteranceCancelled(self.utterances)]
             return []
         return [self._end(self.position, reason)]
 
@@ -206,7 +241,8 @@ class SendFrame:
     frame: PcmFrame
 
 
-GateEvent = SendFrame | UtteranceStarted | UtteranceEnded
+GateEvent = SendFrame | UtteranceStarted | UtteranceEnded | UtteranceTentative | \
+    UtteranceCancelled
 
 
 class SpeechGate:
@@ -225,6 +261,7 @@ class SpeechGate:
         self._open: int | None = None  # index of the open utterance
         self._decided = 0  # how far VAD has looked
         self._sent_until = 0  # end of the last frame sent
+        self._tentative: list[PcmFrame] | None = None  # sent for a tentative utterance
         self.frames_sent = 0
         self.frames_dropped = 0
 
@@ -241,8 +278,22 @@ class SpeechGate:
         ``horizon`` where pre-roll must reach back from (``Endpointer.horizon``)."""
         self._decided = max(self._decided, decided)
         out: list[GateEvent] = []
-        if isinstance(event, UtteranceStarted):
+        if isinstance(event, UtteranceStarted) and self._tentative is not None:
+            self._tentative = None  # confirmed: its frames are on their way already
+            out.append(event)
+            out += self._release(self._decided)
+        elif isinstance(event, UtteranceCancelled):
+            # A false start: its frames go back, as pre-roll a real utterance may need.
+            if self._tentative:
+                self._held.extendleft(reversed(self._tentative))
+                self._sent_until = self._tentative[0].start
+            self._tentative = None
+            self._open = None
+            out.append(event)
+        elif isinstance(event, UtteranceStarted | UtteranceTentative):
             self._open = event.index
+            if isinstance(event, UtteranceTentative):
+                self._tentative = []
             out.append(event)
             while self._held and (self._held[0].end <= event.start
                                   or self._held[0].end <= self._sent_until):
@@ -284,4 +335,6 @@ class SpeechGate:
     def _send(self, utterance: int, frame: PcmFrame) -> SendFrame:
         self._sent_until = frame.end
         self.frames_sent += 1
+        if self._tentative is not None:
+            self._tentative.append(frame)
         return SendFrame(utterance, frame)

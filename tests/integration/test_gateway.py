@@ -407,3 +407,23 @@ async def test_oversized_frame_gets_its_error_then_close_1009_and_keeps_the_audi
     assert next(e for e in events if e["type"] == "metrics")["audio_ms"] == len(audio) // 16
     data, _sr = soundfile.read(gw.archive / "big-frame.ogg", dtype="int16")
     assert abs(len(data) - len(audio)) <= 320
+
+
+async def test_early_start_false_start_is_withdrawn_and_costs_no_final(
+        gw: Gateway) -> None:
+    """A 150 ms snippet of speech starts an utterance early (the stream opens, audio
+    flows); VAD does not confirm it, so it is withdrawn: no final, no index used. The
+    real utterance after it is index 0 and heard whole."""
+    snippet = GOFORWARD[12800:15200]
+    audio = _audio(SILENCE, snippet, SILENCE, GOFORWARD, SILENCE)
+    r = checked(await stream_audio(gw.ws_url, audio, realtime=False,
+                                   start={"return": ["asr", "metrics"]}))
+    (final,) = r.of("asr_final")
+    assert final["utterance"] == 0 and final["start_ms"] >= 2000
+    heard_ms = float(final["text"].split("s ", 1)[0]) * 1000
+    assert heard_ms >= final["end_ms"] - final["start_ms"] - 60
+    m = r.of("metrics")[0]
+    assert m["false_starts"] == 1 and m["utterances"] == 1
+    assert not r.of("error")
+    # The withdrawn start's partials (if any came) were never passed on.
+    assert all(p["utterance"] == 0 and p["start_ms"] >= 2000 for p in r.of("asr_partial"))

@@ -12,8 +12,10 @@ from stages.endpoint import (
     Endpointer,
     SendFrame,
     SpeechGate,
+    UtteranceCancelled,
     UtteranceEnded,
     UtteranceStarted,
+    UtteranceTentative,
 )
 from stages.reframe import PcmFrame, Reframer
 from stages.vad import WINDOW_SAMPLES, VadBatcher, VadModel, VadStream, VadWindow
@@ -208,3 +210,84 @@ def test_gate_sends_each_utterance_exactly_its_frames_however_far_audio_runs_ahe
         return sent
 
     assert gate_run(lag, batch) == gate_run(0, 1)
+
+
+EARLY = EndpointConfig(early_start=True)
+
+
+def test_early_start_announces_on_the_first_speech_window_then_confirms() -> None:
+    events = run([0.0] * 20 + [0.9] * 30 + [0.0] * 30, EARLY)
+    onset = 20 * W
+    assert events == [
+        UtteranceTentative(0, onset - 4800),  # on the first speech window, 8 windows
+        UtteranceStarted(0, onset - 4800),  # before min_speech confirms it (same start)
+        UtteranceEnded(0, onset - 4800, 50 * W + 3200, "silence"),
+    ]
+
+
+def test_early_start_withdraws_a_blip_and_reuses_its_index() -> None:
+    ep = Endpointer(EARLY)
+    probs = [0.0] * 5 + [0.9] * 5 + [0.0] * 40 + [0.9] * 20 + [0.0] * 30
+    events = []
+    for i, p in enumerate(probs):
+        events += ep.feed(VadWindow((i + 1) * W, p))
+    assert [(type(e).__name__, e.index) for e in events] == [
+        ("UtteranceTentative", 0), ("UtteranceCancelled", 0),
+        ("UtteranceTentative", 0), ("UtteranceStarted", 0), ("UtteranceEnded", 0)]
+    assert (ep.tentative, ep.false_starts) == (2, 1)
+
+
+def test_early_start_off_changes_nothing() -> None:
+    probs = [0.0] * 5 + [0.9] * 5 + [0.0] * 40 + [0.9] * 20 + [0.0] * 30
+    assert run(probs) == [e for e in run(probs, EARLY)
+                          if isinstance(e, UtteranceStarted | UtteranceEnded)]
+
+
+def test_flush_withdraws_an_unconfirmed_start() -> None:
+    ep = Endpointer(EARLY)
+    events = []
+    for i, p in enumerate([0.0] * 5 + [0.9] * 3):
+        events += ep.feed(VadWindow((i + 1) * W, p))
+    assert [type(e) for e in events] == [UtteranceTentative]
+    assert ep.force("flush") == [UtteranceCancelled(0)]
+
+
+def _frames(n: int) -> list[PcmFrame]:
+    return [PcmFrame(i * 320, np.full(320, i, np.int16)) for i in range(n)]
+
+
+def test_gate_gives_a_false_starts_frames_back_as_preroll() -> None:
+    """Frames sent for a withdrawn early start are held again, so the utterance that
+    really starts there gets them once more (its pre-roll) and nothing is skipped."""
+    frames = _frames(60)
+    gate = SpeechGate(preroll_ms=300)
+    out: list[object] = []
+    for f in frames[:20]:
+        out += gate.frame(f)
+    out += gate.boundary(UtteranceTentative(0, 10 * 320), 20 * 320)
+    sent_early = [e.frame.start // 320 for e in out if isinstance(e, SendFrame)]
+    assert sent_early == list(range(10, 20))
+    out = gate.boundary(UtteranceCancelled(0), 22 * 320)
+    assert out == [UtteranceCancelled(0)]
+    for f in frames[20:30]:
+        out += gate.frame(f)
+    out += gate.boundary(UtteranceStarted(0, 12 * 320), 30 * 320)
+    sent = [e.frame.start // 320 for e in out if isinstance(e, SendFrame)]
+    assert sent == list(range(12, 30))  # from its own start, the returned frames again
+
+
+def test_gate_confirmed_early_start_sends_each_frame_once() -> None:
+    frames = _frames(40)
+    gate = SpeechGate(preroll_ms=300)
+    out: list[object] = []
+    for f in frames[:20]:
+        out += gate.frame(f)
+    out += gate.boundary(UtteranceTentative(0, 10 * 320), 20 * 320)
+    for f in frames[20:30]:
+        out += gate.frame(f)
+    out += gate.boundary(UtteranceStarted(0, 10 * 320), 30 * 320)
+    out += gate.boundary(UtteranceEnded(0, 10 * 320, 30 * 320, "silence"), 30 * 320)
+    sent = [e.frame.start // 320 for e in out if isinstance(e, SendFrame)]
+    assert sent == list(range(10, 30))
+    assert [type(e).__name__ for e in out if not isinstance(e, SendFrame)] == [
+        "UtteranceTentative", "UtteranceStarted", "UtteranceEnded"]
