@@ -612,7 +612,9 @@ class _Pending:
     partial_end_ms: int = -1  # the furthest partial passed on
     replays: int = 0
     sent: bool = False  # went to a stream that is gone: the next one is a replay
-    tentative: bool = False  # an early start not yet confirmed: partials held back
+    # An early start not yet confirmed. Its partials are passed on: if it is withdrawn,
+    # the next utterance reuses its index, so that one's final replaces them.
+    tentative: bool = False
     discard: bool = False  # a withdrawn early start: finalized only to close it; no final
 
 
@@ -1030,8 +1032,8 @@ class AsrChannel:
                 self._wake.set()
                 if p.discard:
                     return
-            elif p.tentative or p.discard:
-                return  # an early start's partial waits for speech to be confirmed
+            elif p.discard:
+                return  # a withdrawn early start
             elif ev.ts[1] < p.partial_end_ms:
                 return  # a replay's partials catching up with what was passed on
             else:
