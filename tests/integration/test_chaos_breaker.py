@@ -55,3 +55,19 @@ def test_invalid_settings() -> None:
         CircuitBreaker(open_s=0)
     with pytest.raises(ValueError):
         CircuitBreaker(open_s=1, max_factor=0.5)
+
+
+async def test_streams_spread_over_endpoints_and_skip_open_breakers() -> None:
+    from gateway.asrlink import AsrPools
+
+    pools = AsrPools({"p": ("http://127.0.0.1:1", "http://127.0.0.1:2")},
+                     breaker_open_s=5.0)
+    firsts = [pools._candidates("p", None)[0].port for _ in range(4)]
+    assert firsts == [1, 2, 1, 2]  # round-robin while the load is equal
+    eps = pools._candidates("p", None)
+    # The endpoint that just failed goes last, whatever the round-robin says.
+    assert [ep.port for ep in pools._candidates("p", avoid=eps[0])][-1] == eps[0].port
+    pools.report_failure(eps[0])
+    assert [ep.port for ep in pools._candidates("p", None)] == [eps[1].port]
+    assert pools.breaker_states()[eps[0].name] == "open"
+    assert pools.counters.breaker_opened == 1
