@@ -27,7 +27,13 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VOXGATE_CHART_VENV:-/var/tmp/voxgate-chart/venv}
 KUBE_VERSIONS=${KUBE_VERSIONS:-"1.30.0 1.37.0"}
-OUT=${VOXGATE_CHART_OUT:-$(mktemp -d)}
+# The rendered manifests: kept in VOXGATE_CHART_OUT when set, else in a temporary folder.
+if [ -n "${VOXGATE_CHART_OUT:-}" ]; then
+  OUT=$VOXGATE_CHART_OUT
+else
+  OUT=$(mktemp -d)
+  trap 'rm -rf "$OUT"' EXIT
+fi
 
 if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
   echo "check-chart: installing helm-python-sdk and kubernetes-validate into $VENV"
@@ -36,7 +42,7 @@ if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null
     'helm-python-sdk==0.2.2' 'kubernetes-validate==1.37.0'
 fi
 
-exec "$VENV/bin/python" - "$REPO/deploy/helm/voxgate" "$OUT" "$KUBE_VERSIONS" <<'PY'
+"$VENV/bin/python" - "$REPO/deploy/helm/voxgate" "$OUT" "$KUBE_VERSIONS" <<'PY'
 import copy
 import sys
 from pathlib import Path
@@ -238,7 +244,7 @@ for what, bad in REFUSED.items():
         print(f"refused as it should: {what}: {str(exc).splitlines()[-1].strip()[:110]}")
 
 print()
-print(f"manifests in {out_dir}")
+print(f"manifests written to {out_dir} (kept only with VOXGATE_CHART_OUT)")
 print(f"{passes} passed, {len(failures)} failed")
 sys.exit(1 if failures else 0)
 PY

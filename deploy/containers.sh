@@ -160,6 +160,7 @@ wheels() {
       -w "$WORK/wheels" -r "$WORK/src/deploy/requirements-nodeps.txt" >>"$WORK/wheels.log" 2>&1 \
     || die "wheels: pip wheel failed (see $WORK/wheels.log)"
   same_libopus
+  WHEELS_DONE=1
   pass "wheels: $(find "$WORK/wheels" -name '*.whl' | wc -l) wheels, $(du -sh "$WORK/wheels" | cut -f1)"
 }
 
@@ -254,7 +255,9 @@ PY
 
 images() {
   [ -n "${BASE_REF:-}" ] || base
-  if [ -d "$WORK/wheels" ]; then same_libopus; else wheels; fi
+  if [ -z "${WHEELS_DONE:-}" ]; then
+    if [ -d "$WORK/wheels" ]; then same_libopus; else wheels; fi
+  fi
   context
   build_one voxgate-gateway gateway.Dockerfile
   build_one voxgate-asr asr.Dockerfile
