@@ -311,7 +311,7 @@ class Session:
             flowId=self.flow_id, stage="session", sr=SAMPLE_RATE,
             asr_link_codec=self.cfg.asr_link_codec))
         if "seq_header" in self.start.features:
-            self.seqbuf = SeqBuffer()
+            self.seqbuf = SeqBuffer(conceal=True)
         return True
 
     def _setup_stages(self) -> None:

@@ -156,12 +156,18 @@ class SeqBuffer:
     Args:
         window: packets held while waiting for a gap to fill.
         first_seq: the ``seq`` the first packet must carry (0 for a new session).
+        conceal: a lost packet becomes zeros as long as the packet before it (clients
+            send fixed-size chunks), so the session's time, and the recording, stay
+            aligned with the client's audio instead of closing up around the gap.
     """
 
-    def __init__(self, window: int = DEFAULT_REORDER_WINDOW, *, first_seq: int = 0) -> None:
+    def __init__(self, window: int = DEFAULT_REORDER_WINDOW, *, first_seq: int = 0,
+                 conceal: bool = False) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
+        self.conceal = conceal
+        self._last_len = 0
         self.next_seq = first_seq
         self._held: dict[int, bytes] = {}
         self._received = 0
@@ -195,27 +201,32 @@ class SeqBuffer:
         self._held[seq] = payload
         out = self._drain()
         while len(self._held) > self.window:
-            # Give up on the gap: skip to the oldest packet we hold.
-            oldest = min(self._held)
-            self._lost += oldest - self.next_seq
-            self.next_seq = oldest
-            out += self._drain()
+            out += self._skip_gap()  # give up on the gap
         return out
 
     def flush(self) -> list[bytes]:
-        """End of audio: everything held, in order, skipping gaps (counted as lost)."""
+        """End of audio: everything held, in order, past gaps (counted as lost)."""
         out: list[bytes] = []
         while self._held:
-            oldest = min(self._held)
-            self._lost += oldest - self.next_seq
-            self.next_seq = oldest
-            out += self._drain()
+            out += self._skip_gap()
         return out
+
+    def _skip_gap(self) -> list[bytes]:
+        """Skip to the oldest packet held (concealing the gap if asked), and drain."""
+        oldest = min(self._held)
+        gap = oldest - self.next_seq
+        self._lost += gap
+        size = self._last_len or len(self._held[oldest])
+        out = [bytes(size)] * gap if self.conceal else []
+        self.next_seq = oldest
+        return out + self._drain()
 
     def _drain(self) -> list[bytes]:
         out = []
         while self.next_seq in self._held:
-            out.append(self._held.pop(self.next_seq))
+            payload = self._held.pop(self.next_seq)
+            self._last_len = len(payload)
+            out.append(payload)
             self.next_seq += 1
         return out
 

@@ -101,3 +101,14 @@ def test_seq_buffer_resume_after_reconnect() -> None:
     # The client reconnects and re-sends from seq 3 (it had no ack for 3 and 4).
     got += [p for s in range(3, 8) for p in buf.feed(s, bytes([s]))]
     assert got == [bytes([s]) for s in range(8)]
+
+
+def test_seq_buffer_conceals_a_lost_packet_with_zeros_of_its_size() -> None:
+    buf = SeqBuffer(window=2, conceal=True)
+    assert buf.feed(0, b"aa") == [b"aa"]
+    assert buf.feed(2, b"cc") == []
+    assert buf.feed(3, b"dd") == []
+    assert buf.feed(4, b"ee") == [b"\x00\x00", b"cc", b"dd", b"ee"]
+    assert buf.statistics().lost == 1
+    assert buf.feed(6, b"gg") == []
+    assert buf.flush() == [b"\x00\x00", b"gg"]  # a gap at the end is concealed too
