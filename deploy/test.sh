@@ -11,6 +11,8 @@ echo "== mypy"
 echo "== promtool"
 promtool check rules deploy/prometheus/voxgate-rules.yaml
 (cd deploy/prometheus && promtool test rules voxgate-rules.test.yaml)
+echo "== helm chart (rendered by Helm's engine, validated against Kubernetes schemas)"
+bash deploy/check-chart.sh
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"
