@@ -159,6 +159,7 @@ class Session:
         self._resume = trio.Event()
         self._asr_behind = False  # the ASR service said flow BEHIND (until OK)
         self._tentative = False  # an early-started utterance is open, not yet confirmed
+        self._lid_hold: list[Any] | None = None  # its frames, for LID once confirmed
         self._ingest_scope = trio.CancelScope()
         self._last_audio = time.monotonic()
         self._first_speech_sent: float | None = None
@@ -611,14 +612,27 @@ class Session:
         """Speech from the gate: through denoise (delay-compensated, so frames keep their
         session time) and language ID, to the ASR sender."""
         if isinstance(ev, SendFrame):
-            if self.lid is not None:  # LID hears the speech as it came, not denoised
+            if self._lid_hold is not None:
+                self._lid_hold.append(ev.frame.samples)  # until the start is confirmed
+            elif self.lid is not None:  # LID hears the speech as it came, not denoised
                 self._lid_next(self.lid.speech(ev.frame.samples))
             frames = [ev.frame] if self.denoise is None else self._denoise(ev.frame)
             for f in frames:
                 await self._asr_in.send(SendFrame(ev.utterance, f))
             return
-        if isinstance(ev, UtteranceCancelled) and self.denoise is not None:
-            self.denoise.flush()  # the false start's delayed frames go nowhere
+        if isinstance(ev, UtteranceTentative) and self.lid is not None:
+            self._lid_hold = []
+        elif isinstance(ev, UtteranceStarted) and self._lid_hold is not None:
+            held, self._lid_hold = self._lid_hold, None
+            for samples in held:
+                assert self.lid is not None
+                self._lid_next(self.lid.speech(samples))
+        elif isinstance(ev, UtteranceCancelled):
+            # A false start: LID never hears it (its frames come again as the next
+            # utterance's pre-roll), and denoise's delayed frames of it go nowhere.
+            self._lid_hold = None
+            if self.denoise is not None:
+                self.denoise.flush()
         if isinstance(ev, UtteranceEnded):
             if self.denoise is not None:
                 for f in self.denoise.flush():
