@@ -25,6 +25,9 @@ class GatewayMetrics:
         self.egress_events = Counter("egress_events", "events sent to clients", ["type"],
                                      registry=r)
         self.errors = Counter("client_errors", "error events sent", ["code"], registry=r)
+        self.idle_deferred = Counter(
+            "idle_flush_deferred", "idle timeouts not taken because client data was "
+            "still waiting (a starved event loop)", registry=r)
         self.pcm_to_opus_fail = Counter("pcm_to_opus_fail", "frames sent as PCM because "
                                         "Opus encoding failed", registry=r)
         # One batched VAD tick covers every session's pending windows.

@@ -15,8 +15,11 @@ back-pressure does the rest).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
+import sys
+import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,7 @@ START_TIMEOUT_S = 10.0
 FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
 HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
 LOW_WATER_S = 1.0
+IDLE_RECHECK_S = 0.5  # a starved loop's idle timer looks again after this long
 SALVAGE_S = 5.0  # a cancelled session's recording gets this long to be committed
 ASR_QUEUE_HIGH_FRAMES = 250  # 5 s of frames waiting for the ASR link: PAUSE
 ASR_QUEUE_LOW_FRAMES = 50
@@ -448,6 +452,15 @@ class Session:
                     if self._resumable() and await self._park():
                         continue
                     return "disconnect"
+            if idle.cancelled_caught and self._intake_waiting():
+                # The timer is wall time, and a starved event loop lets it run out while
+                # the client's frames sit unread: that client is not idle. Look again a
+                # little later (by then the waiting message has been read, and audio
+                # resets the timer; a lone ping does not).
+                self.ctx.metrics.idle_deferred.inc()
+                self._last_audio = (time.monotonic() - self.cfg.flush_idle_s
+                                    + IDLE_RECHECK_S)
+                continue
             if idle.cancelled_caught or message is None:
                 return "idle"
             if isinstance(message, OversizedMessage):
@@ -473,6 +486,17 @@ class Session:
                 self._emit(self.ew.pong(msg.id))
             elif isinstance(msg, Start):
                 self._error(ErrorCode.ALREADY_STARTED, "the session has started", False)
+
+    def _intake_waiting(self) -> bool:
+        """Whether client data is waiting to be read or handled: a message in the
+        WebSocket's queue, bytes in the socket's receive buffer, or frames this
+        session's pipeline has not taken yet."""
+        recv = getattr(self.ws, "_recv_channel", None)
+        if recv is not None and recv.statistics().current_buffer_used:
+            return True
+        if self._pipe_out.statistics().current_buffer_used:
+            return True
+        return _unread_bytes(getattr(self.ws, "_stream", None)) > 0
 
     async def _audio(self, data: bytes) -> None:
         payloads = [data]
@@ -1155,6 +1179,23 @@ def _check_token(token: str, secret: str) -> tuple[ErrorCode, str] | None:
 def _oversized(message: OversizedMessage) -> str:
     return (f"a message of more than {message.limit} bytes (at least {message.size}) "
             "is refused; the session ends with what it had")
+
+
+def _unread_bytes(stream: Any) -> int:
+    """Bytes waiting in the kernel receive buffer under ``stream`` (a trio
+    SocketStream, possibly wrapped in TLS); 0 when that cannot be told."""
+    for _ in range(4):  # SSLStream -> SocketStream
+        if stream is None or hasattr(stream, "socket"):
+            break
+        stream = getattr(stream, "transport_stream", None)
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return 0
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(buf, sys.byteorder, signed=True)
 
 
 def _trio_deadline(monotonic_deadline: float) -> float:
