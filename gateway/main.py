@@ -1,4 +1,4 @@
-"""``voxgate gateway``, ``voxgate serve`` and ``voxgate stream``."""
+"""``voxgate gateway`` and ``voxgate serve`` (``voxgate stream`` is in ``stream_cli``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import functools
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -39,33 +38,44 @@ async def run_gateway(cfg: GatewayConfig) -> None:
 
 
 async def run_serve(cfg: GatewayConfig) -> None:
-    """The embedded default: a local ASR service on a free loopback port, then the
-    gateway pointed at it. The WebSocket URL is printed once both are ready."""
-    from asr.engine import WhisperBackend
+    """The embedded default: a local ASR service on a free loopback port, its models in
+    inference worker processes (as ``voxgate asr`` runs them, so latency measured here is
+    the production path's), then the gateway pointed at it. The WebSocket URL is printed
+    once both are ready."""
+    from asr.engine import DEFAULT_POOL, DEFAULT_POOLS
+    from asr.main import build_backend
     from asr.server import AsrServerConfig
     from asr.server import serve as serve_asr
+    from asr.workers import ProcessBackend, WorkerConfig
 
     from .server import serve
 
-    asr_shutdown, gw_shutdown = trio.Event(), trio.Event()
-    async with trio.open_nursery() as nursery:
-        print("voxgate serve: loading and warming the models (first run exports them)...",
-              file=sys.stderr, flush=True)
-        app, asr_port = await nursery.start(functools.partial(
-            serve_asr, WhisperBackend(), AsrServerConfig(host="127.0.0.1", port=0),
-            shutdown=asr_shutdown))
-        await app.ready_event.wait()
-        cfg = cfg.replace(asr_urls=(f"http://127.0.0.1:{asr_port}",))
-        # serve() returns once its sessions have drained (their finals need the ASR
-        # service), so the ASR service stops only after the gateway.
-        async with trio.open_nursery() as gateway:
-            ws_port, http_port = await gateway.start(functools.partial(
-                serve, cfg, shutdown=gw_shutdown))
-            print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, recordings and "
-                  f"metrics on http://{cfg.host}:{http_port}", file=sys.stderr, flush=True)
-            print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
-            gateway.start_soon(_until_signal, gw_shutdown)
-        asr_shutdown.set()
+    print("voxgate serve: loading and warming the models (first run exports them)...",
+          file=sys.stderr, flush=True)
+    asr_cfg = AsrServerConfig(host="127.0.0.1", port=0)
+    backend, scheduler = build_backend(dict(DEFAULT_POOLS), DEFAULT_POOL, WorkerConfig(),
+                                       asr_cfg, log_level=logging.WARNING)
+    try:
+        asr_shutdown, gw_shutdown = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            app, asr_port = await nursery.start(functools.partial(
+                serve_asr, backend, asr_cfg, scheduler=scheduler, shutdown=asr_shutdown))
+            await app.ready_event.wait()
+            cfg = cfg.replace(asr_urls=(f"http://127.0.0.1:{asr_port}",))
+            # serve() returns once its sessions have drained (their finals need the ASR
+            # service), so the ASR service stops only after the gateway.
+            async with trio.open_nursery() as gateway:
+                ws_port, http_port = await gateway.start(functools.partial(
+                    serve, cfg, shutdown=gw_shutdown))
+                print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, recordings and "
+                      f"metrics on http://{cfg.host}:{http_port}", file=sys.stderr,
+                      flush=True)
+                print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
+                gateway.start_soon(_until_signal, gw_shutdown)
+            asr_shutdown.set()
+    finally:
+        if isinstance(backend, ProcessBackend):
+            backend.close()
 
 
 def _config(args: Any) -> GatewayConfig:
@@ -84,35 +94,3 @@ def serve_main(args: Any) -> int:
     setup_logs(logging.WARNING)
     trio.run(run_serve, _config(args))
     return 0
-
-
-def stream_main(args: Any) -> int:
-    from .client import format_event, read_wav, stream_audio
-
-    audio = read_wav(Path(args.file))
-    tty = sys.stdout.isatty()
-    last_partial = {"len": 0}
-
-    def show(event: dict[str, Any]) -> None:
-        line = format_event(event)
-        if line is None:
-            return
-        if event["type"] == "asr_partial" and tty:
-            pad = max(0, last_partial["len"] - len(line))
-            print("\r" + line + " " * pad, end="", flush=True)
-            last_partial["len"] = len(line)
-            return
-        if tty and last_partial["len"]:
-            print("\r" + " " * last_partial["len"] + "\r", end="")
-            last_partial["len"] = 0
-        print(line, flush=True)
-
-    start: dict[str, Any] = {"hints": {"user_lang_pref": args.lang}}
-    if args.flow_id:
-        start["flowId"] = args.flow_id
-    result = trio.run(functools.partial(
-        stream_audio, args.url, audio, realtime=args.realtime, start=start, on_event=show,
-        timeout_s=max(120.0, len(audio) / 16000 * 3)))
-    print(result.transcript)
-    fatal = [e for e in result.events if e["type"] == "error" and e["fatal"]]
-    return 1 if fatal or not result.of("end") else 0
