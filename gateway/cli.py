@@ -72,10 +72,22 @@ def _stream(args: argparse.Namespace) -> int:
     return stream_main(args)
 
 
+def _version() -> str:
+    """The installed distribution's version, so a bug report names the exact build."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("voxgate")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voxgate", description="voxgate: a real-time speech gateway"
     )
+    parser.add_argument("--version", action="version", version=f"voxgate {_version()}",
+                        help="print the installed package's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = sub.add_parser(
