@@ -92,5 +92,11 @@ def gateway_main(args: Any) -> int:
 def serve_main(args: Any) -> int:
     # The embedded default is for a person at a terminal: warnings only.
     setup_logs(logging.WARNING)
-    trio.run(run_serve, _config(args))
+    try:
+        trio.run(run_serve, _config(args))
+    except KeyboardInterrupt:
+        # Ctrl-C while the models load (the signal handler is not installed yet): the
+        # worker processes were closed on the way out; no traceback for a person.
+        print("voxgate serve: interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0
