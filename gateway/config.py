@@ -32,6 +32,13 @@ def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
     return check
 
 
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def optional(v: Any) -> str | None:
+        return None if v is None else check(v)
+
+    return optional
+
+
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}"
@@ -148,6 +155,13 @@ class GatewayConfig:
         "EARLY_START", "open the recognition stream on the first speech window (with the "
         "pre-roll), VAD_MIN_SPEECH_MS before speech is confirmed; a false start is "
         "withdrawn"))
+    vad_gate_dbfs: float | None = field(default=-60.0, metadata=_key(
+        "VAD_GATE_DBFS", "RMS silence gate before the VAD model: a window quieter than "
+        "this is silence without running the model, dBFS (-120..0, or off)",
+        _optional(_range(-120.0, 0.0))))
+    archive_opus_complexity: int = field(default=3, metadata=_key(
+        "ARCHIVE_OPUS_COMPLEXITY", "libopus effort of the recording encoder, 0..10 (3: "
+        "CELT's cost is flat from 1 to 4 and jumps at 5)", _range(0, 10)))
     max_sessions: int = field(default=200, metadata=_key(
         "MAX_SESSIONS", "sessions past this are refused with BUSY", _range(1, 100000)))
     max_frame_bytes: int = field(default=65536, metadata=_key(
@@ -302,7 +316,7 @@ class GatewayConfig:
         """One line per key: environment variable, default and meaning."""
         lines = []
         for f in fields(cls):
-            default = f.default
+            default = "off" if f.default is None else f.default
             if isinstance(default, tuple):
                 default = ",".join(x if isinstance(x, str) else "=".join(x) for x in default)
             lines.append(f"  {f.metadata['env']:<22} {f.metadata['doc']} [{default}]")
@@ -333,6 +347,12 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
             if isinstance(raw, bool):
                 raise ValueError("expected an integer")
             return int(raw)
+        if kind == "float | None":
+            if raw is None or str(raw).strip().lower() in ("off", "none", ""):
+                return None
+            if isinstance(raw, bool):
+                raise ValueError("expected a number or off")
+            return float(raw)
         if kind == "float":
             if isinstance(raw, bool):
                 raise ValueError("expected a number")

@@ -40,7 +40,8 @@ class GatewayMetrics:
         self.vad_latency = Histogram("vad_latency_ms", "one batched VAD tick, ms",
                                      buckets=LATENCY_BUCKETS_MS, registry=r)
         self.compress_latency = Histogram("compress_latency_ms",
-                                          "archive encode of one chunk, ms",
+                                          "archive encode of one Ogg page "
+                                          "(about 1 s of audio), ms",
                                           buckets=LATENCY_BUCKETS_MS, registry=r)
         self.first_partial = Histogram(
             "first_partial_latency_ms", "first speech frame sent to first partial, ms",

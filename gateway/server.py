@@ -58,7 +58,7 @@ async def serve(
                     else default_fallback_dir())
     retrier = (ArchiveRetrier(store, fallback_dir, interval_s=cfg.archive_retry_interval_s)
                if store is not None else None)
-    vad = vad or VadService()
+    vad = vad or VadService(gate_dbfs=cfg.vad_gate_dbfs)
     vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
 
     async with trio.open_nursery() as nursery:

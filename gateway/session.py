@@ -44,7 +44,6 @@ from stages.endpoint import (
 )
 from stages.lid import LidDecision, LidPlanner, LidRequest
 from stages.reframe import IngestError, PcmFrame, Reframer, SeqBuffer
-from stages.vad import VadWindow
 
 from .asrlink import UNAVAILABLE, AsrChannel, AsrPools, AsrUnavailable, FailoverPolicy
 from .config import GatewayConfig
@@ -141,9 +140,13 @@ class Session:
         self._events_in, self._events_out = trio.open_memory_channel[dict[str, Any]](1024)
         self._pipe_in, self._pipe_out = trio.open_memory_channel[Any](4096)
         self._asr_in, self._asr_out = trio.open_memory_channel[Any](4096)
-        self._vad_in, self._vad_out = trio.open_memory_channel[list[VadWindow]](4096)
-        self._archive_in, self._archive_out = trio.open_memory_channel[Any](4096)
-        self._vad_client = ctx.vad.register(self._vad_in)
+        # Ogg page bytes (about one a second) and a final None, for the archive task.
+        self._archive_in, self._archive_out = trio.open_memory_channel[bytes | None](4096)
+        # The encoder runs inline in ingest (no I/O, ~26 us a frame): a channel hop per
+        # frame to a task of its own cost more than the encoding.
+        self._archive_enc: ArchiveEncoder | None = None
+        self._page_ms = 0.0  # encode time since the last page left
+        self._vad_client = ctx.vad.register(self._pipe_in, tag="vad")
         self._vad_fed = 0  # samples given to VAD
         self._drained = trio.Event()  # the pipeline handled flush and told ASR to end
         self._asr_done = trio.Event()
@@ -239,9 +242,10 @@ class Session:
             if self.lid is not None:
                 nursery.start_soon(self._lid_task, nursery)
             nursery.start_soon(self._asr_sender, nursery)
-            nursery.start_soon(self._vad_results)
             if self.cfg.enable_compress and self.ctx.store is not None:
-                nursery.start_soon(self._archive)
+                self._archive_enc = ArchiveEncoder(
+                    complexity=self.cfg.archive_opus_complexity)
+                nursery.start_soon(self._archive, self._archive_enc)
             else:
                 self._archive_done.set()
             reason = await self._ingest()
@@ -531,11 +535,26 @@ class Session:
             self._vad_client.stream.feed(f.samples)
             self._vad_fed += len(f.samples)
             await self._pipe_in.send(("frame", f))
-            if self.cfg.enable_compress and self.ctx.store is not None:
-                await self._archive_in.send(f.samples)
+            if self._archive_enc is not None:
+                await self._archive_feed(f)
         if frames:
             self.ctx.vad.poke()
         await self._backpressure()
+
+    async def _archive_feed(self, f: PcmFrame) -> None:
+        enc = self._archive_enc
+        assert enc is not None
+        if enc.closed:  # cancelled mid-ingest, the salvage closed it: nothing to add
+            return
+        t0 = time.perf_counter()
+        data = enc.feed(f.samples)
+        ms = (time.perf_counter() - t0) * 1000
+        self.stats["compress_ms"] += ms
+        self._page_ms += ms
+        if data:
+            self.ctx.metrics.compress_latency.observe(self._page_ms)
+            self._page_ms = 0.0
+            await self._archive_in.send(data)
 
     async def _backpressure(self) -> None:
         """Hold the client (stop reading: TCP pushes back) while something downstream is
@@ -589,10 +608,6 @@ class Session:
                                     retry_after_ms=int(LOW_WATER_S * 1000)))
 
     # -- VAD decisions and the pipeline ---------------------------------------------
-
-    async def _vad_results(self) -> None:
-        async for windows in self._vad_out:
-            await self._pipe_in.send(("vad", windows))
 
     async def _pipeline(self) -> None:
         flushing = False
@@ -927,25 +942,20 @@ class Session:
 
     # -- archive --------------------------------------------------------------------
 
-    async def _archive(self) -> None:
-        """Encode the session's audio and store it. A failing store never stops this
-        task from draining its queue (that would freeze ingest): the recording goes on
-        into a local fallback and is stored later (``ArchiveSink``, ``ArchiveRetrier``);
-        the client gets one non-fatal ``ARCHIVE_FAILED``."""
+    async def _archive(self, encoder: ArchiveEncoder) -> None:
+        """Store the session's recording as ingest encodes it (pages in, tail at the
+        end). A failing store never stops this task from draining its queue (that would
+        freeze ingest): the recording goes on into a local fallback and is stored later
+        (``ArchiveSink``, ``ArchiveRetrier``); the client gets one non-fatal
+        ``ARCHIVE_FAILED``."""
         assert self.ctx.store is not None
-        encoder = ArchiveEncoder()
         sink = ArchiveSink(self.ctx.store, self.flow_id, self.ctx.fallback_dir)
         committed = tail_done = False
         try:
             self._archive_problem(await sink.open())
-            async for samples in self._archive_out:
-                if samples is None:
+            async for data in self._archive_out:
+                if data is None:
                     break
-                t0 = time.perf_counter()
-                data = encoder.feed(samples)
-                ms = (time.perf_counter() - t0) * 1000
-                self.stats["compress_ms"] += ms
-                self.ctx.metrics.compress_latency.observe(ms)
                 self._archive_problem(await sink.write(data))
             tail, result = encoder.close()
             tail_done = True
@@ -984,10 +994,10 @@ class Session:
         with trio.CancelScope(shield=True), trio.move_on_after(SALVAGE_S):
             try:
                 while not tail_done:
-                    samples = self._archive_out.receive_nowait()
-                    if samples is None:
+                    data = self._archive_out.receive_nowait()
+                    if data is None:
                         break
-                    await sink.write(encoder.feed(samples))
+                    await sink.write(data)
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 pass
             try:

@@ -98,6 +98,11 @@ class ArchiveEncoder:
         self._bytes = 0
         self._result: ArchiveResult | None = None
 
+    @property
+    def closed(self) -> bool:
+        """``close`` has run: ``feed`` would raise."""
+        return self._result is not None
+
     def feed(self, samples: npt.NDArray[np.int16]) -> bytes:
         """Encode more audio; return the Ogg bytes that became ready (often none).
 

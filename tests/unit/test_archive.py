@@ -89,3 +89,13 @@ def test_rejects_bad_complexity() -> None:
     for bad in (-1, 11, True, 2.0):
         with pytest.raises(ValueError):
             ArchiveEncoder(complexity=bad)  # type: ignore[arg-type]
+
+
+def test_closed_tells_when_feed_would_raise() -> None:
+    enc = ArchiveEncoder()
+    enc.feed(np.zeros(960, dtype=np.int16))
+    assert not enc.closed
+    enc.close()
+    assert enc.closed
+    with pytest.raises(ValueError, match="closed"):
+        enc.feed(np.zeros(320, dtype=np.int16))

@@ -122,3 +122,34 @@ def test_describe_lists_the_archive_store_keys() -> None:
                 "S3_PREFIX", "S3_REGION", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY",
                 "S3_PART_SIZE_BYTES", "S3_PRESIGN_TTL_S", "S3_RETRY_DEADLINE_S"):
         assert key in text
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    (None, -60.0), ("off", None), ("OFF", None), ("-45.5", -45.5), ("-120", -120.0),
+    ("0", 0.0)])
+def test_vad_gate_dbfs(raw: str | None, want: float | None) -> None:
+    env = {} if raw is None else {"VAD_GATE_DBFS": raw}
+    assert GatewayConfig.load(env=env).vad_gate_dbfs == want
+
+
+def test_vad_gate_off_from_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "gw.toml"
+    toml.write_text('vad_gate_dbfs = "off"\narchive_opus_complexity = 0\n')
+    c = GatewayConfig.load(env={}, file=toml)
+    assert c.vad_gate_dbfs is None and c.archive_opus_complexity == 0
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"VAD_GATE_DBFS": "3"}, "VAD_GATE_DBFS"), ({"VAD_GATE_DBFS": "-121"}, "VAD_GATE_DBFS"),
+    ({"VAD_GATE_DBFS": "loud"}, "VAD_GATE_DBFS"), ({"VAD_GATE_DBFS": "true"}, "VAD_GATE_DBFS"),
+    ({"ARCHIVE_OPUS_COMPLEXITY": "11"}, "ARCHIVE_OPUS_COMPLEXITY"),
+    ({"ARCHIVE_OPUS_COMPLEXITY": "2.5"}, "ARCHIVE_OPUS_COMPLEXITY")])
+def test_cpu_knobs_are_validated(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        GatewayConfig.load(env=env)
+
+
+def test_describe_shows_the_gate_default() -> None:
+    text = GatewayConfig.describe()
+    assert "VAD_GATE_DBFS" in text and "[-60.0]" in text
+    assert "ARCHIVE_OPUS_COMPLEXITY" in text
