@@ -149,9 +149,18 @@ class PoolSpec:
     model: str = "base"
     languages: tuple[str, ...] = ("*",)
     partial_model: str | None = None
+    # Measured with bench/asr_quality.py --margins (29 clips, 276 s: pocketsphinx LibriVox,
+    # cards, digits, concatenations up to 26 s, espeak-ng passages; greedy, int8, 2
+    # threads; CPU time against the 30 s window in the same run). base finals at +5 s,
+    # >= 8 s: WER 3.5-4.0 % against 3.99 % at 30 s, CPU x0.57; +3 s and +4 s: 6.7 %
+    # (loops on long clips), +2 s: 9.1 %; +8 s, >= 12 s: 3.8 %, CPU x0.59.
     final_margin_s: float = 5.0
     final_min_window_s: float = 8.0
-    partial_margin_s: float = 5.0
+    # Partials against the 30 s window's text of the same prefix (every 1 s prefix):
+    # tiny.en +5 s, >= 8 s: 4.6 % apart, CPU x0.50; +8 s, >= 8 s: 3.5 %, x0.58; +8 s,
+    # >= 12 s: 3.4 %, x0.60, but a 1 s first partial then costs 140-220 ms instead of
+    # 90-110 ms (2 threads). base (3 s prefixes): +5/8 s 3.8 %, +8/12 s 3.6 %, x0.47.
+    partial_margin_s: float = 8.0
     partial_min_window_s: float = 8.0
     partial_window_s: float | None = None
     final_window_s: float | None = None

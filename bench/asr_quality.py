@@ -29,7 +29,9 @@ decoded once as a final would be (greedy, audio-proportional token budget, no fa
 so a loop shows up as errors; how often the fallback would have fired is counted), and
 every 3 s prefix as a partial would be (partial budget, trailing loop cut). It prints
 WER against the reference, WER of the same audio against the 30 s window, and
-compute / audio, each as a ratio or a difference against the 30 s window; writes
+compute / audio (process CPU time, which other work on the machine does not inflate;
+wall time and padded window length too), each as a ratio or a difference against the
+30 s window; writes
 ``bench/out/asr_margins.json`` and ``.png``. It does not need faster-whisper.
 
 faster-whisper is a bench-only peer (``pip install faster-whisper``); nothing outside
@@ -339,11 +341,13 @@ def load_margin_corpus() -> list[Clip]:
 
 
 def _decode(engine: WhisperEngine, audio: np.ndarray, frames: int,
-            budget: int) -> tuple[Transcript, float]:
-    t0 = time.perf_counter()
+            budget: int) -> tuple[Transcript, float, float]:
+    """One decode; its wall time and its process CPU time (all threads), in s. CPU time
+    is what the window costs whatever else the machine runs; wall time is not."""
+    t0, c0 = time.perf_counter(), time.process_time()
     [tr] = engine.transcribe_batch([Utterance(audio, language="en", max_new_tokens=budget)],
                                    pad_to_frames=frames, max_new_tokens=budget)
-    return tr, time.perf_counter() - t0
+    return tr, time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_margins(model: str, settings: list[tuple[float, float]], clips: list[Clip],
@@ -362,13 +366,13 @@ def bench_margins(model: str, settings: list[tuple[float, float]], clips: list[C
         vs_ref = WordErrors(0, 0, 0, 0)
         vs_30 = WordErrors(0, 0, 0, 0)
         p_vs_30 = WordErrors(0, 0, 0, 0)
-        spent = audio_s = p_spent = p_audio = 0.0
+        spent = audio_s = p_spent = p_audio = cpu = p_cpu = window_s = p_window_s = 0.0
         fallbacks = loops_seen = 0
         per_set: dict[str, WordErrors] = {}
         for clip in clips:
             frames = window_frames(clip.audio.size, margin, low)
-            tr, dt = _decode(engine, clip.audio, frames, token_budget(clip.audio.size))
-            spent += dt
+            tr, dt, dc = _decode(engine, clip.audio, frames, token_budget(clip.audio.size))
+            spent, cpu, window_s = spent + dt, cpu + dc, window_s + frames / 100
             audio_s += clip.seconds
             if FALLBACK.needs_fallback(tr):
                 fallbacks += 1
@@ -383,8 +387,8 @@ def bench_margins(model: str, settings: list[tuple[float, float]], clips: list[C
                 per_set[clip.set] = per_set.get(clip.set, WordErrors(0, 0, 0, 0)) + e
         for clip, n in prefixes:
             frames = window_frames(n, margin, low)
-            tr, dt = _decode(engine, clip.audio[:n], frames, _budget(n))
-            p_spent += dt
+            tr, dt, dc = _decode(engine, clip.audio[:n], frames, _budget(n))
+            p_spent, p_cpu, p_window_s = p_spent + dt, p_cpu + dc, p_window_s + frames / 100
             p_audio += n / SR
             text = _as_partial(engine, tr)
             if margin >= 30:
@@ -396,6 +400,10 @@ def bench_margins(model: str, settings: list[tuple[float, float]], clips: list[C
             "wer_per_set": {k: v.wer for k, v in per_set.items()},
             "wer_finals_vs_30s": vs_30.wer,
             "finals_compute_per_audio": spent / audio_s,
+            "finals_cpu_per_audio": cpu / audio_s,
+            "finals_window_per_audio": window_s / audio_s,
+            "partials_cpu_per_audio": p_cpu / max(p_audio, 1e-9),
+            "partials_window_per_audio": p_window_s / max(p_audio, 1e-9),
             "fallback_would_fire": fallbacks, "loops": loops_seen,
             "wer_partials_vs_30s": p_vs_30.wer,
             "partials_compute_per_audio": p_spent / max(p_audio, 1e-9),
@@ -411,12 +419,15 @@ def print_margin_row(model: str, label: str, r: dict[str, Any], base: dict[str, 
     print(f"{model:8} {label:16} WER ref {100 * r['wer_vs_reference']:6.2f} % "
           f"({100 * (r['wer_vs_reference'] - b['wer_vs_reference']):+5.2f})  "
           f"finals vs 30 s {100 * r['wer_finals_vs_30s']:6.2f} %  "
-          f"compute/audio {r['finals_compute_per_audio']:.3f} "
-          f"(x{r['finals_compute_per_audio'] / b['finals_compute_per_audio']:.2f})  "
+          f"CPU/audio {r['finals_cpu_per_audio']:.3f} "
+          f"(x{r['finals_cpu_per_audio'] / b['finals_cpu_per_audio']:.2f}) "
+          f"wall x{r['finals_compute_per_audio'] / b['finals_compute_per_audio']:.2f} "
+          f"window x{r['finals_window_per_audio'] / b['finals_window_per_audio']:.2f}  "
           f"fallback {r['fallback_would_fire']:2d} loops {r['loops']:2d} | "
-          f"partials vs 30 s {100 * r['wer_partials_vs_30s']:6.2f} %  compute/audio "
-          f"{r['partials_compute_per_audio']:.3f} "
-          f"(x{r['partials_compute_per_audio'] / b['partials_compute_per_audio']:.2f})",
+          f"partials vs 30 s {100 * r['wer_partials_vs_30s']:6.2f} %  CPU/audio "
+          f"{r['partials_cpu_per_audio']:.3f} "
+          f"(x{r['partials_cpu_per_audio'] / b['partials_cpu_per_audio']:.2f}) "
+          f"window x{r['partials_window_per_audio'] / b['partials_window_per_audio']:.2f}",
           flush=flush)
 
 
@@ -429,7 +440,7 @@ def plot_margins(res: dict[str, dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model, rows in res.items():
         for ax, kind in ((axes[0], "finals"), (axes[1], "partials")):
-            xs = [r[f"{kind}_compute_per_audio"] for r in rows.values()]
+            xs = [r[f"{kind}_cpu_per_audio"] for r in rows.values()]
             key = "wer_vs_reference" if kind == "finals" else "wer_partials_vs_30s"
             ys = [100 * r[key] for r in rows.values()]
             ax.plot(xs, ys, "o", label=model)
@@ -438,7 +449,7 @@ def plot_margins(res: dict[str, dict[str, Any]], path: Path) -> None:
     axes[0].set_title("finals: WER vs reference")
     axes[1].set_title("partials (3 s prefixes): WER vs the 30 s window")
     for ax in axes:
-        ax.set_xlabel("compute / audio (wall s per audio s, 2 threads)")
+        ax.set_xlabel("CPU / audio (process CPU s per audio s, 2 threads)")
         ax.set_ylabel("WER %")
         ax.legend()
     fig.suptitle("Encoder window = clamp(audio + margin, minimum, 30 s)")
@@ -447,6 +458,7 @@ def plot_margins(res: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def margins_main(args: argparse.Namespace) -> int:
+    """Run the window study (``--margins``)."""
     settings = []
     for item in args.margins.split(","):
         margin, _, low = item.partition(":")
@@ -455,7 +467,7 @@ def margins_main(args: argparse.Namespace) -> int:
     print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio "
           f"({sum(bool(c.ref) for c in clips)} with references); {args.precision}, "
           f"{THREADS} threads, greedy", flush=True)
-    res = {m: bench_margins(m, settings, clips, args.precision)
+    res = {m: bench_margins(m, settings, clips, args.precision, args.prefix_step)
            for m in args.models.split(",") if m}
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"bench": "asr_quality --margins", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -547,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated mel frame counts, e.g. 3000,1000,500 (off if empty)")
     ap.add_argument("--margins", default="",
                     help="window study instead: margin:minimum seconds, e.g. 3:5,4:6,5:8")
+    ap.add_argument("--prefix-step", type=float, default=3.0,
+                    help="--margins: seconds between the prefixes decoded as partials")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.margins:
