@@ -1,4 +1,5 @@
-"""The gateway's plain HTTP side (ASGI, served by hypercorn): probes, metrics, recordings.
+"""The gateway's plain HTTP side (ASGI, served by hypercorn): probes, metrics, recordings,
+and the browser client (``/`` and ``/web/*``, see ``gateway/web``).
 
 GET/HEAD /records/<flowId>.ogg serves a recording with ``audio/ogg`` and byte ranges, so a
 browser's <audio> element can seek in it. With object storage (``ARCHIVE_STORE=s3``) it
@@ -11,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
+from . import web
 from .records import LinkedRecordStore, LocalStore, RecordStore, RecordStoreError
 
 log = logging.getLogger("voxgate.http")
@@ -30,10 +32,11 @@ CHUNK = 64 * 1024
 
 class GatewayHttpApp:
     def __init__(self, *, store: RecordStore | None, metrics: Callable[[], bytes],
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], web_origins: Sequence[str] = ()) -> None:
         self.store = store
         self.metrics = metrics
         self.ready = ready
+        self.web_origins = tuple(web_origins)  # more origins for the page's CSP
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -55,6 +58,8 @@ class GatewayHttpApp:
             await _reply(send, 200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
         elif path.startswith("/records/") and method in ("GET", "HEAD"):
             await self._record(scope, send, path.removeprefix("/records/"), method == "HEAD")
+        elif path in web.assets() and method in ("GET", "HEAD"):
+            await self._asset(scope, send, web.assets()[path], method == "HEAD")
         else:
             await _json(send, 404, {"error": "NOT_FOUND"})
 
@@ -100,6 +105,17 @@ class GatewayHttpApp:
         if left > 0:  # the file shrank under us; end the body anyway
             await send({"type": "http.response.body", "body": b""})
 
+
+    async def _asset(self, scope: Scope, send: Send, asset: web.Asset, head: bool) -> None:
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        extra = web.response_headers(asset, headers.get("host"), self.web_origins)
+        if asset.etag in headers.get("if-none-match", ""):
+            await send({"type": "http.response.start", "status": 304, "headers": extra[1:]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            *extra, (b"content-length", str(len(asset.body)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if head else asset.body})
 
     async def _redirect(self, send: Send, store: LinkedRecordStore, key: str,
                         head: bool) -> None:

@@ -1,0 +1,252 @@
+"""The browser client (``gateway/web``) in a real headless Chromium against a real gateway.
+
+Chromium's fake microphone plays a WAV file (silence, 'go forward ten meters', silence);
+the page captures it through its AudioWorklet, streams it with ``seq_header``, shows the
+stand-in engine's final (the duration it heard) and the recording's link, which the
+browser must be able to load. Driven over the DevTools protocol with trio-websocket
+(no WebDriver dependency): ``Runtime.evaluate`` with promises that a MutationObserver
+resolves, so nothing polls the page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+import shutil
+import subprocess
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from gateway.config import GatewayConfig
+from gateway.server import serve
+from gateway.vadservice import VadService
+from stages.vad import VadModel
+from tests import speech
+from tests.standin import StandInEngine, start_asr
+
+pytestmark = pytest.mark.timeout(90)
+
+# Resolves with cond()'s first truthy value, re-checked on every DOM change.
+WAIT_JS = """(cond) => new Promise((resolve) => {
+  const check = () => { let v; try { v = cond(); } catch (e) { v = null; }
+                        if (v) { resolve(v); return true; } return false; };
+  if (!check()) {
+    const mo = new MutationObserver(() => { if (check()) mo.disconnect(); });
+    mo.observe(document, {subtree: true, childList: true, attributes: true,
+                          characterData: true});
+  }
+})"""
+
+
+def find_chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    raise FileNotFoundError("chromium is missing: deploy/setup.sh installs it (apt)")
+
+
+class DevTools:
+    """A minimal DevTools-protocol client: one page, commands in sequence."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.next_id = 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        await self.ws.send_message(json.dumps(
+            {"id": self.next_id, "method": method, "params": params}))
+        while True:  # events (none are enabled) and stale replies are skipped
+            reply = json.loads(await self.ws.get_message())
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return dict(reply["result"])
+
+    async def js(self, expression: str) -> Any:
+        """The value of ``expression`` (awaited if it is a promise)."""
+        res = await self.call("Runtime.evaluate", expression=expression,
+                              awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{expression}: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    async def wait(self, cond_js: str, timeout_s: float = 30) -> Any:
+        """Wait until the arrow function ``cond_js`` returns a truthy value; return it.
+
+        Raises:
+            AssertionError: after ``timeout_s``, with what the page shows and has heard.
+        """
+        with trio.move_on_after(timeout_s):
+            return await self.js(f"({WAIT_JS})({cond_js})")
+        shown = await self.js("JSON.stringify({state: document.body?.innerText,"
+                              " events: window.voxgate?.events})")
+        raise AssertionError(f"waited {timeout_s} s for {cond_js}; the page: {shown}")
+
+
+@contextlib.asynccontextmanager
+async def open_browser(url: str, wav: Path, profile: Path
+                       ) -> AsyncIterator[DevTools]:
+    proc = await trio.lowlevel.open_process([
+        find_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
+        "--no-first-run", "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
+        f"--user-data-dir={profile}", "--window-size=900,900", "about:blank",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        with trio.fail_after(20):
+            while not port_file.exists() or len(port_file.read_text().split()) < 2:
+                await trio.sleep(0.05)  # Chromium writes this file once it listens
+            port = int(port_file.read_text().split()[0])
+            async with httpx.AsyncClient() as http:
+                targets = (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
+        page = next(t for t in targets if t["type"] == "page")
+        async with open_websocket_url(page["webSocketDebuggerUrl"],
+                                      max_message_size=64 * 1024 * 1024) as ws:
+            dt = DevTools(ws)
+            # navigating from here (not from the command line) means the page's
+            # document is committed before the first evaluate: no destroyed context
+            await dt.call("Page.navigate", url=url)
+            yield dt
+    finally:
+        proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vad_model() -> VadModel:
+    return VadModel()
+
+
+@pytest.fixture
+async def gateway(nursery: trio.Nursery, vad_model: VadModel,
+                  tmp_path: Path) -> AsyncIterator[tuple[int, int]]:
+    """A real gateway on a stand-in ASR: ``(ws_port, http_port)``."""
+    _, asr_port, asr_stop = await start_asr(nursery, StandInEngine())
+    cfg = GatewayConfig.load(env={}, overrides={
+        "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
+        "asr_urls": f"http://127.0.0.1:{asr_port}", "flush_idle_s": 2.0})
+    stop = trio.Event()
+    ports = await nursery.start(functools.partial(
+        serve, cfg, shutdown=stop, vad=VadService(vad_model)))
+    yield ports
+    stop.set()
+    asr_stop.set()
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(audio.astype("<i2").tobytes())
+
+
+async def test_static_files_headers(gateway: tuple[int, int]) -> None:
+    _, http_port = gateway
+    base = f"http://127.0.0.1:{http_port}"
+    async with httpx.AsyncClient() as http:
+        page = await http.get(base + "/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp
+        assert "connect-src 'self' ws://127.0.0.1:* wss://127.0.0.1:*" in csp
+        assert "media-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        for path, ctype in (("/web/app.js", "text/javascript"),
+                            ("/web/capture-worklet.js", "text/javascript"),
+                            ("/web/style.css", "text/css")):
+            r = await http.get(base + path)
+            assert r.status_code == 200 and r.headers["content-type"].startswith(ctype)
+            assert r.headers["cache-control"] == "no-cache"
+            again = await http.get(base + path, headers={"if-none-match": r.headers["etag"]})
+            assert again.status_code == 304 and again.content == b""
+        app_js = await http.get(base + "/web/app.js")
+        head = await http.head(base + "/web/app.js")
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) == len(app_js.content) > 1000
+        assert (await http.get(base + "/web/../pyproject.toml")).status_code == 404
+        assert (await http.get(base + "/web/nothing.js")).status_code == 404
+        # a Host header that is not a host never reaches the CSP
+        odd = await http.get(base + "/", headers={"host": "x; script-src *"})
+        assert "script-src *" not in odd.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize(("ctx_rate", "lang"), [(16000, "en"), (48000, "auto")])
+async def test_page_streams_microphone(gateway: tuple[int, int], tmp_path: Path,
+                                       ctx_rate: int, lang: str) -> None:
+    """16 kHz context with lang=en (no LID asked: a lid-free flow) and a 48 kHz context
+    (the worklet resamples) with lang=auto (the stand-in's LID says en)."""
+    ws_port, http_port = gateway
+    speech_audio = speech.goforward()
+    silence = np.zeros(16000, dtype=np.int16)
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.concatenate([silence, speech_audio, silence, silence, silence]))
+    flow = f"browser-{ctx_rate}"
+    url = (f"http://127.0.0.1:{http_port}/?ws=ws://127.0.0.1:{ws_port}/ws/stream"
+           f"&lang={lang}&ctx={ctx_rate}&flow={flow}")
+    async with open_browser(url, wav, tmp_path / "profile") as dt:
+        with trio.fail_after(60):
+            assert await dt.wait("() => document.body?.dataset.state === 'idle'")
+            await dt.js("document.getElementById('start').click()")
+            # The fake microphone loops the file from wherever it is when capture starts:
+            # take the first final whose speech began after that (start_ms > 0).
+            ev = await dt.wait("() => window.voxgate?.events.find("
+                               "(e) => e.type === 'asr_final' && e.start_ms > 0)")
+            final = await dt.js(f"document.querySelector('#transcript .final"
+                                f"[data-utterance=\"{ev['utterance']}\"]').textContent")
+            await dt.js("document.getElementById('stop').click()")
+            end = await dt.wait("() => document.body.dataset.state === 'ended' && "
+                                "document.getElementById('state').textContent")
+            href = await dt.js("document.getElementById('record-link').href")
+            # media state is no DOM mutation: wait on the element's own event
+            duration = await dt.js(
+                "new Promise((r) => { const a = document.getElementById('player');"
+                " if (a.readyState >= 1) r(a.duration);"
+                " else a.addEventListener('loadedmetadata', () => r(a.duration)); })")
+            page = await dt.js("""({
+                rate: document.getElementById('rate').textContent,
+                lang: document.getElementById('lang').textContent,
+                errors: Array.from(document.querySelectorAll('#errors li'),
+                                   (li) => li.textContent),
+                types: window.voxgate.events.map((e) => e.type),
+                audio_ms: window.voxgate.events.find((e) => e.type === 'metrics')?.audio_ms,
+            })""")
+    assert end == "ended: flush"
+    assert page["errors"] == []  # no protocol error, no CSP violation
+    assert page["rate"].startswith(f"{ctx_rate} Hz")
+    m = re.fullmatch(r"(\d+\.\d+)s rms=(\d+\.\d+)", final)
+    assert m and final == ev["text"], (final, ev)
+    heard_s, rms = float(m[1]), float(m[2])
+    assert abs(heard_s * 1000 - (ev["end_ms"] - ev["start_ms"])) <= 20
+    # The file's speech with its pre-roll: 2.22-2.24 s measured at 16 kHz and 48 kHz
+    # (the file is 3.4 s with its pauses). A wrong resampling ratio would scale it by 3.
+    assert 1.8 <= heard_s <= 2.8, final
+    assert rms > 0.01  # real samples from the file, not silence
+    types = page["types"]
+    assert types[0] == "ack" and types[-3:] == ["record_url", "metrics", "end"]
+    assert "asr_final" in types
+    if lang == "en":
+        assert "lid" not in types and page["lang"] == "—"
+    else:
+        assert "lid" in types and page["lang"].startswith("en ")
+    assert href == f"http://127.0.0.1:{http_port}/records/{flow}.ogg"
+    assert abs(duration * 1000 - page["audio_ms"]) < 100  # the browser decoded it
+    async with httpx.AsyncClient() as http:
+        rec = await http.get(href)
+    assert rec.status_code == 200 and rec.headers["content-type"] == "audio/ogg"
+    assert rec.content.startswith(b"OggS")
+
