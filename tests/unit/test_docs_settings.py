@@ -33,6 +33,7 @@ from asr.engine import PoolSpec
 from asr.server import AsrServerConfig
 from asr.workers import WorkerConfig
 from gateway.cli import build_parser
+from gateway.config import GatewayConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -224,8 +225,7 @@ def test_help_lists_the_settings_the_check_reads() -> None:
     # Guards the parsers above: an empty read would pass vacuously.
     gateway = gateway_settings()
     assert {"PARTIAL_INTERVAL_MS", "ASR_URLS", "PUBLIC_BASE"} <= set(gateway)
-    assert len(gateway) == len(dataclasses.fields(__import__(
-        "gateway.config", fromlist=["GatewayConfig"]).GatewayConfig))
+    assert len(gateway) == len(dataclasses.fields(GatewayConfig))
     assert gateway["PARTIAL_INTERVAL_MS"] == "250"
     asr = flag_defaults("asr")
     assert asr["--workers"] == str(WorkerConfig().workers)
