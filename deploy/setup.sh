@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 # prometheus: promtool checks the rules and both services' /metrics in the tests, and the
 # live-Prometheus test scrapes a gateway and an ASR service with the real server.
-APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata prometheus)
+# chromium: tests/integration/test_browser.py drives the browser client in it (headless);
+# chromium-driver for those who drive it with WebDriver instead.
+APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata prometheus chromium chromium-driver)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
