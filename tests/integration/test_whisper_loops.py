@@ -100,9 +100,11 @@ def test_guards_alone_stop_the_loop(whisper_engine: Callable[..., WhisperEngine]
                                            options={"lang": "en"})])
     assert isinstance(res, Recognition), res
     assert not _loops(text, res.text), res.text
-    # Greedy alone: WER 7.0 ("25" a hundred times). Measured with the fallback: 0.0
-    # (beam 5 retry); sampling alone gave 0.2 (a stray "25 24 25", no loop).
-    assert word_errors(text, res.text).wer <= 0.1, res.text
+    # Greedy alone: WER 7.0 ("25" a hundred times). With the fallback: 0.0 when the
+    # beam-5 retry passes its checks, 0.2 when it does not and a sample wins (a stray
+    # "25 24 25", no loop); which one happens varies between runs (onnxruntime's
+    # multi-threaded sums move the beam's log-probability across the threshold).
+    assert word_errors(text, res.text).wer <= 0.25, res.text
 
 
 @pytest.mark.parametrize("kind", ["silence", "noise"])
