@@ -5,9 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .protocol import EVENT_TYPES, REJECT_CODES, ErrorCode
 
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, math.inf)
 
@@ -15,6 +24,9 @@ LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 
 class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, ...: a gateway's CPU
+        # per session is the number capacity planning runs on.
+        ProcessCollector(registry=r)
         self.active_sessions = Gauge("orchestrator_active_sessions", "sessions in progress",
                                      registry=r)
         self.sessions = Counter("orchestrator_sessions", "sessions accepted", registry=r)
@@ -51,6 +63,15 @@ class GatewayMetrics:
             "final_latency_ms", "endpoint to final, ms",
             buckets=(100, 200, 300, 400, 600, 800, 1000, 1500, 2000, 3000, math.inf),
             registry=r)
+
+        # Every label value exists from the start at 0, so rate() and increase() see the
+        # first rejection, error or event instead of a series appearing at 1.
+        for code in REJECT_CODES:
+            self.rejected.labels(code.value)
+        for ec in ErrorCode:
+            self.errors.labels(ec.value)
+        for kind in EVENT_TYPES:
+            self.egress_events.labels(kind)
 
     def gauge_fn(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         Gauge(name, doc, registry=self.registry).set_function(fn)

@@ -43,6 +43,13 @@ class ErrorCode(StrEnum):
     INTERNAL = "INTERNAL"
 
 
+# Every downstream event type (the metrics layer pre-creates one series per type).
+EVENT_TYPES = ("ack", "lid", "asr_partial", "asr_final", "record_url", "metrics", "end",
+               "error", "flow", "pong")
+# The codes with which a session is refused at ``start`` (``Session._admit``).
+REJECT_CODES = (ErrorCode.UNAUTHORIZED, ErrorCode.BUSY, ErrorCode.BAD_REQUEST)
+
+
 class OversizedMessage:
     """Stands in the message queue for a WebSocket message longer than the server's
     limit, whose bytes were dropped as they arrived. The session answers it with
