@@ -76,3 +76,36 @@ def test_example_session_is_valid_against_the_schemas() -> None:
         seen.add(name)
     assert {"start", "flush", "event.ack", "event.asr_final", "event.record_url",
             "event.metrics", "event.end"} <= seen
+
+
+METRIC_CALL = re.compile(
+    r"\b(Counter|CounterMetricFamily|Gauge|GaugeMetricFamily|Histogram|counter_fn|gauge_fn)"
+    r"\(\s*\"([a-z_]+)\"")
+
+
+def metric_names(source: str) -> set[str]:
+    """Exported names of the metrics a module registers with a literal name."""
+    out = set()
+    for kind, name in METRIC_CALL.findall(source):
+        out.add(f"{name}_total" if kind in ("Counter", "CounterMetricFamily", "counter_fn")
+                else name)
+    return out
+
+
+def test_operations_lists_every_metric() -> None:
+    """Every metric the two services register by a literal name is in the runbook."""
+    names = set()
+    for module in ("asr/server.py", "gateway/metrics.py", "gateway/server.py"):
+        names |= metric_names((ROOT / module).read_text())
+    assert {"asr_jobs_total", "asr_rtf", "orchestrator_active_sessions",
+            "archive_fallback_stored_total"} <= names
+    text = (ROOT / "docs" / "operations.md").read_text()
+    missing = sorted(n for n in names if f"`{n}" not in text)
+    assert not missing, f"metrics missing from docs/operations.md: {missing}"
+
+
+def test_metric_names() -> None:
+    src = ('Counter("asr_streams", "x")\nGaugeMetricFamily("asr_rtf", "y")\n'
+           'metrics.counter_fn("archive_fallback_stored", "z", f)\nHistogram(\n  "a_ms", "w")')
+    assert metric_names(src) == {"asr_streams_total", "asr_rtf",
+                                 "archive_fallback_stored_total", "a_ms"}
