@@ -120,6 +120,10 @@ class GatewayConfig:
         "ASR_LINK_BITRATE", "Opus bitrate on the ASR link, bit/s", _range(16000, 24000)))
     asr_link_frame_ms: int = field(default=20, metadata=_key(
         "ASR_LINK_FRAME_MS", "Opus frame length on the ASR link, ms", _one_of_int(20)))
+    asr_link_opus_complexity: int = field(default=2, metadata=_key(
+        "ASR_LINK_OPUS_COMPLEXITY", "libopus effort of the ASR link encoder, 0..10 (2: "
+        "Whisper's WER as at 5 on the test clips, at two thirds of the CPU)",
+        _range(0, 10)))
     partial_interval_ms: int = field(default=250, metadata=_key(
         "PARTIAL_INTERVAL_MS", "at most one asr_partial per this many ms per session",
         _range(50, 10000)))

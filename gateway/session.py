@@ -882,6 +882,7 @@ class Session:
             self._channel = AsrChannel(
                 self.ctx.pools, self._route_pool, self._link_start(),
                 codec=c.asr_link_codec, bitrate=c.asr_link_bitrate,
+                complexity=c.asr_link_opus_complexity,
                 policy=FailoverPolicy(final_deadline_s=c.asr_final_deadline_s,
                                       budget_s=c.asr_failover_budget_s))
             await nursery.start(self._channel.run)

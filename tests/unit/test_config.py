@@ -153,3 +153,11 @@ def test_describe_shows_the_gate_default() -> None:
     text = GatewayConfig.describe()
     assert "VAD_GATE_DBFS" in text and "[-60.0]" in text
     assert "ARCHIVE_OPUS_COMPLEXITY" in text
+
+
+def test_asr_link_opus_complexity() -> None:
+    assert GatewayConfig.load(env={}).asr_link_opus_complexity == 2
+    assert GatewayConfig.load(env={"ASR_LINK_OPUS_COMPLEXITY": "5"}
+                              ).asr_link_opus_complexity == 5
+    with pytest.raises(ValueError, match="ASR_LINK_OPUS_COMPLEXITY"):
+        GatewayConfig.load(env={"ASR_LINK_OPUS_COMPLEXITY": "-1"})
