@@ -71,6 +71,7 @@ class Streamer {
     this.stopping = false; // stop pressed: send what is held, then flush
     this.flushed = false;
     this.ended = false;
+    this.fatal = ""; // the code of a fatal error event
     this.ws = null;
     this.acked = false;
     this.seen = new Set(); // event seqs already handled (a resume may send some again)
@@ -109,6 +110,14 @@ class Streamer {
     if (this.media) this.media.getTracks().forEach((t) => t.stop());
     if (this.ctx) this.ctx.close();
     this.media = this.ctx = null;
+  }
+
+  // The session is over (end, a fatal error, or the resume window ran out).
+  finish() {
+    this.ended = true;
+    this.stopCapture();
+    $("start").disabled = false;
+    $("stop").disabled = true;
   }
 
   stop() {
@@ -188,7 +197,7 @@ class Streamer {
       if (!this.lostAt) this.lostAt = now;
       if (now - this.lostAt > RESUME_WINDOW_MS) {
         ui.state("disconnected", `gave up after ${RESUME_WINDOW_MS / 1000} s (close ${e.code})`);
-        this.stopCapture();
+        this.finish();
         return;
       }
       const wait = RETRY_MS[Math.min(this.retries++, RETRY_MS.length - 1)];
@@ -248,14 +257,15 @@ class Streamer {
         break;
       case "error":
         ui.error(ev.code, ev.message);
-        if (ev.fatal) ui.state("error", ev.code);
+        if (ev.fatal) { // e.g. UNAUTHORIZED, BUSY: reconnecting would not help
+          this.fatal = ev.code;
+          this.finish();
+          ui.state("error", ev.code);
+        }
         break;
-      case "end":
-        this.ended = true;
-        this.stopCapture();
-        ui.state("ended", ev.reason);
-        $("start").disabled = false;
-        $("stop").disabled = true;
+      case "end": // after a fatal error the state keeps saying which
+        this.finish();
+        if (!this.fatal) ui.state("ended", ev.reason);
         break;
       default: break; // unknown event types are ignored (protocol compatibility rule)
     }

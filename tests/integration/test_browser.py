@@ -144,20 +144,33 @@ def vad_model() -> VadModel:
     return VadModel()
 
 
-@pytest.fixture
-async def gateway(nursery: trio.Nursery, vad_model: VadModel,
-                  tmp_path: Path) -> AsyncIterator[tuple[int, int]]:
-    """A real gateway on a stand-in ASR: ``(ws_port, http_port)``."""
+async def start_gateway(nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path,
+                        **overrides: Any) -> tuple[int, int]:
+    """A real gateway on a stand-in ASR: ``(ws_port, http_port)``; stops with the test."""
     _, asr_port, asr_stop = await start_asr(nursery, StandInEngine())
     cfg = GatewayConfig.load(env={}, overrides={
         "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
-        "asr_urls": f"http://127.0.0.1:{asr_port}", "flush_idle_s": 2.0})
+        "asr_urls": f"http://127.0.0.1:{asr_port}", "flush_idle_s": 2.0, **overrides})
     stop = trio.Event()
-    ports = await nursery.start(functools.partial(
+    ports: tuple[int, int] = await nursery.start(functools.partial(
         serve, cfg, shutdown=stop, vad=VadService(vad_model)))
-    yield ports
-    stop.set()
-    asr_stop.set()
+
+    async def stop_later() -> None:  # the nursery fixture is cancelled after the test
+        try:
+            await trio.sleep_forever()
+        finally:
+            stop.set()
+            asr_stop.set()
+
+    nursery.start_soon(stop_later)
+    return ports
+
+
+@pytest.fixture
+async def gateway(nursery: trio.Nursery, vad_model: VadModel,
+                  tmp_path: Path) -> tuple[int, int]:
+    """A real gateway on a stand-in ASR: ``(ws_port, http_port)``."""
+    return await start_gateway(nursery, vad_model, tmp_path)
 
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
@@ -307,3 +320,37 @@ async def test_page_resumes_after_drop(gateway: tuple[int, int], tmp_path: Path)
     assert "resumed" not in first and again["resumed"] is True
     assert 50 <= again["next_seq"] <= page["captured"]
     assert page["audio_ms"] == page["captured"] * 20  # none lost, none doubled
+
+
+async def test_page_shows_fatal_error_and_does_not_retry(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path) -> None:
+    """A gateway with auth on and a page without a token: the page shows the error's code
+    and message and keeps showing it after the ``end`` that follows, and does not
+    reconnect to be refused again."""
+    ws_port, http_port = await start_gateway(nursery, vad_model, tmp_path,
+                                             auth_jwt_secret="s" * 32)
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.zeros(16000, dtype=np.int16))
+    url = f"http://127.0.0.1:{http_port}/?ws=ws://127.0.0.1:{ws_port}/ws/stream"
+    async with open_browser(url, wav, tmp_path / "profile") as dt:
+        with trio.fail_after(30):
+            assert await dt.wait("() => document.body?.dataset.state === 'idle'")
+            await dt.js("document.getElementById('start').click()")
+            state = await dt.wait("() => document.body.dataset.state === 'error' && "
+                                  "document.getElementById('state').textContent")
+            # the page's own onclose runs first (registered earlier): retries is final
+            await dt.js("new Promise((r) => { const ws = window.voxgate.ws;"
+                        " if (!ws) r(1); else ws.addEventListener('close', () => r(1)); })")
+            page = await dt.js("""({
+                state: document.getElementById('state').textContent,
+                types: window.voxgate.events.map((e) => e.type),
+                errors: Array.from(document.querySelectorAll('#errors li'),
+                                   (li) => [li.dataset.code, li.textContent]),
+                retries: window.voxgate.retries,
+                start: document.getElementById('start').disabled,
+            })""")
+    assert state == page["state"] == "error: UNAUTHORIZED"
+    assert page["types"] == ["error", "end"]
+    ((code, text),) = page["errors"]
+    assert code == "UNAUTHORIZED" and len(text) > len("UNAUTHORIZED: ")
+    assert page["retries"] == 0 and page["start"] is False
