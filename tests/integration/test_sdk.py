@@ -392,3 +392,48 @@ async def test_sdk_resumes_a_real_gateway_session_without_loss(
         body = (await client.get(rec.url)).content
     decoded, _ = soundfile.read(io.BytesIO(body), dtype="int16")
     assert abs(len(decoded) - len(audio)) <= 320
+
+
+async def test_sdk_is_held_by_a_real_gateway_when_recognition_falls_behind(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path) -> None:
+    """40x real time against a slow recognizer: the gateway says PAUSE, the SDK holds
+    its audio (bounded buffer, ``send`` waits), RESUME lets it go; nothing is lost."""
+    engine = StandInEngine(delay_s=0.25)  # every batch 0.25 s: partials fall behind
+    _, asr_port, asr_stop = await start_asr(nursery, engine, behind_threshold_s=2.0)
+    cfg = GatewayConfig.load(env={}, overrides={
+        "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
+        "asr_urls": f"http://127.0.0.1:{asr_port}"})
+    stop = trio.Event()
+    ws_port, _ = await nursery.start(functools.partial(
+        serve, cfg, shutdown=stop, vad=VadService(vad_model)))
+    gap = np.zeros(24000, dtype=np.int16)
+    audio = np.concatenate([gap, *[np.concatenate([speech.goforward(), gap])
+                                   for _ in range(5)]]).astype(np.int16)  # ~26 s
+    events: list[vc.Event] = []
+    held: list[float] = []
+    with trio.fail_after(50):
+        async with vc.connect(f"ws://127.0.0.1:{ws_port}/ws/stream", lang="en",
+                              max_buffer_ms=2000) as s:
+
+            async def produce() -> None:
+                t0 = trio.current_time()
+                step = 320
+                for pos in range(0, len(audio), step):
+                    before = trio.current_time()
+                    await s.send(audio[pos:pos + step])
+                    held.append(trio.current_time() - before)
+                    await trio.sleep_until(t0 + (pos + step) / 16000 / 40)
+                await s.flush()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(produce)
+                async for event in s:
+                    events.append(event)
+    flows = [e.state for e in events if isinstance(e, vc.Flow)]
+    assert "PAUSE" in flows and flows.count("PAUSE") == flows.count("RESUME"), flows
+    assert max(held) > 0.1  # send() waited while the buffer was full: bounded memory
+    assert not [e for e in events if isinstance(e, vc.Error)]
+    assert [e.utterance for e in events if isinstance(e, vc.Final)] == list(range(5))
+    assert next(e for e in events if isinstance(e, vc.Metrics)).audio_ms == len(audio) // 16
+    stop.set()
+    asr_stop.set()
