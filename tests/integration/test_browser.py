@@ -110,18 +110,30 @@ class DevTools:
 @contextlib.asynccontextmanager
 async def open_browser(url: str, wav: Path, profile: Path
                        ) -> AsyncIterator[DevTools]:
-    proc = await trio.lowlevel.open_process([
-        find_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
-        "--no-first-run", "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
-        "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
-        f"--user-data-dir={profile}", "--window-size=900,900", "about:blank",
-    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Headless Chromium on ``url`` with ``wav`` as its microphone, driven over DevTools.
+
+    Raises:
+        RuntimeError: Chromium did not start listening within 20 s (with its log).
+    """
+    log = profile.with_suffix(".log")
+    with log.open("wb") as log_fh:
+        proc = await trio.lowlevel.open_process([
+            find_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
+            "--no-first-run", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
+            "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
+            f"--user-data-dir={profile}", "--window-size=900,900", "about:blank",
+        ], stdout=subprocess.DEVNULL, stderr=log_fh)
     try:
         port_file = profile / "DevToolsActivePort"
-        with trio.fail_after(20):
-            while not port_file.exists() or len(port_file.read_text().split()) < 2:
+        with trio.move_on_after(20):
+            while proc.poll() is None and (not port_file.exists()
+                                           or len(port_file.read_text().split()) < 2):
                 await trio.sleep(0.05)  # Chromium writes this file once it listens
+        if not port_file.exists():
+            raise RuntimeError(f"chromium did not start (exit {proc.returncode}): "
+                               + log.read_text(errors="replace")[-2000:])
+        with trio.fail_after(10):
             port = int(port_file.read_text().split()[0])
             async with httpx.AsyncClient() as http:
                 targets = (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
@@ -134,8 +146,11 @@ async def open_browser(url: str, wav: Path, profile: Path
             await dt.call("Page.navigate", url=url)
             yield dt
     finally:
-        proc.kill()
+        proc.terminate()  # SIGTERM: Chromium takes its renderer processes down with it
         with trio.CancelScope(shield=True):
+            with trio.move_on_after(5):
+                await proc.wait()
+            proc.kill()
             await proc.wait()
 
 
