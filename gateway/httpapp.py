@@ -37,6 +37,7 @@ class GatewayHttpApp:
         self.metrics = metrics
         self.ready = ready
         self.web_origins = tuple(web_origins)  # more origins for the page's CSP
+        self.ws_port: int | None = None  # the WebSocket port, once bound: the page's default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -59,7 +60,8 @@ class GatewayHttpApp:
         elif path.startswith("/records/") and method in ("GET", "HEAD"):
             await self._record(scope, send, path.removeprefix("/records/"), method == "HEAD")
         elif path in web.assets() and method in ("GET", "HEAD"):
-            await self._asset(scope, send, web.assets()[path], method == "HEAD")
+            asset = web.page(self.ws_port) if path == "/" else web.assets()[path]
+            await self._asset(scope, send, asset, method == "HEAD")
         else:
             await _json(send, 404, {"error": "NOT_FOUND"})
 

@@ -56,6 +56,25 @@ def assets() -> dict[str, Asset]:
     return out
 
 
+def page(ws_port: int | None) -> Asset:
+    """The page at ``/``, telling the script the gateway's WebSocket port if known.
+
+    The port goes into a ``<meta>`` element (data, not script, so the CSP stays
+    ``script-src 'self'``); without it the page assumes 8080, the default port.
+    """
+    asset = assets()["/"]
+    if ws_port is None:
+        return asset
+    return _with_port(asset, int(ws_port))
+
+
+@functools.cache
+def _with_port(asset: Asset, ws_port: int) -> Asset:
+    body = asset.body.replace(b'<meta name="voxgate-ws-port" content="">',
+                              f'<meta name="voxgate-ws-port" content="{ws_port}">'.encode())
+    return Asset(body, asset.content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+
+
 def csp(host: str | None, extra_origins: Sequence[str] = ()) -> str:
     """The page's Content-Security-Policy for a request that named ``host``.
 

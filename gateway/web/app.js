@@ -1,7 +1,8 @@
 // voxgate browser client: microphone -> AudioWorklet (16 kHz PCM16, 20 ms) -> WebSocket
 // with the seq_header feature -> live partials, finals, language, recording link.
 //
-// Query parameters: ws (the stream URL; default: this host, port 8080, /ws/stream),
+// Query parameters: ws (the stream URL; default: this host, the gateway's WebSocket port
+// or 8080, /ws/stream),
 // lang (user_lang_pref, default "auto"), ctx (AudioContext rate: default 16000; any
 // other value, e.g. 48000, makes the worklet resample), flow (a flowId).
 
@@ -14,10 +15,12 @@ const RETRY_MS = [250, 500, 1000, 2000];
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 
+// The gateway fills in its WebSocket port when it knows it; 8080 is the default port.
 function defaultWsUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
-  return `${scheme}//${host}:8080/ws/stream`;
+  const port = document.querySelector('meta[name="voxgate-ws-port"]')?.content || "8080";
+  return `${scheme}//${host}:${port}/ws/stream`;
 }
 
 function newFlowId() {

@@ -28,6 +28,7 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from gateway.config import GatewayConfig
+from gateway.httpapp import GatewayHttpApp
 from gateway.server import serve
 from gateway.vadservice import VadService
 from stages.vad import VadModel
@@ -224,6 +225,33 @@ async def test_static_files_headers(gateway: tuple[int, int]) -> None:
         # a Host header that is not a host never reaches the CSP
         odd = await http.get(base + "/", headers={"host": "x; script-src *"})
         assert "script-src *" not in odd.headers["content-security-policy"]
+
+
+async def test_page_names_the_websocket_port_once_known() -> None:
+    """The HTTP side writes the WebSocket port into the page (a <meta>, no script), with
+    its own ETag; without it the page says nothing and the script assumes 8080."""
+    app = GatewayHttpApp(store=None, metrics=lambda: b"", ready=lambda: True)
+
+    async def get() -> tuple[dict[bytes, bytes], bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            raise AssertionError("a GET has no body to read")
+
+        await app({"type": "http", "method": "GET", "path": "/",
+                   "headers": [(b"host", b"127.0.0.1:8081")]}, receive, send)
+        return dict(sent[0]["headers"]), sent[1]["body"]
+
+    headers, body = await get()
+    assert b'<meta name="voxgate-ws-port" content="">' in body
+    app.ws_port = 18080
+    headers2, body2 = await get()
+    assert b'<meta name="voxgate-ws-port" content="18080">' in body2
+    assert headers2[b"etag"] != headers[b"etag"]
+    assert int(headers2[b"content-length"]) == len(body2)
 
 
 @pytest.mark.parametrize(("ctx_rate", "lang"), [(16000, "en"), (48000, "auto")])
