@@ -25,7 +25,12 @@ import httpx
 import numpy as np
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
 
 from gateway.config import GatewayConfig
 from gateway.httpapp import GatewayHttpApp
@@ -397,3 +402,77 @@ async def test_page_shows_fatal_error_and_does_not_retry(
     ((code, text),) = page["errors"]
     assert code == "UNAUTHORIZED" and len(text) > len("UNAUTHORIZED: ")
     assert page["retries"] == 0 and page["start"] is False
+
+
+async def test_page_holds_frames_while_paused(gateway: tuple[int, int], nursery: trio.Nursery,
+                                              tmp_path: Path) -> None:
+    """Against a scripted stream server: after ``flow PAUSE`` the page sends nothing and
+    says paused; after ``RESUME`` it sends what it held, in order, none lost or doubled;
+    on stop it sends the rest, then ``flush``."""
+    _, http_port = gateway
+    seqs: list[int] = []
+    in_pause: list[int] = []
+    paused, resumed, flushed = trio.Event(), trio.Event(), trio.Event()
+
+    async def script(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        start = json.loads(await ws.get_message())
+        flow = start["flowId"]
+        await ws.send_message(json.dumps({
+            "type": "ack", "flowId": flow, "seq": 0, "protocol": 1,
+            "session": {"features": ["seq_header"]}, "limits": {}}))
+
+        async def frame() -> int | None:
+            msg = await ws.get_message()
+            if isinstance(msg, str):
+                assert json.loads(msg)["type"] == "flush"
+                return None
+            seq = int.from_bytes(msg[:4], "little")
+            assert int.from_bytes(msg[4:8], "little") == seq * 20 and len(msg) == 8 + 640
+            seqs.append(seq)
+            return seq
+
+        while await frame() is not None and len(seqs) < 25:
+            pass
+        await ws.send_message(json.dumps({"type": "flow", "flowId": flow, "seq": 1,
+                                          "state": "PAUSE"}))
+        with trio.move_on_after(0.3):  # frames already on their way
+            while True:
+                await frame()
+        paused.set()
+        with trio.move_on_after(1.0):
+            while True:
+                in_pause.append(await frame() or -1)
+        await ws.send_message(json.dumps({"type": "flow", "flowId": flow, "seq": 2,
+                                          "state": "RESUME"}))
+        resumed.set()
+        while await frame() is not None:
+            pass
+        flushed.set()
+        await ws.send_message(json.dumps({"type": "end", "flowId": flow, "seq": 3,
+                                          "reason": "flush"}))
+
+    listeners = await nursery.start(functools.partial(
+        serve_websocket, script, "127.0.0.1", 0, ssl_context=None))
+    ws_port = listeners.port
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, speech.goforward())
+    url = f"http://127.0.0.1:{http_port}/?ws=ws://127.0.0.1:{ws_port}/ws/stream&lang=en"
+    async with open_browser(url, wav, tmp_path / "profile") as dt:
+        with trio.fail_after(30):
+            assert await dt.wait("() => document.body?.dataset.state === 'idle'")
+            await dt.js("document.getElementById('start').click()")
+            await paused.wait()
+            state = await dt.js("document.getElementById('state').textContent")
+            await resumed.wait()
+            await dt.wait("() => window.voxgate.sendSeq >= window.voxgate.nextSeq - 1 && "
+                          "document.body.dataset.state === 'streaming'")
+            await dt.js("document.getElementById('stop').click()")
+            await flushed.wait()
+            end = await dt.wait("() => document.body.dataset.state === 'ended' && "
+                                "document.getElementById('state').textContent")
+            captured = await dt.js("window.voxgate.nextSeq")
+    assert state == "paused" and in_pause == []
+    assert seqs == list(range(captured))  # all held frames came, in order, once
+    assert captured >= 25 + 60  # more than a second was held through the pause
+    assert end == "ended: flush"
