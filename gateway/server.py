@@ -89,6 +89,11 @@ async def serve(
             metrics.counter_fn("archive_fallback_stored", "recordings stored from the "
                                "local fallback after the store failed",
                                lambda: float(retrier.stored))
+        metrics.counter_fn("vad_windows", "VAD windows decided (512 samples each)",
+                           lambda: float(vad.stats.windows))
+        metrics.counter_fn("vad_gated_windows", "VAD windows the RMS silence gate "
+                           "(VAD_GATE_DBFS) decided without running the model",
+                           lambda: float(vad.stats.gated))
         metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
                          lambda: vad.stats.last_tick_ms)
         for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),
