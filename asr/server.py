@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 
 from native import OpusDecoder, OpusError
 
-from . import link
+from . import link, tracing
 from .backend import (
     Backend,
     HealthReporter,
@@ -515,6 +515,7 @@ class LinkSession:
         self.last_seq = -1
         self.err_code = ""
         self.model = ""  # the pool's model, set at Start
+        self.span: Any = None  # the stream's server span, from Start (traceparent)
 
     @property
     def flow_id(self) -> str:
@@ -558,6 +559,9 @@ class LinkSession:
                 nursery.cancel_scope.cancel()
         finally:
             self.app.scheduler.forget(self)
+            if self.span is not None:
+                self.span.set_attribute("voxgate.err_code", self.err_code)
+                self.span.end()
         # If the client is gone there is nothing left to tell it.
         with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._send({"type": "http.response.body", "body": b"",
@@ -641,6 +645,10 @@ class LinkSession:
             return
         self.start, self.pool, self.lang = start, pool, lang
         self.model = self._model()
+        self.span = tracing.start_server_span(
+            "asr.recognize", tracing.tracer("voxgate.asr"), start.traceparent,
+            {"voxgate.flow_id": start.flow_id, "voxgate.asr_pool": pool,
+             "voxgate.model": self.model, "voxgate.asr_link_codec": start.codec})
         if start.codec == "opus":
             self.decoder = OpusDecoder(16000, 1)
         log.info("stream start", extra=fields(
@@ -942,6 +950,7 @@ async def serve(
 
     cfg = cfg or AsrServerConfig()
     install_hypercorn_guard()
+    tracing.setup("voxgate-asr")  # only if the OTEL_* variables ask for it
     scheduler = scheduler or Scheduler(backend.run_batch, policy=cfg.scheduler_policy())
     app = AsrApp(backend, scheduler, cfg)
     shutdown = trio.Event() if shutdown is None else shutdown

@@ -2,7 +2,8 @@
 
 Fields: ``ts, flowId, stage, seq, sr, ns, bytes_in, bytes_out, lang, model, latency_ms,
 err_code, asr_link_codec`` (those that apply), plus ``level``, ``logger`` and ``msg``.
-Code logs with ``log.info("...", extra=fields(flowId=..., stage=...))``.
+Code logs with ``log.info("...", extra=fields(flowId=..., stage=...))``. A line logged
+within a traced span also carries ``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from asr.tracing import current_ids
 
 FIELDS = ("flowId", "stage", "seq", "sr", "ns", "bytes_in", "bytes_out", "lang", "model",
           "latency_ms", "err_code", "asr_link_codec")
@@ -34,6 +37,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update(getattr(record, "vg_fields", {}))
+        trace_id, span_id = current_ids()
+        if trace_id:
+            out["trace_id"], out["span_id"] = trace_id, span_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)

@@ -25,7 +25,11 @@ async def _until_signal(shutdown: trio.Event) -> None:
 
 
 async def run_gateway(cfg: GatewayConfig) -> None:
+    from asr import tracing
+
     from .server import serve
+
+    tracing.setup("voxgate-gateway")  # only if the OTEL_* variables ask for it
 
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -42,6 +46,7 @@ async def run_serve(cfg: GatewayConfig) -> None:
     inference worker processes (as ``voxgate asr`` runs them, so latency measured here is
     the production path's), then the gateway pointed at it. The WebSocket URL is printed
     once both are ready."""
+    from asr import tracing
     from asr.engine import DEFAULT_POOL, DEFAULT_POOLS
     from asr.main import build_backend
     from asr.server import AsrServerConfig
@@ -50,6 +55,7 @@ async def run_serve(cfg: GatewayConfig) -> None:
 
     from .server import serve
 
+    tracing.setup("voxgate")  # gateway and ASR spans, one process
     print("voxgate serve: loading and warming the models (first run exports them)...",
           file=sys.stderr, flush=True)
     asr_cfg = AsrServerConfig(host="127.0.0.1", port=0)

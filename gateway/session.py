@@ -68,6 +68,7 @@ from .records import (
     default_fallback_dir,
     record_key,
 )
+from .tracing import SessionTrace
 from .vadservice import VadService
 
 log = logging.getLogger("voxgate.gateway.session")
@@ -175,6 +176,7 @@ class Session:
                                       "compress_ms": 0.0, "pcm_to_opus_fail": 0,
                                       "link_bytes": 0, "false_starts": 0}
         self._lang = ""
+        self.trace: SessionTrace | None = None  # its spans, once admitted
         self.denoise: DenoiseStage | None = None
         self.lid: LidPlanner | None = None
         self._lid_route = False  # LID may move recognition (user_lang_pref is auto)
@@ -206,6 +208,8 @@ class Session:
                                                    fatal=True))
                 await self._close(1011)
         finally:
+            if self.trace is not None:
+                self.trace.close(self.reason, failed=self.reason == "error")
             self._finished.set()
             self._resume_given_up = True
             self._ws_changed.set()
@@ -235,6 +239,14 @@ class Session:
         if not await self._admit():
             return
         self._setup_stages()
+        assert self.trace is not None
+        token = self.trace.attach()  # the session's tasks (and their logs) are in its span
+        try:
+            await self._run_admitted()
+        finally:
+            self.trace.detach(token)
+
+    async def _run_admitted(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             self._ack()
@@ -316,6 +328,8 @@ class Session:
             await self._close(1008)
             return False
         self.ctx.metrics.sessions.inc()
+        self.trace = SessionTrace(self.flow_id, self.start.trace_id,
+                                  tenant_id=self.start.tenant_id)
         log.info("session started", extra=fields(
             flowId=self.flow_id, stage="session", sr=SAMPLE_RATE,
             asr_link_codec=self.cfg.asr_link_codec))
@@ -364,6 +378,8 @@ class Session:
                 "record": c.enable_compress and self.ctx.store is not None,
                 "lang_pref": self.start.hints.user_lang_pref,
                 "flowId_generated": self.start.flow_id_generated,
+                **({"trace_id": self.trace.trace_id}
+                   if self.trace is not None and self.trace.trace_id else {}),
             },
             limits={
                 "max_frame_bytes": c.max_frame_bytes,
@@ -659,6 +675,12 @@ class Session:
             for f in frames:
                 await self._asr_in.send(SendFrame(ev.utterance, f))
             return
+        if self.trace is not None:
+            if isinstance(ev, UtteranceStarted):
+                self.trace.utterance_started(ev.index)
+            elif isinstance(ev, (UtteranceEnded, UtteranceCancelled)):
+                self.trace.utterance_ended(ev.index,
+                                           cancelled=isinstance(ev, UtteranceCancelled))
         if isinstance(ev, UtteranceTentative) and self.lid is not None:
             self._lid_hold = []
         elif isinstance(ev, UtteranceStarted) and self._lid_hold is not None:
@@ -845,6 +867,8 @@ class Session:
             flow_id=self.flow_id, codec=self.cfg.asr_link_codec,
             bitrate=self.cfg.asr_link_bitrate, lang_hint=self._route_lang,
             domain=hints.domain or "default", hotwords=hints.hotwords,
+            traceparent=(self.trace.asr_traceparent(self._route_pool)
+                         if self.trace is not None else ""),
         )
 
     async def _move(self, lang: str) -> bool:
