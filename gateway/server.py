@@ -12,6 +12,7 @@ import functools
 import logging
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, WebSocketServer
@@ -72,7 +73,7 @@ async def serve(
         hc.errorlog = log
         install_hypercorn_guard()
         http_app = GatewayHttpApp(store=store, metrics=metrics.render,
-                                  ready=lambda: ready["ok"])
+                                  ready=lambda: ready["ok"], web_origins=_web_origins(cfg))
         http_stop = trio.Event()
 
         async def http_trigger() -> None:
@@ -130,6 +131,7 @@ async def serve(
                              max_message_size=MAX_WS_MESSAGE_BYTES)
             await nursery.start(server.run)
             ws_port = server.port
+            http_app.ws_port = ws_port  # the page at / streams here by default
             ready["ok"] = True
             task_status.started((ws_port, http_port))
             await shutdown.wait()
@@ -192,6 +194,18 @@ class _Server(WebSocketServer):
             finally:
                 with trio.move_on_after(self._disconnect_timeout):
                     await connection.aclose()
+
+
+def _web_origins(cfg: GatewayConfig) -> list[str]:
+    """Origins the page at / may fetch recordings from besides its own: PUBLIC_BASE
+    (record_url is built on it), and the S3 endpoint that /records/ redirects to."""
+    out = []
+    for url in (cfg.public_base,
+                cfg.s3_endpoint_url if cfg.archive_store == "s3" else ""):
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            out.append(f"{parts.scheme}://{parts.netloc}")
+    return out
 
 
 def _link_stat(pools: AsrPools, name: str) -> float:

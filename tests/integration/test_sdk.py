@@ -437,3 +437,19 @@ async def test_sdk_is_held_by_a_real_gateway_when_recognition_falls_behind(
     assert next(e for e in events if isinstance(e, vc.Metrics)).audio_ms == len(audio) // 16
     stop.set()
     asr_stop.set()
+
+
+async def test_the_page_at_root_names_the_gateways_websocket_port(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path) -> None:
+    import httpx
+
+    cfg = GatewayConfig.load(env={}, overrides={
+        "port": 0, "http_port": 0, "archive_dir": str(tmp_path), "asr_urls": "http://127.0.0.1:9"})
+    stop = trio.Event()
+    ws_port, http_port = await nursery.start(functools.partial(
+        serve, cfg, shutdown=stop, vad=VadService(vad_model)))
+    async with httpx.AsyncClient() as client:
+        page = await client.get(f"http://127.0.0.1:{http_port}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'<meta name="voxgate-ws-port" content="{ws_port}">' in page.text
+    stop.set()

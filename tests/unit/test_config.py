@@ -161,3 +161,14 @@ def test_asr_link_opus_complexity() -> None:
                               ).asr_link_opus_complexity == 5
     with pytest.raises(ValueError, match="ASR_LINK_OPUS_COMPLEXITY"):
         GatewayConfig.load(env={"ASR_LINK_OPUS_COMPLEXITY": "-1"})
+
+
+def test_page_origins_come_from_public_base_and_the_s3_endpoint() -> None:
+    from gateway.server import _web_origins
+
+    cfg = GatewayConfig.load(env={}, overrides={"public_base": "https://rec.example.org/x"})
+    assert _web_origins(cfg) == ["https://rec.example.org"]
+    cfg = GatewayConfig.load(env={}, overrides={
+        "archive_store": "s3", "s3_bucket": "b", "s3_endpoint_url": "http://10.0.0.5:9000"})
+    assert _web_origins(cfg) == ["http://10.0.0.5:9000"]
+    assert _web_origins(GatewayConfig.load(env={}, overrides={})) == []
