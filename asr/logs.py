@@ -1,8 +1,11 @@
 """Structured JSON logs for the ASR service: one object per line on stderr.
 
-The same line format as the gateway's (``ts, level, logger, msg`` plus the design's
-fields), kept here so that ``asr/`` never imports ``gateway/``: the ASR image and the
-worker processes must run without the gateway's dependencies.
+Fields: ``ts, level, logger, msg`` plus those of the design that apply (``flowId,
+stage, seq, sr, ns, bytes_in, bytes_out, lang, model, latency_ms, err_code,
+asr_link_codec``, ...). Code logs with ``log.info("...", extra=fields(flowId=...))``.
+A line logged within a traced span also carries ``trace_id`` and ``span_id``. The
+gateway uses this module too (``gateway.logs``); it lives here because ``asr/`` must
+never import ``gateway/``: the ASR image and its worker processes run without it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from .tracing import current_ids
 
 FIELDS = ("flowId", "stage", "seq", "sr", "ns", "bytes_in", "bytes_out", "lang", "model",
           "latency_ms", "err_code", "asr_link_codec", "worker_pid", "utterance", "pool",
@@ -41,13 +46,16 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update(getattr(record, "vg_fields", {}))
+        trace_id, span_id = current_ids()
+        if trace_id:
+            out["trace_id"], out["span_id"] = trace_id, span_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def setup(level: int = logging.INFO, *, json_format: bool = True) -> None:
-    """Configure the root logger of an ASR process (JSON lines on stderr)."""
+    """Configure the root logger of a voxgate process (JSON lines on stderr)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if json_format else
                          logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
