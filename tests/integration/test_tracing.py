@@ -153,3 +153,59 @@ def test_off_without_the_otel_variables() -> None:
     ("abc", 0), ("z" * 32, 0), ("", 0)])
 def test_parse_trace_id(text: str, want: int) -> None:
     assert tracing.parse_trace_id(text) == want
+
+
+def _spans_by_service(bodies: list[bytes]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for body in bodies:
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(body)
+        for rs in req.resource_spans:
+            name = next((kv.value.string_value for kv in rs.resource.attributes
+                         if kv.key == "service.name"), "")
+            for ss in rs.scope_spans:
+                out.setdefault(name, []).extend(ss.spans)
+    return out
+
+
+async def test_gateway_and_asr_as_two_processes_give_one_connected_trace(
+        nursery: trio.Nursery, tmp_path: Path, collector: list[bytes]) -> None:
+    """The ASR service runs in its own OS process, exporting to the same receiver under
+    its own service name; its server span joins the gateway's trace through the
+    traceparent carried over the HTTP/2 link."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.test_chaos_asr import ASR_MAIN, ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_SERVICE_NAME": "asr-process",
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    proc = subprocess.Popen([sys.executable, "-c", ASR_MAIN, "0", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        port = int(await trio.to_thread.run_sync(proc.stdout.readline))
+        gw = await start_gateway(nursery, VadModel(), tmp_path, f"http://127.0.0.1:{port}")
+        audio = np.concatenate([np.zeros(8000, np.int16), speech.goforward(),
+                                np.zeros(16000, np.int16)]).astype(np.int16)
+        with trio.fail_after(40):
+            r = await stream_audio(gw.ws_url, audio, realtime=False,
+                                   start={"flowId": "two-proc", "trace_id": TRACE_ID})
+            assert len(r.of("asr_final")) == 1
+            gw.shutdown.set()
+            await trio.sleep(0.5)
+            await trio.to_thread.run_sync(tracing.force_flush)
+    finally:
+        proc.send_signal(signal.SIGINT)  # atexit flushes the ASR process's exporter
+        await trio.to_thread.run_sync(proc.wait, 20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    by_service = _spans_by_service(collector)
+    (server,) = [s for s in by_service.get("asr-process", []) if s.name == "asr.recognize"]
+    (client,) = [s for s in by_service["voxgate-test"] if s.name == "asr.stream"]
+    (session,) = [s for s in by_service["voxgate-test"] if s.name == "session"]
+    assert server.trace_id.hex() == client.trace_id.hex() == session.trace_id.hex() == TRACE_ID
+    assert server.parent_span_id == client.span_id
+    assert client.parent_span_id == session.span_id
