@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="WebSocket port (default 8080)")
         p.add_argument("--http-port", type=int, help="HTTP port (default 8081)")
         p.add_argument("--config", help="TOML file with settings")
+        quiet = name == "serve"  # the embedded default is for a person at a terminal
+        p.add_argument("--log-level", default="warning" if quiet else "info",
+                       choices=["debug", "info", "warning", "error"],
+                       help=f"log level (default {'warning' if quiet else 'info'})")
+        p.add_argument("--log-format", default="json", choices=["json", "text"],
+                       help="json: one object a line with flowId, stage, latency_ms, "
+                       "trace_id, ... (default); text: for a person at a terminal")
         p.set_defaults(func=func)
 
     st = sub.add_parser(

@@ -89,15 +89,18 @@ def _config(args: Any) -> GatewayConfig:
         "host": args.host, "port": args.port, "http_port": args.http_port})
 
 
+def _logs(args: Any) -> None:
+    setup_logs(getattr(logging, args.log_level.upper()), json_format=args.log_format == "json")
+
+
 def gateway_main(args: Any) -> int:
-    setup_logs(logging.INFO)
+    _logs(args)
     trio.run(run_gateway, _config(args))
     return 0
 
 
 def serve_main(args: Any) -> int:
-    # The embedded default is for a person at a terminal: warnings only.
-    setup_logs(logging.WARNING)
+    _logs(args)  # default warning: the embedded default is for a person at a terminal
     try:
         trio.run(run_serve, _config(args))
     except KeyboardInterrupt:
