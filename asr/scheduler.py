@@ -71,6 +71,8 @@ class Job:
     error: BaseException | None = None
     stale: bool = False
     done: bool = False
+    started: float = 0.0  # scheduler clock when its batch began, s (the shell sets it)
+    finished: float = 0.0  # and when the batch returned
 
 
 BatchFn = Callable[[str, Sequence[Job]], Sequence[Any]]
@@ -461,12 +463,17 @@ class Scheduler:
     async def _execute(self, pool: str, batch: list[Job], token: object) -> None:
         results: Sequence[Any] | BaseException
         t0 = time.perf_counter()
+        begun = trio.current_time()
+        for j in batch:
+            j.started = begun
         try:
             try:
                 results = await trio.to_thread.run_sync(self._run_batch, pool, batch)
             except Exception as exc:  # every job of the batch learns why
                 results = exc
             now = trio.current_time()
+            for j in batch:
+                j.finished = now
             self.core.complete(batch, results, now, time.perf_counter() - t0)
             for j in batch:
                 if j.kind == "final":

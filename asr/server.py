@@ -809,6 +809,13 @@ class LinkSession:
         assert isinstance(result, Recognition)
         latency_ms = (time.perf_counter() - started) * 1000
         self.app.metrics.latency.observe(latency_ms)
+        if self.span is not None:
+            tracing.record_job(self.span, "asr.final", submitted=job.submitted,
+                               started=job.started, finished=job.finished,
+                               now=trio.current_time(), attributes={
+                                   "voxgate.utterance": utt.index, "voxgate.model": self.model,
+                                   "voxgate.lang": result.lang,
+                                   "voxgate.audio_ms": len(utt.audio) * 1000 // 16000})
         log.info("final", extra=fields(
             flowId=self.flow_id, stage="asr_final", utterance=utt.index, ns=len(utt.audio),
             lang=result.lang, model=self.model, latency_ms=round(latency_ms, 1)))

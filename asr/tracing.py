@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -144,6 +145,26 @@ def start_server_span(name: str, tracer_: trace.Tracer, parent_traceparent: str,
            if parent_traceparent else Context())
     return tracer_.start_span(name, context=ctx, kind=SpanKind.SERVER,
                               attributes=dict(attributes or {}))
+
+
+def record_job(parent: trace.Span, name: str, *, submitted: float, started: float,
+               finished: float, now: float, attributes: Mapping[str, Any]) -> None:
+    """A finished child span of ``parent`` for one inference job, from the scheduler's
+    times (``now`` is that clock's current reading): queue wait and compute become
+    attributes. A no-op when ``parent`` is not recording (tracing off)."""
+    if not parent.is_recording():
+        return
+    wall_now = time.time_ns()
+
+    def wall(t: float) -> int:
+        return wall_now - int((now - t) * 1e9)
+
+    attrs = {**attributes, "voxgate.queue_wait_ms": round((started - submitted) * 1000, 1),
+             "voxgate.compute_ms": round((finished - started) * 1000, 1)}
+    span = tracer("voxgate.asr").start_span(
+        name, context=trace.set_span_in_context(parent), start_time=wall(submitted),
+        attributes=attrs)
+    span.end(end_time=wall(finished))
 
 
 def current_ids() -> tuple[str, str]:

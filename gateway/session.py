@@ -985,7 +985,14 @@ class Session:
             tail, result = encoder.close()
             tail_done = True
             self._archive_problem(await sink.write(tail))
-            stored, problem = await sink.commit()
+            span = self.trace.archive_commit(sink.key) if self.trace is not None else None
+            try:
+                stored, problem = await sink.commit()
+                if span is not None:
+                    span.set_attribute("voxgate.stored", stored is not None)
+            finally:
+                if span is not None:
+                    span.end()
             committed = True
             url = f"{self.ctx.public_base}/records/{sink.key}"
             if stored is None:

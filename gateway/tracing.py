@@ -60,6 +60,11 @@ class SessionTrace:
             span.set_attribute("voxgate.utterance_end", how)
             span.end()
 
+    def archive_commit(self, key: str) -> trace.Span:
+        """A span for committing the recording (the caller ends it)."""
+        return self._tracer.start_span("archive.commit", context=self._ctx,
+                                       attributes={"voxgate.record_key": key})
+
     def asr_traceparent(self, pool: str) -> str:
         """The ASR stream's client span (opened on first use) as a ``traceparent``."""
         if self._asr is None:

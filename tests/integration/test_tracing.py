@@ -133,6 +133,15 @@ async def test_session_utterance_and_asr_spans_share_the_client_trace(
     assert client.parent_span_id == session.span_id and client.kind == 3  # CLIENT
     (server,) = by_name["asr.recognize"]
     assert server.parent_span_id == client.span_id and server.kind == 2  # SERVER
+    (job,) = by_name["asr.final"]  # the inference job, with its queue wait and compute
+    assert job.parent_span_id == server.span_id and _attr(job, "voxgate.utterance") == 0
+    waits = {kv.key: kv.value.double_value for kv in job.attributes
+             if kv.key in ("voxgate.queue_wait_ms", "voxgate.compute_ms")}
+    assert set(waits) == {"voxgate.queue_wait_ms", "voxgate.compute_ms"}
+    assert all(v >= 0 for v in waits.values())
+    assert job.start_time_unix_nano <= job.end_time_unix_nano
+    (commit,) = by_name["archive.commit"]
+    assert commit.parent_span_id == session.span_id
     assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
     traced = [ln for ln in capture.lines if ln.get("flowId") == "traced" and "trace_id" in ln]
     assert traced and all(ln["trace_id"] == TRACE_ID for ln in traced)
