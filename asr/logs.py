@@ -23,7 +23,8 @@ FIELDS = ("flowId", "stage", "seq", "sr", "ns", "bytes_in", "bytes_out", "lang",
 
 
 def fields(**values: Any) -> dict[str, Any]:
-    """``extra=`` for a log call; unknown names are refused so field names stay stable.
+    """``extra=`` for a log call; unknown names are refused so field names stay stable,
+    and a field given as None is left out.
 
     Raises:
         ValueError: a name not in ``FIELDS``.
@@ -31,7 +32,7 @@ def fields(**values: Any) -> dict[str, Any]:
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown log fields {sorted(unknown)}")
-    return {"vg_fields": values}
+    return {"vg_fields": {k: v for k, v in values.items() if v is not None}}
 
 
 class JsonFormatter(logging.Formatter):

@@ -40,6 +40,7 @@ from asr import link
 from native import OpusEncoder, OpusError
 
 from .h2client import H2ClientError, H2Connection, H2Stream, connect
+from .logs import fields
 
 log = logging.getLogger("voxgate.gateway.asrlink")
 
@@ -547,7 +548,8 @@ class AsrStream:
         try:
             await self._open(exclude=exclude)
         except AsrUnavailable as exc:
-            log.warning("retry of %s failed: %s", self.start.flow_id, exc)
+            log.warning("stream retry failed: %s", exc, extra=fields(
+                flowId=self.start.flow_id, stage="asr", err_code="ASR_UNAVAILABLE"))
             return False
         self.pools.counters.stream_retries += 1
         replay = link.encode_many(self._replay)
@@ -868,9 +870,10 @@ class AsrChannel:
             return
         if stream.endpoint is not None:
             self.pools.report_failure(stream.endpoint)
-        log.warning("%s: ASR stream on %s failed (%s); %d utterance(s) to replay",
-                    self.start.flow_id, stream.endpoint.name if stream.endpoint else "?",
-                    reason, len(self._pending))
+        log.warning("ASR stream on %s failed (%s); %d utterance(s) to replay",
+                    stream.endpoint.name if stream.endpoint else "?", reason,
+                    len(self._pending), extra=fields(flowId=self.start.flow_id, stage="asr",
+                                                     pool=self.pool))
         self._detach(stream)
         self._recover(reason, avoid=stream.endpoint)
 

@@ -675,6 +675,12 @@ class Session:
             for f in frames:
                 await self._asr_in.send(SendFrame(ev.utterance, f))
             return
+        if isinstance(ev, (UtteranceStarted, UtteranceEnded, UtteranceCancelled)):
+            what = {UtteranceStarted: "started", UtteranceEnded: "ended",
+                    UtteranceCancelled: "withdrawn (false start)"}[type(ev)]
+            log.info("utterance %d %s", ev.index, what, extra=fields(
+                flowId=self.flow_id, stage="endpoint", utterance=ev.index, sr=SAMPLE_RATE,
+                ns=(ev.end - ev.start) if isinstance(ev, UtteranceEnded) else None))
         if self.trace is not None:
             if isinstance(ev, UtteranceStarted):
                 self.trace.utterance_started(ev.index)
@@ -986,10 +992,18 @@ class Session:
             tail_done = True
             self._archive_problem(await sink.write(tail))
             span = self.trace.archive_commit(sink.key) if self.trace is not None else None
+            t_commit = time.perf_counter()
             try:
                 stored, problem = await sink.commit()
                 if span is not None:
                     span.set_attribute("voxgate.stored", stored is not None)
+                log.info("recording %s", "committed" if stored is not None else "not stored",
+                         extra=fields(flowId=self.flow_id, stage="archive",
+                                      bytes_out=result.bytes,
+                                      latency_ms=round((time.perf_counter() - t_commit)
+                                                       * 1000, 1),
+                                      err_code=None if stored is not None
+                                      else "ARCHIVE_FAILED"))
             finally:
                 if span is not None:
                     span.end()

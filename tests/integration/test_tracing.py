@@ -145,6 +145,11 @@ async def test_session_utterance_and_asr_spans_share_the_client_trace(
     assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
     traced = [ln for ln in capture.lines if ln.get("flowId") == "traced" and "trace_id" in ln]
     assert traced and all(ln["trace_id"] == TRACE_ID for ln in traced)
+    # per stage where something happens, not only at the session's end
+    said = {(ln.get("stage"), ln["msg"]) for ln in capture.lines if ln.get("flowId") == "traced"}
+    assert ("endpoint", "utterance 0 started") in said
+    assert ("endpoint", "utterance 0 ended") in said
+    assert ("archive", "recording committed") in said
 
 
 def test_off_without_the_otel_variables() -> None:

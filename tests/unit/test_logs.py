@@ -22,3 +22,8 @@ def test_json_line_has_fields() -> None:
 def test_unknown_field_is_refused() -> None:
     with pytest.raises(ValueError):
         fields(flow_id="x")
+
+
+def test_fields_given_as_none_are_left_out() -> None:
+    assert fields(flowId="f", ns=None, stage="endpoint") == {
+        "vg_fields": {"flowId": "f", "stage": "endpoint"}}
