@@ -44,6 +44,10 @@ from .logs import fields
 
 log = logging.getLogger("voxgate.gateway.asrlink")
 
+# A final overdue on a pool's only endpoint waits this many more deadlines before the
+# stream is failed over (to that endpoint again, once it is the only choice).
+FINAL_DEADLINE_WAITS = 5
+
 MAX_REPLAY_FRAMES = 1500  # 30 s of 20 ms frames kept for a retry before the first event
 OPEN_ATTEMPTS = 3
 # libopus effort of the link encoder. Whisper base heard the 5 LibriVox + 5 cards clips
@@ -270,6 +274,13 @@ class AsrPools:
     def breaker_states(self) -> dict[str, str]:
         """Endpoint -> breaker state, for health pages and tests."""
         return {ep.name: ep.breaker.state for eps in self._pools.values() for ep in eps}
+
+    def has_alternative(self, pool: str, endpoint: Any) -> bool:
+        """Whether ``pool`` has an endpoint other than ``endpoint`` that its breaker
+        lets through now."""
+        now = trio.current_time()
+        return any(ep is not endpoint and ep.breaker.allow(now)
+                   for ep in self._pools.get(pool, ()))
 
     def _candidates(self, pool: str, avoid: _Endpoint | None) -> list[_Endpoint]:
         """Endpoints to try, best first: breaker lets it through, least loaded, not the
@@ -624,6 +635,7 @@ class _Pending:
     # the next utterance reuses its index, so that one's final replaces them.
     tentative: bool = False
     discard: bool = False  # a withdrawn early start: finalized only to close it; no final
+    waits: int = 0  # final deadlines let pass because no other endpoint could take it
 
 
 UNAVAILABLE = "UNAVAILABLE"  # code of the channel's own error event: utterances given up
@@ -1085,5 +1097,23 @@ class AsrChannel:
                 await self._wake.wait()
                 continue
             async with self._lock:
-                if self._stream is not None and not self._recovering:
-                    self._fail(self._stream, f"no final within {limit:g} s of Finalize")
+                if self._stream is None or self._recovering:
+                    continue
+                ep = self._stream.endpoint
+                now = trio.current_time()
+                overdue = [p for p in self._pending if p.finalized_at is not None
+                           and p.index is not None and p.finalized_at + limit <= now]
+                if (ep is not None and not self.pools.has_alternative(self.pool, ep)
+                        and all(p.waits < FINAL_DEADLINE_WAITS for p in overdue)):
+                    # The only endpoint still answers PINGs (a stall is caught by them):
+                    # it is slow, not gone. A replay to it would queue the same work
+                    # again behind itself: at 8 real-time sessions on 2 cores that fed a
+                    # failover storm (finals p95 13 s). Give it more time instead.
+                    for p in overdue:
+                        p.waits += 1
+                        p.finalized_at = now
+                    log.warning("final overdue by %g s; the pool has no other endpoint, "
+                                "waiting longer", limit, extra=fields(
+                                    flowId=self.start.flow_id, stage="asr", pool=self.pool))
+                    continue
+                self._fail(self._stream, f"no final within {limit:g} s of Finalize")

@@ -227,3 +227,21 @@ async def test_overdue_final_fails_over_to_a_healthy_endpoint(
     assert await _metric(gw.http, "asr_link_failovers_total") >= 1
     assert await _metric(gw.http, "asr_link_ping_timeouts_total") == 0
     gw.shutdown.set()
+
+
+async def test_a_slow_only_endpoint_is_given_time_not_failed_over_to_itself(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path,
+        asr_procs: list[AsrProcess]) -> None:
+    # One endpoint whose every batch takes 3 s, past a 2 s final deadline. Failing the
+    # stream over would only send the same utterances to the same busy service again
+    # (each replay restarting the wait); with no other endpoint the gateway waits longer.
+    a = await _start(asr_procs, delay_s=3.0)
+    gw = await start_gateway(nursery, vad_model, tmp_path, a.url, asr_final_deadline_s=2.0)
+
+    async def nothing() -> None:
+        pass
+
+    r = await _stream_while(gw.ws_url, nothing, 0.0)
+    _check(r)
+    assert await _metric(gw.http, "asr_link_failovers_total") == 0
+    gw.shutdown.set()
