@@ -78,6 +78,7 @@ def test_repetitive_passages_do_not_loop(backend: WhisperBackend,
             for audio in audios.values()]
     finals = backend.run_batch("en", jobs)
     offline = whisper_engine("base")
+    totals = [0, 0, 0]  # our errors, offline errors, reference words
     for (name, text), audio, res in zip(PASSAGES.items(), audios.values(), finals,
                                         strict=True):
         assert isinstance(res, Recognition), res
@@ -85,8 +86,14 @@ def test_repetitive_passages_do_not_loop(backend: WhisperBackend,
         ref_words = len(normalize_english(text).split())
         assert len(normalize_english(res.text).split()) <= 1.2 * ref_words, (name, res.text)
         full = offline.transcribe(audio, language="en")  # Whisper's own 30 s window
-        ours, theirs = word_errors(text, res.text).wer, word_errors(text, full.text).wer
-        assert ours <= theirs + 0.02, (name, ours, theirs, res.text, full.text)
+        ours, theirs = word_errors(text, res.text), word_errors(text, full.text)
+        # One passage is 40-60 words, so one word is 2 points: allow 3 words each ...
+        assert ours.errors <= theirs.errors + 3, (name, ours, theirs, res.text, full.text)
+        totals[0] += ours.errors
+        totals[1] += theirs.errors
+        totals[2] += ours.ref_words
+    # ... and hold the bound, 2 points of WER, on all the passages together.
+    assert totals[0] <= totals[1] + 0.02 * totals[2], totals
 
 
 def test_guards_alone_stop_the_loop(whisper_engine: Callable[..., WhisperEngine]) -> None:
