@@ -81,6 +81,10 @@ def _urls(v: Any) -> str | None:
     return None
 
 
+def _min_secret(v: Any) -> str | None:
+    return ("must be 32 bytes at least" if v and len(str(v).encode()) < 32 else None)
+
+
 def _lang(v: Any) -> str | None:
     ok = isinstance(v, str) and 2 <= len(v) <= 8 and v.replace("-", "").isalpha()
     return None if ok else "must be a language code such as 'en'"
@@ -243,8 +247,71 @@ class GatewayConfig:
         "SHUTDOWN_GRACE_S", "on SIGTERM, sessions get this long to finish their finals; "
         "then they are cancelled, and their recordings are still committed, s",
         _range(0, 3600)))
-    auth_jwt_secret: str = field(default="", metadata=_key(
-        "AUTH_JWT_SECRET", "HS256 secret; when set, start.auth.token must be a valid JWT"))
+    # repr=False on every secret: a config printed in a log must not show it.
+    auth_jwt_secret: str = field(default="", repr=False, metadata=_key(
+        "AUTH_JWT_SECRET", "HS256 secret, 32 bytes at least; when set, start.auth.token "
+        "must be a valid JWT", _min_secret))
+    auth_jwt_keys_file: str = field(default="", metadata=_key(
+        "AUTH_JWT_KEYS_FILE", "JSON Web Key Set of the token issuers' keys (RS256, ES256, "
+        "HS256), chosen by the token's kid; reread when the file changes (key rotation)"))
+    auth_jwt_issuer: str = field(default="", metadata=_key(
+        "AUTH_JWT_ISSUER", "when set, a token's iss must equal it"))
+    auth_jwt_audience: str = field(default="", metadata=_key(
+        "AUTH_JWT_AUDIENCE", "when set, a token's aud must contain it"))
+    auth_jwt_leeway_s: float = field(default=30.0, metadata=_key(
+        "AUTH_JWT_LEEWAY_S", "clock skew allowed on exp, nbf and iat, s", _range(0, 600)))
+    auth_disabled: bool = field(default=False, metadata=_key(
+        "AUTH_DISABLED", "run without authentication on a non-loopback address (without "
+        "it, voxgate gateway refuses to start there with no AUTH_JWT_SECRET or "
+        "AUTH_JWT_KEYS_FILE)"))
+    records_url_key: str = field(default="", repr=False, metadata=_key(
+        "RECORDS_URL_KEY", "HMAC key that signs record_url, 32 bytes at least (empty: a "
+        "random key per process; links then die with the process and differ between "
+        "replicas)", _min_secret))
+    records_url_ttl_s: int = field(default=3600, metadata=_key(
+        "RECORDS_URL_TTL_S", "lifetime of a signed record_url, s", _range(1, 30 * 24 * 3600)))
+    metrics_port: int | None = field(default=None, metadata=_key(
+        "METRICS_PORT", "serve /metrics on this port alone, not on VOXGATE_HTTP_PORT "
+        "(off: on VOXGATE_HTTP_PORT; 0 picks a free one)",
+        _optional(_range(0, 65535))))
+    tls_cert_file: str = field(default="", metadata=_key(
+        "TLS_CERT_FILE", "PEM certificate chain: the gateway serves wss:// and https:// "
+        "(with TLS_KEY_FILE)"))
+    tls_key_file: str = field(default="", metadata=_key(
+        "TLS_KEY_FILE", "PEM private key of TLS_CERT_FILE"))
+    asr_tls_ca_file: str = field(default="", metadata=_key(
+        "ASR_TLS_CA_FILE", "CA bundle that https:// ASR endpoints are verified against "
+        "(empty: the system trust store)"))
+    asr_tls_cert_file: str = field(default="", metadata=_key(
+        "ASR_TLS_CERT_FILE", "client certificate the gateway presents to the ASR service "
+        "(mTLS, with ASR_TLS_KEY_FILE)"))
+    asr_tls_key_file: str = field(default="", metadata=_key(
+        "ASR_TLS_KEY_FILE", "private key of ASR_TLS_CERT_FILE"))
+    asr_token: str = field(default="", repr=False, metadata=_key(
+        "ASR_TOKEN", "bearer token sent to the ASR service on every request (where mTLS "
+        "is not used)"))
+    start_timeout_s: float = field(default=10.0, metadata=_key(
+        "START_TIMEOUT_S", "a connection that sends no valid start this long is closed "
+        "with START_TIMEOUT, s", _range(0.1, 600)))
+    send_timeout_s: float = field(default=10.0, metadata=_key(
+        "SEND_TIMEOUT_S", "a send or a close to a client that takes longer is abandoned "
+        "and the connection aborted, s", _range(0.1, 600)))
+    max_connections: int = field(default=1000, metadata=_key(
+        "MAX_CONNECTIONS", "open WebSocket connections (admitted or not) past this are "
+        "refused at the handshake with 503", _range(1, 1000000)))
+    max_sessions_per_ip: int = field(default=0, metadata=_key(
+        "MAX_SESSIONS_PER_IP", "connections from one client address past this get "
+        "RATE_LIMITED (0: no cap; behind a proxy every client has its address)",
+        _range(0, 1000000)))
+    max_sessions_per_tenant: int = field(default=0, metadata=_key(
+        "MAX_SESSIONS_PER_TENANT", "sessions of one tenant past this get RATE_LIMITED "
+        "(0: no cap)", _range(0, 1000000)))
+    max_messages_per_s: float = field(default=1000.0, metadata=_key(
+        "MAX_MESSAGES_PER_S", "WebSocket messages a session may send per second "
+        "(averaged over 2 s); more get RATE_LIMITED", _range(1, 1000000)))
+    max_session_s: float = field(default=14400.0, metadata=_key(
+        "MAX_SESSION_S", "a session is ended (reason max_duration) after this long, s",
+        _range(1, 7 * 24 * 3600)))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -254,6 +321,12 @@ class GatewayConfig:
                 raise ValueError(f"{f.metadata['env']} ({f.name}) {problem}")
         if self.archive_store == "s3" and not self.s3_bucket:
             raise ValueError("S3_BUCKET (s3_bucket) is required when ARCHIVE_STORE is s3")
+        for cert, key, names in (
+                (self.tls_cert_file, self.tls_key_file, "TLS_CERT_FILE and TLS_KEY_FILE"),
+                (self.asr_tls_cert_file, self.asr_tls_key_file,
+                 "ASR_TLS_CERT_FILE and ASR_TLS_KEY_FILE")):
+            if bool(cert) != bool(key):
+                raise ValueError(f"{names} must be set together")
         if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
             raise ValueError("S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY must be set together "
                              "(or both left empty for the AWS credential chain)")
@@ -357,6 +430,12 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
             if isinstance(raw, bool):
                 raise ValueError("expected a number or off")
             return float(raw)
+        if kind == "int | None":
+            if raw is None or str(raw).strip().lower() in ("off", "none", ""):
+                return None
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer or empty")
+            return int(raw)
         if kind == "float":
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
