@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # live-Prometheus test scrapes a gateway and an ASR service with the real server.
 # chromium: tests/integration/test_browser.py drives the browser client in it (headless);
 # chromium-driver for those who drive it with WebDriver instead.
-APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata prometheus chromium chromium-driver)
+# openssl: the TLS and mTLS tests make their certificates with its command line.
+APT_PACKAGES=(build-essential pkg-config libopus-dev libopusenc-dev libsndfile1 espeak-ng sox pocketsphinx-testdata prometheus chromium chromium-driver openssl)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
