@@ -66,7 +66,8 @@ def check(ok: bool, what: str) -> None:
         print(f"FAIL: {what}")
 
 
-BASE = {"gateway": {"env": {"PUBLIC_BASE": "https://voice.example.com"}}}
+BASE = {"gateway": {"env": {"PUBLIC_BASE": "https://voice.example.com"},
+                    "auth": {"existingSecret": "voxgate-jwt"}}}
 
 
 def merged(*layers: dict) -> dict:
@@ -89,9 +90,13 @@ CASES = {
         "ingress": {"enabled": True, "tlsSecretName": "voice-tls",
                     "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "1m"}},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
-        "asr": {"tls": {"enabled": True, "secretName": "asr-tls", "caSecret": "asr-ca"},
+        "asr": {"tls": {"enabled": True, "secretName": "asr-tls", "caSecret": "asr-ca",
+                        "clientSecret": "gw-client", "requireClientCert": True},
                 "pools": {"multi": {"autoscaling": {"enabled": True}}}},
-        "gateway": {"auth": {"existingSecret": "voxgate-jwt"},
+        "gateway": {"auth": {"existingSecret": "voxgate-jwt", "keysSecret": "voxgate-jwks",
+                             "issuer": "https://id.example.com", "audience": "voxgate"},
+                    "recordsUrlKey": {"existingSecret": "records-key"},
+                    "tls": {"secretName": "gateway-tls"},
                     "archive": {"persistence": {"enabled": True,
                                                 "accessModes": ["ReadWriteMany"]}},
                     "env": {"ARCHIVE_STORE": "s3", "S3_BUCKET": "rec"},
@@ -168,7 +173,11 @@ for case, values in CASES.items():
             tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
             check(len(tmp) == 1 and "emptyDir" in vols.get(tmp[0]["name"], {}),
                   f"{case}: {name}/{c['name']}: /tmp is not an emptyDir")
-            check(all(p.get("httpGet") for p in (c.get("readinessProbe"), c.get("livenessProbe"))),
+            # httpGet, or (ASR with client certificates required) an exec probe that
+            # presents the mounted client certificate to the same paths.
+            check(all(p and (p.get("httpGet") or "/readyz" in str(p.get("exec"))
+                             or "/healthz" in str(p.get("exec")))
+                      for p in (c.get("readinessProbe"), c.get("livenessProbe"))),
                   f"{case}: {name}/{c['name']}: readiness/liveness probes")
             check(any(k in c for k in ("resources",)), f"{case}: {name}: resources")
     for sa in kinds.get("ServiceAccount", []):
@@ -233,6 +242,11 @@ REFUSED = {
     "no PUBLIC_BASE": {"gateway": {"env": {"PUBLIC_BASE": ""}}},
     "asr.server.port set": {"asr": {"server": {"port": 1}}},
     "TLS without a Secret": {"asr": {"tls": {"enabled": True}}},
+    "no authentication": {"gateway": {"auth": {"existingSecret": ""}}},
+    "a chart-owned security env var": {"gateway": {"env": {"RECORDS_URL_KEY": "x" * 40}}},
+    "client certificates required without a client Secret": {
+        "asr": {"tls": {"enabled": True, "secretName": "t", "caSecret": "ca",
+                        "requireClientCert": True}}},
 }
 for what, bad in REFUSED.items():
     values = merged(BASE, bad)

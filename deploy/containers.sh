@@ -352,6 +352,11 @@ check_stream() {  # check_stream LABEL WS_URL EXPECT_RECORD_PREFIX [EXPECT_REDIR
     "$3"*) pass "stream ($1): record_url $url" ;;
     *) fail "stream ($1): record_url '$url' is not under $3"; return ;;
   esac
+  # record_url is signed: the same path without its signature is refused.
+  local bare
+  bare=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' "${url%%\?*}" 2>&1)
+  [ "$bare" = 403 ] && pass "record ($1): unsigned ${url%%\?*} is refused (403)" \
+    || fail "record ($1): unsigned ${url%%\?*} answered '$bare', not 403"
   if [ -n "${4:-}" ]; then
     local hop
     hop=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code} %{redirect_url}' "$url" 2>&1)
@@ -402,6 +407,7 @@ run() {
     -v "$RUN_TAG-records:/var/lib/voxgate/records" \
     --cap-drop ALL --security-opt no-new-privileges \
     -e ASR_URLS=http://asr:8090 -e PUBLIC_BASE="http://127.0.0.1:$http_port" \
+    -e AUTH_DISABLED=true \
     -p "127.0.0.1:$ws_port:8080" -p "127.0.0.1:$http_port:8081" \
     "localhost/voxgate-gateway:$APP_VERSION" >/dev/null \
     || die "run: gateway container did not start"

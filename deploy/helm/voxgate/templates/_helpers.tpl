@@ -109,7 +109,7 @@ Call with (dict "root" $ "pool" $name "spec" $spec). Returns YAML (use fromYaml)
 */}}
 {{- define "voxgate.asrServer" -}}
 {{- $server := mergeOverwrite (deepCopy (default dict .root.Values.asr.server)) (deepCopy (default dict .spec.server)) -}}
-{{- range $key := list "host" "port" "certfile" "keyfile" }}
+{{- range $key := list "host" "port" "certfile" "keyfile" "client_ca_file" }}
 {{- if hasKey $server $key }}
 {{- fail (printf "asr server setting %q is set by the chart (host/port by the image entrypoint, certfile/keyfile by asr.tls)" $key) }}
 {{- end }}
@@ -117,6 +117,9 @@ Call with (dict "root" $ "pool" $name "spec" $spec). Returns YAML (use fromYaml)
 {{- if .root.Values.asr.tls.enabled }}
 {{- $_ := set $server "certfile" "/etc/voxgate/tls/tls.crt" }}
 {{- $_ := set $server "keyfile" "/etc/voxgate/tls/tls.key" }}
+{{- if .root.Values.asr.tls.requireClientCert }}
+{{- $_ := set $server "client_ca_file" (printf "/etc/voxgate/ca/%s" .root.Values.asr.tls.caKey) }}
+{{- end }}
 {{- end }}
 {{- toYaml $server -}}
 {{- end -}}
@@ -159,7 +162,7 @@ Checks run once per render.
 {{- fail (printf "asr pool name %q must be a DNS label (lower-case letters, digits, '-')" $name) -}}
 {{- end -}}
 {{- end -}}
-{{- range $key := list "ASR_URLS" "ASR_POOLS" "VOXGATE_HOST" "VOXGATE_PORT" "VOXGATE_HTTP_PORT" "ARCHIVE_DIR" "AUTH_JWT_SECRET" -}}
+{{- range $key := list "ASR_URLS" "ASR_POOLS" "VOXGATE_HOST" "VOXGATE_PORT" "VOXGATE_HTTP_PORT" "ARCHIVE_DIR" "AUTH_JWT_SECRET" "AUTH_JWT_KEYS_FILE" "AUTH_JWT_ISSUER" "AUTH_JWT_AUDIENCE" "AUTH_DISABLED" "RECORDS_URL_KEY" "TLS_CERT_FILE" "TLS_KEY_FILE" "ASR_TLS_CA_FILE" "ASR_TLS_CERT_FILE" "ASR_TLS_KEY_FILE" -}}
 {{- if hasKey $.Values.gateway.env $key -}}
 {{- fail (printf "gateway.env.%s is set by the chart; remove it (see values.yaml)" $key) -}}
 {{- end -}}
@@ -175,6 +178,13 @@ Checks run once per render.
 {{- if and $base (not (regexMatch "^https?://[^/]+" $base)) -}}
 {{- fail (printf "gateway.env.PUBLIC_BASE %q must be an absolute http(s) URL" $base) -}}
 {{- end -}}
+{{- $auth := .Values.gateway.auth -}}
+{{- if not (or $auth.existingSecret $auth.keysSecret $auth.disabled) -}}
+{{- fail "gateway.auth: set existingSecret (HS256) or keysSecret (a JSON Web Key Set), or disabled: true to run without authentication" -}}
+{{- end -}}
+{{- if and .Values.asr.tls.requireClientCert (not (and .Values.asr.tls.enabled .Values.asr.tls.caSecret .Values.asr.tls.clientSecret)) -}}
+{{- fail "asr.tls.requireClientCert needs asr.tls.enabled, caSecret and clientSecret" -}}
+{{- end -}}
 {{- if and .Values.asr.tls.enabled (not .Values.asr.tls.secretName) -}}
 {{- fail "asr.tls.enabled needs asr.tls.secretName (a kubernetes.io/tls Secret)" -}}
 {{- end -}}
@@ -188,5 +198,26 @@ The ServiceAccount the pods run as.
 {{- default (include "voxgate.prefix" .) .Values.serviceAccount.name -}}
 {{- else -}}
 {{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+An ASR probe. With asr.tls.requireClientCert the service refuses TLS handshakes without
+a client certificate, which kubelet's httpGet probes cannot present: the probe is then
+a Python one-liner in the container that presents the gateway's client certificate.
+Call with (dict "root" $ "path" "/readyz" "scheme" $scheme).
+*/}}
+{{- define "voxgate.asrProbe" -}}
+{{- if .root.Values.asr.tls.requireClientCert -}}
+exec:
+  command:
+    - python3
+    - -c
+    - "import ssl,urllib.request as u;c=ssl.create_default_context(cafile='/etc/voxgate/ca/{{ .root.Values.asr.tls.caKey }}');c.check_hostname=False;c.load_cert_chain('/etc/voxgate/probe-client/tls.crt','/etc/voxgate/probe-client/tls.key');u.urlopen('https://127.0.0.1:8090{{ .path }}',context=c,timeout=3)"
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+  scheme: {{ .scheme }}
 {{- end -}}
 {{- end -}}
