@@ -16,6 +16,14 @@ by one on a healthy endpoint of the pool, with backoff within a budget, and the
 utterances still waiting for their finals are replayed there. Moving to another pool
 after language ID is the same replay. Each endpoint has a circuit breaker
 (``CircuitBreaker``, sans-IO) with half-open probes.
+
+``AsrPools.from_config`` builds the pools from the gateway's settings, with the link's
+security: ``https://`` endpoints verified against ``ASR_TLS_CA_FILE``, the gateway's
+client certificate (mTLS) and ``ASR_TOKEN`` as a bearer token on every request.
+
+Nothing the ASR service sends is trusted: a malformed frame or event, a ``retry-after``
+that is not a small number, a language-ID answer of the wrong shape fail that stream or
+request (``AsrUnavailable``, failed over like a dead endpoint), never the session.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ import itertools
 import json
 import logging
 import math
+import re
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -41,6 +50,9 @@ from native import OpusEncoder, OpusError
 
 from .h2client import H2ClientError, H2Connection, H2Stream, connect
 from .logs import fields
+
+if TYPE_CHECKING:
+    from .config import GatewayConfig
 
 log = logging.getLogger("voxgate.gateway.asrlink")
 
@@ -56,6 +68,14 @@ OPEN_ATTEMPTS = 3
 # 4.2 at 2, 3.5 at 0 (``ASR_LINK_OPUS_COMPLEXITY``).
 DEFAULT_LINK_OPUS_COMPLEXITY = 2
 LOOP_LAG_S = 0.1  # a timer this late means our own event loop is overloaded
+# A 503's retry-after is the peer's word: a missing or unreadable one means this, and
+# any value is clamped to the range (a hostile "1e308" must not park a session).
+DEFAULT_RETRY_AFTER_S = 1.0
+MAX_RETRY_AFTER_S = 30.0
+MAX_LID_ANSWER_BYTES = 64 * 1024  # a /v1/lid answer is a few hundred bytes
+# What a language code from the ASR service may look like ("en", "pt-BR", "yue").
+_LANG_RE = re.compile(r"[A-Za-z]{0,8}(?:[-_][A-Za-z0-9]{1,8}){0,3}")
+MAX_EVENT_MESSAGE_CHARS = 500  # an error's message from the service, as passed on
 
 
 class AsrUnavailable(Exception):
@@ -68,6 +88,116 @@ class AsrBusy(AsrUnavailable):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class AsrRefused(AsrUnavailable):
+    """An ASR endpoint refused the request with an HTTP error (401/403: the gateway's
+    ``ASR_TOKEN`` or client certificate is not accepted; another 4xx/5xx: a broken or
+    mismatched service). Failed over like an unreachable endpoint."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_retry_after(value: str | None) -> float:
+    """Seconds from a ``retry-after`` header, clamped to ``[0, MAX_RETRY_AFTER_S]``.
+
+    The header comes from the ASR service: a missing, non-numeric (an HTTP date, "abc"),
+    infinite or NaN value means ``DEFAULT_RETRY_AFTER_S``; a negative one means 0.
+    """
+    try:
+        seconds = float((value or "").strip())
+    except ValueError:
+        return DEFAULT_RETRY_AFTER_S
+    if math.isnan(seconds) or math.isinf(seconds):
+        return DEFAULT_RETRY_AFTER_S
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def check_lid_answer(body: bytes) -> dict[str, Any]:
+    """The JSON answer of ``/v1/lid``, checked: ``lang`` a language code, ``score`` a
+    finite number, ``top`` a list of ``{"lang", "score"}`` of the same kinds.
+
+    Returns:
+        ``{"lang": str, "score": float, "top": [{"lang": str, "score": float}, ...]}``
+        plus any other keys of the answer.
+    Raises:
+        ValueError: the body is not such an answer (the message says what is wrong).
+    """
+    if len(body) > MAX_LID_ANSWER_BYTES:
+        raise ValueError(f"answer of {len(body)} bytes (limit {MAX_LID_ANSWER_BYTES})")
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"answer is not JSON: {type(exc).__name__}") from None
+    if not isinstance(answer, dict):
+        raise ValueError("answer is not a JSON object")
+
+    def lang_score(obj: Any, where: str) -> tuple[str, float]:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where} is not an object")
+        lang, score = obj.get("lang"), obj.get("score")
+        if not isinstance(lang, str) or not lang or not _LANG_RE.fullmatch(lang):
+            raise ValueError(f"{where}.lang is not a language code: {str(lang)[:20]!r}")
+        if (isinstance(score, bool) or not isinstance(score, int | float)
+                or not math.isfinite(score)):
+            raise ValueError(f"{where}.score is not a finite number")
+        return lang, float(score)
+
+    lang, score = lang_score(answer, "answer")
+    top = answer.get("top", [])
+    if not isinstance(top, list) or len(top) > 200:
+        raise ValueError("answer.top is not a list (of at most 200 entries)")
+    checked = [lang_score(t, f"answer.top[{i}]") for i, t in enumerate(top)]
+    return {**answer, "lang": lang, "score": score,
+            "top": [{"lang": t_lang, "score": t_score} for t_lang, t_score in checked]}
+
+
+def check_event(ev: link.AsrEvent) -> link.AsrEvent:
+    """An event from the ASR service, checked beyond what the codec checks: the
+    utterance index and times are non-negative, the times in order, ``lang`` a language
+    code, and an error's message at most ``MAX_EVENT_MESSAGE_CHARS`` (it is passed on to
+    the client).
+
+    Raises:
+        ValueError: the event cannot be passed on.
+    """
+    if ev.utterance < 0:
+        raise ValueError(f"{ev.type} event with utterance {ev.utterance}")
+    if ev.ts[0] < 0 or ev.ts[1] < ev.ts[0]:
+        raise ValueError(f"{ev.type} event with times {ev.ts}")
+    if ev.lang and not _LANG_RE.fullmatch(ev.lang):
+        raise ValueError(f"{ev.type} event with language {ev.lang[:20]!r}")
+    if len(ev.message) > MAX_EVENT_MESSAGE_CHARS or len(ev.code) > 64:
+        ev = replace(ev, code=ev.code[:64],
+                     message=ev.message[:MAX_EVENT_MESSAGE_CHARS] + "...")
+    return ev
+
+
+def client_ssl_context(*, ca_file: str = "", cert_file: str = "", key_file: str = ""
+                       ) -> ssl.SSLContext:
+    """The TLS context for ``https://`` ASR endpoints: TLS 1.2 or newer, the server
+    verified against ``ca_file`` (the system trust store when empty) with its host name
+    checked, and ``cert_file``/``key_file`` presented when set (mTLS).
+
+    Raises:
+        ValueError: a file is missing or not a PEM certificate/key (named in the message).
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"ASR_TLS_CA_FILE {ca_file!r} cannot be loaded: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("ASR_TLS_CERT_FILE and ASR_TLS_KEY_FILE must be set together")
+    if cert_file:
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ASR_TLS_CERT_FILE {cert_file!r} / ASR_TLS_KEY_FILE "
+                             f"{key_file!r} cannot be loaded: {exc}") from exc
+    return ctx
 
 
 @dataclass
@@ -180,12 +310,18 @@ class AsrPools:
             ``https://`` is TLS with ALPN h2).
         ssl_context: for ``https`` endpoints (defaults to the system trust store).
         max_connections: per endpoint.
+        token: sent as ``authorization: Bearer <token>`` on every request (empty: none).
     """
 
     def __init__(self, pools: dict[str, tuple[str, ...]], *,
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 8,
                  connect_timeout_s: float = 3.0, ping_interval_s: float = 0.25,
-                 ping_timeout_s: float = 1.5, breaker_open_s: float = 1.0) -> None:
+                 ping_timeout_s: float = 1.5, breaker_open_s: float = 1.0,
+                 token: str = "") -> None:
+        if any(c in token for c in "\r\n\0"):
+            raise ValueError("ASR_TOKEN must not contain line breaks or NUL")
+        self._auth: list[tuple[str, str]] = (
+            [("authorization", f"Bearer {token}")] if token else [])
         self._pools: dict[str, list[_Endpoint]] = {}
         for name, urls in pools.items():
             eps = []
@@ -206,6 +342,34 @@ class AsrPools:
         self._nursery: trio.Nursery | None = None
         self.counters = LinkCounters()
 
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig) -> AsrPools:
+        """The pools of ``cfg``, with the link's TLS context (``ASR_TLS_CA_FILE``,
+        ``ASR_TLS_CERT_FILE``/``ASR_TLS_KEY_FILE``) and ``ASR_TOKEN``.
+
+        Raises:
+            ValueError: an endpoint URL is malformed, or a TLS file cannot be loaded (at
+                startup, not at the first session).
+        """
+        urls = cfg.pool_urls()
+        tls_files = cfg.asr_tls_ca_file or cfg.asr_tls_cert_file
+        ctx = client_ssl_context(ca_file=cfg.asr_tls_ca_file,
+                                 cert_file=cfg.asr_tls_cert_file,
+                                 key_file=cfg.asr_tls_key_file)
+        cleartext = sorted({u for us in urls.values() for u in us
+                            if urlsplit(u).scheme == "http"})
+        if cleartext and tls_files:
+            log.warning("ASR_TLS_* is set but these ASR endpoints are http:// (h2c, no "
+                        "TLS): %s", ", ".join(cleartext))
+        if cleartext and cfg.asr_token and any(
+                urlsplit(u).hostname not in ("127.0.0.1", "::1", "localhost")
+                for u in cleartext):
+            log.warning("ASR_TOKEN goes in clear text to http:// ASR endpoints; use "
+                        "https:// for them")
+        return cls(urls, ssl_context=ctx, ping_interval_s=cfg.asr_ping_interval_s,
+                   ping_timeout_s=cfg.asr_ping_timeout_s,
+                   breaker_open_s=cfg.asr_breaker_open_s, token=cfg.asr_token)
+
     @property
     def names(self) -> list[str]:
         return list(self._pools)
@@ -225,16 +389,24 @@ class AsrPools:
                     ) -> None:
         ctx = None
         if ep.tls:
-            ctx = self._ssl or ssl.create_default_context()
+            ctx = self._ssl or client_ssl_context()
+        started = False
         try:
             async with connect(ep.host, ep.port, ssl_context=ctx,
                                connect_timeout_s=self._connect_timeout_s) as conn:
                 ep.conns.append(conn)
                 task_status.started(conn)
+                started = True
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keepalive, ep, conn)
                     await conn.wait_closed()
                     nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if not started:
+                raise  # to the opener (connect raises H2ClientError only)
+            # This task lives in the pools' nursery, beside every other connection and
+            # the gateway itself: one connection's failure must end here.
+            log.warning("ASR connection to %s failed: %r", ep.name, exc)
         finally:
             ep.conns[:] = [c for c in ep.conns if not c.closed]
 
@@ -357,25 +529,32 @@ class AsrPools:
                     conn = await self._connection(ep)
                     h2s = await conn.open_stream("POST", "/v1/lid", [
                         ("content-type", "application/octet-stream"),
-                        ("content-length", str(len(pcm)))])
+                        ("content-length", str(len(pcm))), *self._auth])
                     await h2s.send(pcm)
                     await h2s.end()
                     status = await h2s.response()
                     body = bytearray()
                     while (chunk := await h2s.receive()) is not None:
                         body += chunk
+                        if len(body) > MAX_LID_ANSWER_BYTES:
+                            await h2s.reset()
+                            break
             except (H2ClientError, trio.TooSlowError, OSError) as exc:
                 errors.append(f"{ep.host}:{ep.port}: {exc or type(exc).__name__}")
                 continue
             if status == 200:
-                answer: dict[str, Any] = json.loads(body)
-                return answer
+                try:
+                    return check_lid_answer(bytes(body))
+                except ValueError as exc:
+                    raise AsrUnavailable(f"{ep.name} /v1/lid: malformed answer: "
+                                         f"{exc}") from None
             if status == 503:
-                retry = float(h2s.headers.get("retry-after", "1") or 1)
+                retry = parse_retry_after(h2s.headers.get("retry-after"))
                 busy = AsrBusy(f"{ep.host}:{ep.port} answered 503", retry)
                 continue
-            raise AsrUnavailable(f"{ep.host}:{ep.port} /v1/lid answered {status}: "
-                                 f"{bytes(body[:200]).decode(errors='replace')}")
+            raise AsrRefused(f"{ep.host}:{ep.port} /v1/lid answered {status}"
+                             f"{_refusal_hint(status)}: "
+                             f"{bytes(body[:200]).decode(errors='replace')!r}", status)
         if busy is not None:
             raise busy
         raise AsrUnavailable("; ".join(errors) or "no endpoint")
@@ -390,6 +569,7 @@ class AsrPools:
             raise AsrUnavailable(f"no ASR pool named {pool!r}")
         busy: AsrBusy | None = None
         errors = []
+        refused: int | None = None
         candidates = self._candidates(pool, avoid)
         if not candidates:
             errors.append("every endpoint's circuit breaker is open")
@@ -398,10 +578,13 @@ class AsrPools:
                 conn = await self._connection(ep)
                 if id(conn) in exclude and len(eps) > 1:
                     continue
-                h2s = await conn.open_stream(
-                    "POST", "/v1/recognize",
-                    [("content-type", link.CONTENT_TYPE),
-                     *([("traceparent", start.traceparent)] if start.traceparent else [])])
+                with trio.fail_after(self._connect_timeout_s):
+                    # Bounded: a peer that advertises no stream slots must not park us.
+                    h2s = await conn.open_stream(
+                        "POST", "/v1/recognize",
+                        [("content-type", link.CONTENT_TYPE), *self._auth,
+                         *([("traceparent", start.traceparent)]
+                           if start.traceparent else [])])
                 await h2s.send(link.encode(start))
                 with trio.fail_after(self._connect_timeout_s):
                     status = await h2s.response()
@@ -409,11 +592,18 @@ class AsrPools:
                     ep.breaker.success(trio.current_time())
                     self.counters.streams_opened += 1
                     return ep, conn, h2s
+                await h2s.reset()
+                if status not in (429, 503):
+                    # Refused (401/403: credentials) or broken: this endpoint cannot
+                    # serve us, like one that is down.
+                    self.report_failure(ep)
+                    errors.append(f"{ep.name} answered {status}{_refusal_hint(status)}")
+                    refused = status
+                    continue
                 # 503 is the service working as designed: not a breaker failure.
                 ep.breaker.success(trio.current_time())
-                retry = float(h2s.headers.get("retry-after", "1") or 1)
+                retry = parse_retry_after(h2s.headers.get("retry-after"))
                 busy = AsrBusy(f"{ep.name} answered {status}", retry)
-                await h2s.reset()
             except (H2ClientError, trio.TooSlowError, OSError) as exc:
                 self.report_failure(ep)
                 errors.append(f"{ep.name}: {exc or type(exc).__name__}")
@@ -421,7 +611,17 @@ class AsrPools:
             self.counters.busy += 1
             raise busy
         self.counters.unavailable += 1
+        if refused is not None:
+            raise AsrRefused("; ".join(errors), refused)
         raise AsrUnavailable("; ".join(errors) or "no endpoint")
+
+
+def _refusal_hint(status: int) -> str:
+    if status == 401:
+        return " (unauthorized: check ASR_TOKEN)"
+    if status == 403:
+        return " (forbidden: check ASR_TOKEN and the client certificate)"
+    return ""
 
 
 class AsrStream:
@@ -588,9 +788,18 @@ class AsrStream:
                 raise AsrUnavailable(f"ASR stream failed: {exc}") from exc
             if chunk is None:
                 return
-            for item in self._decoder.feed(chunk):
-                if not isinstance(item, link.AsrEvent):
-                    continue
+            try:
+                items = self._decoder.feed(chunk)
+                checked = [check_event(item) for item in items
+                           if isinstance(item, link.AsrEvent)]
+            except (link.LinkProtocolError, ValueError, ArithmeticError,
+                    RecursionError) as exc:
+                # The service sent something that is not an event stream (or an event
+                # that cannot be passed on): this stream is broken, the session is not.
+                raise AsrUnavailable(
+                    f"ASR stream on {self.endpoint.name if self.endpoint else '?'} sent a "
+                    f"malformed frame: {type(exc).__name__}: {str(exc)[:200]}") from None
+            for item in checked:
                 if self.first_event_at is None:
                     self.first_event_at = time.perf_counter()
                     self._replay = None

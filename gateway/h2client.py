@@ -6,10 +6,16 @@ multiplexes streams over one connection, honours the peer's ``SETTINGS`` (concur
 stream limit, flow-control windows) and gives each stream bounded receive buffering.
 
 Cleartext uses prior knowledge (h2c); pass an ``ssl.SSLContext`` for TLS with ALPN h2.
+
+The peer is not trusted to be well-behaved: whatever it sends (malformed frames, bytes
+that are not HTTP/2, headers that are not UTF-8, a missing ``:status``) fails that
+connection and its streams with ``H2ClientError``; nothing it sends raises anything else
+out of this module, so a broken or hostile ASR service cannot reach the caller's nursery.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import ssl
@@ -24,6 +30,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
+
+log = logging.getLogger("voxgate.gateway.h2client")
 
 READ_SIZE = 65536
 STREAM_BUFFER_EVENTS = 256  # per-stream receive events held before the reader waits
@@ -86,8 +94,14 @@ class H2Stream:
             if event is None:
                 raise H2ClientError(f"stream {self.stream_id} ended before its headers")
             if isinstance(event, h2.events.ResponseReceived):
-                self.headers = {k.decode(): v.decode() for k, v in event.headers}
-                self.status = int(self.headers[":status"])
+                # The peer's bytes: never trusted to be UTF-8 or to carry a number.
+                self.headers = {bytes(k).decode("utf-8", "replace"):
+                                bytes(v).decode("utf-8", "replace") for k, v in event.headers}
+                status = self.headers.get(":status", "")
+                if not (len(status) == 3 and status.isdigit()):
+                    raise H2ClientError(f"stream {self.stream_id}: the peer answered a "
+                                        f"malformed :status {status[:20]!r}")
+                self.status = int(status)
         return self.status
 
     async def receive(self) -> bytes | None:
@@ -137,6 +151,14 @@ class H2Connection:
         self._h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
+        # No server push: nothing here would read a pushed stream, and its flow-control
+        # window would never be returned. h2's own defaults otherwise.
+        self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE:
+                h2.connection.H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
         self._send_lock = trio.Lock()
         self._streams: dict[int, _StreamState] = {}
         self._window_changed = trio.Event()
@@ -180,25 +202,41 @@ class H2Connection:
             await self._flush()
 
     async def _reader(self) -> None:
+        """Read and dispatch until the connection ends. Never raises (but Cancelled):
+        whatever the peer sends, the worst outcome is this connection failing, and its
+        streams with it (the caller fails them over as for a dead peer)."""
         try:
             while True:
                 data = await self._stream.receive_some(READ_SIZE)
                 if not data:
                     break
                 self.last_received = trio.current_time()
-                try:
-                    events = self._h2.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    self._fail(exc)
-                    break
+                events = self._h2.receive_data(data)
                 for event in events:
                     self._dispatch(event)
                 async with self._send_lock:
                     await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, H2ClientError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(H2ClientError(f"connection to {self.authority} lost: "
+                                     f"{_reason(exc)}"))
+        except h2.exceptions.H2Error as exc:
+            # The peer broke the protocol: say GOAWAY (best effort), fail every stream.
+            self._fail(H2ClientError(f"HTTP/2 protocol error from {self.authority}: "
+                                     f"{type(exc).__name__}: {exc}"))
+            with suppress(Exception), trio.move_on_after(0.5):
+                async with self._send_lock:
+                    self._h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    await self._stream.send_all(self._h2.data_to_send())
+        except H2ClientError as exc:
             self._fail(exc)
+        except Exception as exc:
+            # A malformed frame h2 did not anticipate (hyperframe, hpack or a bug in our
+            # dispatch): fail this connection, never the gateway.
+            log.warning("ASR connection %s failed on bad input: %r", self.authority, exc)
+            self._fail(H2ClientError(f"bad data from {self.authority}: "
+                                     f"{type(exc).__name__}: {exc}"))
         finally:
-            self._fail(H2ClientError("connection closed by peer"))
+            self._fail(H2ClientError(f"connection to {self.authority} closed by peer"))
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -224,7 +262,8 @@ class H2Connection:
             # stream on the connection. A full buffer costs that stream, not the others.
             state.send_channel.send_nowait(event)
         except trio.WouldBlock:
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            with suppress(h2.exceptions.H2Error):  # the stream may be closed already
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             self._forget(stream_id)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -263,7 +302,12 @@ class H2Connection:
                 raise H2ClientError(f"connection is closed: {self._error}")
             await self._slots_changed.wait()
         async with self._send_lock:
-            stream_id = self._h2.get_next_available_stream_id()
+            if self.closed:
+                raise H2ClientError(f"connection is closed: {self._error}")
+            try:
+                stream_id = self._h2.get_next_available_stream_id()
+            except h2.exceptions.H2Error as exc:  # stream ids used up, or GOAWAY state
+                raise H2ClientError(f"no new stream on {self.authority}: {exc}") from exc
             send, receive = trio.open_memory_channel[h2.events.Event](STREAM_BUFFER_EVENTS)
             state = _StreamState(send, receive)
             self._streams[stream_id] = state
@@ -274,6 +318,10 @@ class H2Connection:
             except h2.exceptions.TooManyStreamsError as exc:
                 self._forget(stream_id)
                 raise H2ClientError(f"the peer's stream limit is reached: {exc}") from exc
+            except h2.exceptions.H2Error as exc:  # the connection state is closed
+                self._forget(stream_id)
+                raise H2ClientError(f"cannot open a stream on {self.authority}: "
+                                    f"{exc}") from exc
             await self._flush()
         stream = H2Stream(self, stream_id, state)
         stream._closed_local = end_stream
@@ -353,7 +401,7 @@ class H2Connection:
                     await self._flush()
                 await answered.wait()
             return answered.is_set()
-        except H2ClientError:
+        except (H2ClientError, h2.exceptions.H2Error):
             return False
         finally:
             self._pings.pop(data, None)
@@ -393,7 +441,7 @@ class H2Connection:
                 async with self._send_lock:
                     self._h2.close_connection()
                     await self._flush()
-        except (H2ClientError, h2.exceptions.ProtocolError):
+        except (H2ClientError, h2.exceptions.H2Error):
             pass
         finally:
             await trio.aclose_forcefully(self._stream)
@@ -409,20 +457,28 @@ async def connect(
     Raises:
         H2ClientError: cannot connect, or TLS did not negotiate h2.
     """
+    stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(connect_timeout_s):
-            tcp = await trio.open_tcp_stream(host, port)
-            stream: trio.abc.Stream = tcp
+            stream = tcp = await trio.open_tcp_stream(host, port)
             if ssl_context is not None:
                 ssl_context.set_alpn_protocols(["h2"])
-                tls = trio.SSLStream(tcp, ssl_context, server_hostname=host)
-                await tls.do_handshake()
+                stream = tls = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    raise H2ClientError(f"TLS handshake with {host}:{port} failed: "
+                                        f"{_reason(exc)}") from exc
                 if tls.selected_alpn_protocol() != "h2":
-                    await tls.aclose()
-                    raise H2ClientError("the server did not negotiate h2 over TLS")
-                stream = tls
-    except (OSError, trio.TooSlowError) as exc:
-        raise H2ClientError(f"cannot connect to {host}:{port}: {exc}") from exc
+                    raise H2ClientError(f"{host}:{port} did not negotiate h2 over TLS")
+    except (OSError, trio.TooSlowError, H2ClientError) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        if isinstance(exc, H2ClientError):
+            raise
+        raise H2ClientError(f"cannot connect to {host}:{port}: "
+                            f"{exc or type(exc).__name__}") from exc
+    assert stream is not None
     conn = H2Connection(stream, f"{host}:{port}", "https" if ssl_context else "http")
     async with trio.open_nursery() as nursery:
         await conn._start()
@@ -434,3 +490,12 @@ async def connect(
                 await conn.aclose()
             nursery.cancel_scope.cancel()
 
+
+
+def _reason(exc: BaseException) -> str:
+    """The useful part of a transport error: trio wraps the ``ssl.SSLError`` that names
+    the TLS alert (``certificate required``, ``unknown ca``) in a BrokenResourceError."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return str(cause) or type(cause).__name__
+    return str(exc) or type(exc).__name__
