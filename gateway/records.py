@@ -6,12 +6,20 @@ place when it is complete, so a reader never sees half a file and a retried or r
 session never leaves two recordings for one ``flowId``: the last complete one wins.
 The S3 store keeps the same promise with a multipart upload that becomes visible only
 when it is completed.
+
+Keys are scoped by tenant (the token's ``tenant`` claim, else ``sub``): a session of
+tenant ``acme`` records to ``acme/<flowId>.ogg``, so two tenants choosing the same
+``flowId`` never touch each other's recording. Without a tenant (auth off) the key stays
+``<flowId>.ogg``. A tenant that is not safe as one path component (or that looks like
+a hashed one) becomes ``t-`` and 32 hex digits of its SHA-256. These two shapes are the
+only keys :func:`safe_key` accepts: no ``..``, no absolute paths, no deeper folders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -29,11 +37,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("voxgate.gateway.records")
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\.ogg$")
+# One path component that may name a tenant's folder (SAFE_NAME's characters).
+SAFE_PART = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# The folder of a tenant whose name is not a safe component. A tenant that is itself
+# spelled like this is hashed too, so no tenant can name another tenant's folder.
+HASHED_PART = re.compile(r"t-[0-9a-f]{32}")
+FLAT_SLASH = "%2F"  # stands for the key's "/" in the flat names of the fallback folder
 
 
 @dataclass(frozen=True)
 class StoredRecord:
-    """A recording in the store: its key (``<flowId>.ogg``) and size."""
+    """A recording in the store: its key (``[<tenant>/]<flowId>.ogg``) and size."""
 
     key: str
     bytes: int
@@ -55,7 +69,27 @@ class RecordWriter(Protocol):
 
 
 class RecordStore(Protocol):
-    async def open(self, flow_id: str) -> RecordWriter: ...
+    async def open(self, flow_id: str, tenant: str = "") -> RecordWriter:
+        """A writer for the recording of ``flow_id`` of ``tenant`` (key: ``record_key``).
+
+        Raises:
+            ValueError: a flowId that cannot name a recording.
+            OSError: the store cannot take it.
+        """
+        ...
+
+    async def open_key(self, key: str) -> RecordWriter:
+        """A writer for the recording ``key`` (as ``record_key`` made it): for
+        ``ArchiveRetrier``, which knows only the key, and a hashed tenant is one way."""
+        ...
+
+    async def exists(self, key: str) -> bool:
+        """Whether the recording ``key`` is stored.
+
+        Raises:
+            RecordStoreError: the store cannot be asked.
+        """
+        ...
 
 
 @runtime_checkable
@@ -67,7 +101,11 @@ class LinkedRecordStore(Protocol):
     cannot be asked.
     """
 
-    async def open(self, flow_id: str) -> RecordWriter: ...
+    async def open(self, flow_id: str, tenant: str = "") -> RecordWriter: ...
+
+    async def open_key(self, key: str) -> RecordWriter: ...
+
+    async def exists(self, key: str) -> bool: ...
 
     async def link(self, key: str, method: str = "GET") -> str | None: ...
 
@@ -87,28 +125,65 @@ def store_from_config(cfg: GatewayConfig) -> RecordStore | None:
     return LocalStore(cfg.archive_dir)
 
 
+def _safe_name(name: str) -> bool:
+    return bool(SAFE_NAME.fullmatch(name)) and not name.startswith(".")
+
+
+def _safe_part(part: str) -> bool:
+    return bool(SAFE_PART.fullmatch(part)) and not part.startswith(".")
+
+
 def safe_key(key: str) -> bool:
-    """Whether ``key`` is a well-formed recording key (``<flowId>.ogg``, no path)."""
-    return bool(SAFE_NAME.match(key)) and not key.startswith(".")
+    """Whether ``key`` is a well-formed recording key: ``<flowId>.ogg`` or
+    ``<tenant part>/<flowId>.ogg``, nothing else (no ``..``, no absolute or deeper path).
+    """
+    part, slash, name = key.rpartition("/")
+    if not slash:
+        return _safe_name(key)
+    return _safe_part(part) and _safe_name(name)
 
 
-def record_key(flow_id: str) -> str:
-    """The store key of a session's recording.
+def tenant_part(tenant: str) -> str:
+    """The folder (key prefix) of ``tenant``'s recordings: the tenant itself when it is
+    safe as one path component, else ``t-`` and 32 hex digits of its SHA-256 (stable, so
+    the same tenant always finds its recordings; 128 bits, so two never share one)."""
+    if _safe_part(tenant) and not HASHED_PART.fullmatch(tenant):
+        return tenant
+    return "t-" + hashlib.sha256(tenant.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def record_key(flow_id: str, tenant: str = "") -> str:
+    """The store key of a session's recording: ``<flowId>.ogg`` without a tenant, else
+    ``<tenant part>/<flowId>.ogg`` (see :func:`tenant_part`).
 
     Raises:
         ValueError: a flowId that is not safe as a file or object name.
     """
-    key = f"{flow_id}.ogg"
-    if not safe_key(key):
+    name = f"{flow_id}.ogg"
+    if not _safe_name(name):
         raise ValueError(f"flowId {flow_id!r} cannot name a recording")
-    return key
+    return f"{tenant_part(tenant)}/{name}" if tenant else name
+
+
+def flat_name(key: str) -> str:
+    """``key`` as one file name (the fallback folder and the S3 spool are flat):
+    ``acme/f1.ogg`` becomes ``acme%2Ff1.ogg``; :func:`key_of_flat` reverses it."""
+    return key.replace("/", FLAT_SLASH)
+
+
+def key_of_flat(name: str) -> str | None:
+    """The key :func:`flat_name` made ``name`` from, or None if it made no such name."""
+    key = name.replace(FLAT_SLASH, "/")
+    return key if safe_key(key) and flat_name(key) == name else None
 
 
 SYNC_WRITE_MAX_BYTES = 16 * 1024  # appends up to this size skip the thread hop
 
 
 class LocalWriter:
-    def __init__(self, final: Path, tmp: Path, fh: trio.abc.AsyncResource) -> None:
+    def __init__(self, final: Path, tmp: Path, fh: trio.abc.AsyncResource,
+                 key: str = "") -> None:
+        self.key = key or final.name
         self._final = final
         self._tmp = tmp
         self.local_copy = tmp  # what was written so far, for ArchiveSink's fallback
@@ -140,7 +215,7 @@ class LocalWriter:
         await self._fh.flush()  # type: ignore[attr-defined]
         await self._fh.aclose()
         await trio.to_thread.run_sync(os.replace, self._tmp, self._final)
-        return StoredRecord(self._final.name, self._bytes)
+        return StoredRecord(self.key, self._bytes)
 
     async def abort(self) -> None:
         await self._fh.aclose()
@@ -154,12 +229,32 @@ class LocalStore:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
-    async def open(self, flow_id: str) -> LocalWriter:
-        key = record_key(flow_id)
+    async def open(self, flow_id: str, tenant: str = "") -> LocalWriter:
+        """A writer for ``record_key(flow_id, tenant)``; see :meth:`open_key`."""
+        return await self.open_key(record_key(flow_id, tenant))
+
+    async def open_key(self, key: str) -> LocalWriter:
+        """A writer for the recording ``key``, in a temporary file beside its place (the
+        tenant's folder is made if missing), renamed into place by ``commit``.
+
+        Raises:
+            ValueError: not a safe key.
+            OSError: the folder or the file cannot be made.
+        """
+        if not safe_key(key):
+            raise ValueError(f"{key!r} is not a recording key")
+        final = self.root / key
+        if final.parent != self.root:
+            await trio.to_thread.run_sync(
+                functools.partial(final.parent.mkdir, exist_ok=True))
         # Unique across processes and hosts sharing the folder (every container is pid 1).
-        tmp = self.root / f".{key}.{uuid.uuid4().hex}.part"
+        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.part"
         fh = await trio.open_file(tmp, "wb")
-        return LocalWriter(self.root / key, tmp, fh)
+        return LocalWriter(final, tmp, fh, key)
+
+    async def exists(self, key: str) -> bool:
+        """Whether the recording ``key`` is stored (False for an unsafe key)."""
+        return await trio.to_thread.run_sync(lambda: self.path(key) is not None)
 
     def path(self, key: str) -> Path | None:
         """The file behind ``key``, or None if there is none (or the key is unsafe)."""
@@ -180,17 +275,21 @@ class ArchiveSink:
     on into a local fallback file: the bytes the store had accepted are copied from the
     writer's own local file (``local_copy``: the ``.part`` file, or the S3 spool), then
     everything after. The session never stops draining its audio into it. At the end
-    the fallback file is completed as ``<fallback_dir>/<key>``, where ``ArchiveRetrier``
-    uploads it to the store once the store works again.
+    the fallback file is completed as ``<fallback_dir>/<flat_name(key)>`` (one flat
+    folder: ``acme%2Ff1.ogg`` for ``acme/f1.ogg``), where ``ArchiveRetrier`` uploads it
+    to the store once the store works again.
 
     Each method returns a message the first time something fails (for the client's
     ``ARCHIVE_FAILED``), else None.
     """
 
-    def __init__(self, store: RecordStore, flow_id: str, fallback_dir: Path) -> None:
+    def __init__(self, store: RecordStore, flow_id: str, fallback_dir: Path,
+                 tenant: str = "") -> None:
+        """Raises ValueError for a flowId that cannot name a recording."""
         self.store = store
         self.flow_id = flow_id
-        self.key = record_key(flow_id)
+        self.tenant = tenant
+        self.key = record_key(flow_id, tenant)
         self.fallback_dir = fallback_dir
         self._writer: RecordWriter | None = None
         self._accepted = 0  # bytes the store's writer took without error
@@ -201,7 +300,9 @@ class ArchiveSink:
 
     async def open(self) -> str | None:
         try:
-            self._writer = await self.store.open(self.flow_id)
+            # Without a tenant, the one-argument call stores have always had.
+            self._writer = await (self.store.open(self.flow_id, self.tenant) if self.tenant
+                                  else self.store.open(self.flow_id))
         except OSError as exc:
             return await self._fail(f"the archive store refused the recording: {exc}")
         return None
@@ -262,7 +363,8 @@ class ArchiveSink:
             return lost
         try:
             self.fallback_dir.mkdir(parents=True, exist_ok=True)
-            self._fallback_path = self.fallback_dir / f".{self.key}.{uuid.uuid4().hex}.part"
+            self._fallback_path = (self.fallback_dir
+                                   / f".{flat_name(self.key)}.{uuid.uuid4().hex}.part")
             self._fallback = await trio.open_file(self._fallback_path, "wb")
         except OSError as exc:
             self._lost = True
@@ -285,7 +387,7 @@ class ArchiveSink:
             return problem or "the recording could not be kept"
         try:
             await self._fallback.aclose()
-            final = self.fallback_dir / self.key
+            final = self.fallback_dir / flat_name(self.key)
             await trio.to_thread.run_sync(os.replace, self._fallback_path, final)
         except OSError as exc:
             return f"{problem}; the local fallback failed too: {exc}"
@@ -324,7 +426,8 @@ class ArchiveRetrier:
     def pending(self) -> list[Path]:
         if not self.fallback_dir.is_dir():
             return []
-        return sorted(p for p in self.fallback_dir.glob("*.ogg") if safe_key(p.name))
+        return sorted(p for p in self.fallback_dir.glob("*.ogg")
+                      if key_of_flat(p.name) is not None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -341,17 +444,22 @@ class ArchiveRetrier:
         """Try every pending recording once; return whether none failed."""
         ok = True
         for path in self.pending():
-            flow_id = path.name[:-len(".ogg")]
+            key = key_of_flat(path.name)
+            if key is None:  # removed and replaced by something else since pending()
+                continue
             writer: RecordWriter | None = None
             try:
                 data = await trio.to_thread.run_sync(path.read_bytes)
-                writer = await self.store.open(flow_id)
+                # A tenant's key goes by key (a hashed tenant cannot be recovered); a
+                # key without one through open(flowId), as before tenants.
+                writer = await (self.store.open_key(key) if "/" in key
+                                else self.store.open(key.removesuffix(".ogg")))
                 await writer.write(data)
                 await writer.commit()
                 writer = None
                 await trio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
                 self.stored += 1
-                log.info("archive: %s stored from the local fallback", path.name)
+                log.info("archive: %s stored from the local fallback", key)
             except OSError as exc:
                 ok = False
                 self.failures += 1

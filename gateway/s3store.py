@@ -4,7 +4,8 @@ The session writes the Ogg Opus bytes as they are encoded. The writer appends th
 spool file (``ARCHIVE_SPOOL_DIR``) and sends each part of a multipart upload as soon as
 it fills (``S3_PART_SIZE_BYTES``), so memory holds at most one part per S3 call in
 flight, never the recording. ``commit`` sends the rest and completes the upload; only
-then does the object ``<prefix><flowId>.ogg`` appear or replace the previous one, so a
+then does the object ``<prefix><key>`` (``<prefix>[<tenant>/]<flowId>.ogg``, see
+:func:`gateway.records.record_key`) appear or replace the previous one, so a
 retried flush or a resumed session leaves one object: the last complete recording.
 
 A recording that never fills a part (at 24 kbit/s, 5 MiB is about 29 minutes: nearly
@@ -45,7 +46,7 @@ import trio
 from botocore.config import Config
 
 from .config import S3_MIN_PART_SIZE_BYTES
-from .records import RecordStoreError, StoredRecord, record_key, safe_key
+from .records import RecordStoreError, StoredRecord, flat_name, record_key, safe_key
 
 if TYPE_CHECKING:
     from .config import GatewayConfig
@@ -125,7 +126,7 @@ def _read(path: Path, offset: int, size: int) -> bytes:
 
 
 class S3Store:
-    """Recordings as objects ``<prefix><flowId>.ogg`` in ``bucket``.
+    """Recordings as objects ``<prefix><key>`` in ``bucket`` (key: ``record_key``).
 
     Args:
         bucket: the bucket (it must exist).
@@ -214,23 +215,54 @@ class S3Store:
             presign_ttl_s=cfg.s3_presign_ttl_s, retry_deadline_s=cfg.s3_retry_deadline_s)
 
     def object_key(self, key: str) -> str:
-        """The object key of a recording key (``<flowId>.ogg``)."""
+        """The object key of a recording key (``[<tenant>/]<flowId>.ogg``)."""
         return f"{self.prefix}{key}"
 
     def statistics(self) -> S3StoreStatistics:
         return S3StoreStatistics(**self._stats)
 
-    async def open(self, flow_id: str) -> S3Writer:
-        """A writer for the recording of ``flow_id``; nothing is sent until a part fills.
+    async def open(self, flow_id: str, tenant: str = "") -> S3Writer:
+        """A writer for the recording of ``flow_id`` of ``tenant``; see :meth:`open_key`.
 
         Raises:
             ValueError: a flowId that cannot name a recording.
             OSError: the spool file cannot be created.
         """
-        key = record_key(flow_id)
-        spool = self.spool_dir / f"{key}.{uuid.uuid4().hex}.spool"
+        return await self.open_key(record_key(flow_id, tenant))
+
+    async def open_key(self, key: str) -> S3Writer:
+        """A writer for the recording ``key``; nothing is sent until a part fills.
+
+        Raises:
+            ValueError: not a safe recording key.
+            OSError: the spool file cannot be created.
+        """
+        if not safe_key(key):
+            raise ValueError(f"{key!r} is not a recording key")
+        spool = self.spool_dir / f"{flat_name(key)}.{uuid.uuid4().hex}.spool"
         fh = await trio.open_file(spool, "wb")
         return S3Writer(self, key, spool, fh)
+
+    async def exists(self, key: str) -> bool:
+        """Whether the recording ``key`` is stored (a HEAD of its object; False for an
+        unsafe key).
+
+        Raises:
+            S3StoreError: the store did not answer within ``LINK_TIMEOUT_S``, or refused.
+        """
+        if not safe_key(key):
+            return False
+        obj = self.object_key(key)
+        try:
+            with trio.fail_after(LINK_TIMEOUT_S):
+                await self.call(self._client.head_object, Bucket=self.bucket, Key=obj)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return False
+            raise S3StoreError(f"s3://{self.bucket}/{obj}: {exc}") from exc
+        except (botocore.exceptions.BotoCoreError, trio.TooSlowError) as exc:
+            raise S3StoreError(f"s3://{self.bucket}/{obj}: {str(exc) or 'timed out'}") from exc
+        return True
 
     async def link(self, key: str, method: str = "GET") -> str | None:
         """A presigned URL (SigV4, ``presign_ttl_s``) for ``method`` (GET or HEAD) on the
@@ -239,18 +271,9 @@ class S3Store:
         Raises:
             S3StoreError: the store did not answer within ``LINK_TIMEOUT_S``.
         """
-        if not safe_key(key):
+        if not await self.exists(key):
             return None
         obj = self.object_key(key)
-        try:
-            with trio.fail_after(LINK_TIMEOUT_S):
-                await self.call(self._client.head_object, Bucket=self.bucket, Key=obj)
-        except botocore.exceptions.ClientError as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None
-            raise S3StoreError(f"s3://{self.bucket}/{obj}: {exc}") from exc
-        except (botocore.exceptions.BotoCoreError, trio.TooSlowError) as exc:
-            raise S3StoreError(f"s3://{self.bucket}/{obj}: {str(exc) or 'timed out'}") from exc
         op = "head_object" if method == "HEAD" else "get_object"
         url: str = await self.call(
             self._client.generate_presigned_url, op,
