@@ -292,6 +292,7 @@ class _Endpoint:
     breaker: CircuitBreaker
     conns: list[H2Connection] = field(default_factory=list)
     connecting: int = 0
+    last_error: str = ""  # why it last failed: said when every breaker is open
 
     @property
     def load(self) -> int:
@@ -430,22 +431,27 @@ class AsrPools:
                 # or a busy gateway, not a stalled peer. Failing over would add load.
                 continue
             self.counters.ping_timeouts += 1
-            self.report_failure(ep)
+            self.report_failure(ep, f"no PING answer in {self._ping_timeout_s:g} s")
             log.warning("ASR %s: no PING answer in %.1f s; its streams fail over", ep.name,
                         self._ping_timeout_s)
             conn.fail(f"no PING answer from {ep.name} in {self._ping_timeout_s:g} s")
             return
 
-    def report_failure(self, ep: _Endpoint) -> None:
-        """A stream or connection to ``ep`` failed: open its breaker."""
+    def report_failure(self, ep: _Endpoint, reason: str = "") -> None:
+        """A stream or connection to ``ep`` failed (``reason``: why): open its breaker."""
+        if reason:
+            ep.last_error = reason[:300]
         before = ep.breaker.state
         ep.breaker.failure(trio.current_time())
         if before != "open":
             self.counters.breaker_opened += 1
 
-    def breaker_states(self) -> dict[str, str]:
-        """Endpoint -> breaker state, for health pages and tests."""
-        return {ep.name: ep.breaker.state for eps in self._pools.values() for ep in eps}
+    def breaker_states(self, pool: str | None = None) -> dict[str, str]:
+        """Endpoint -> breaker state, for health pages and tests. Each pool has its own
+        breakers, also for an endpoint that several pools share: without ``pool`` the
+        last pool that names an endpoint gives its state."""
+        pools = self._pools.values() if pool is None else [self._pools.get(pool, [])]
+        return {ep.name: ep.breaker.state for eps in pools for ep in eps}
 
     def has_alternative(self, pool: str, endpoint: Any) -> bool:
         """Whether ``pool`` has an endpoint other than ``endpoint`` that its breaker
@@ -572,7 +578,9 @@ class AsrPools:
         refused: int | None = None
         candidates = self._candidates(pool, avoid)
         if not candidates:
-            errors.append("every endpoint's circuit breaker is open")
+            last = "; ".join(ep.last_error for ep in eps if ep.last_error)
+            errors.append("every endpoint's circuit breaker is open"
+                          + (f" (last failures: {last})" if last else ""))
         for ep in candidates[:max(OPEN_ATTEMPTS, len(eps))]:
             try:
                 conn = await self._connection(ep)
@@ -596,8 +604,8 @@ class AsrPools:
                 if status not in (429, 503):
                     # Refused (401/403: credentials) or broken: this endpoint cannot
                     # serve us, like one that is down.
-                    self.report_failure(ep)
                     errors.append(f"{ep.name} answered {status}{_refusal_hint(status)}")
+                    self.report_failure(ep, errors[-1])
                     refused = status
                     continue
                 # 503 is the service working as designed: not a breaker failure.
@@ -605,8 +613,8 @@ class AsrPools:
                 retry = parse_retry_after(h2s.headers.get("retry-after"))
                 busy = AsrBusy(f"{ep.name} answered {status}", retry)
             except (H2ClientError, trio.TooSlowError, OSError) as exc:
-                self.report_failure(ep)
                 errors.append(f"{ep.name}: {exc or type(exc).__name__}")
+                self.report_failure(ep, errors[-1])
         if busy is not None:
             self.counters.busy += 1
             raise busy
@@ -754,7 +762,8 @@ class AsrStream:
         if self._replay is None or self.first_event_at is not None:
             return False
         if self.endpoint is not None:
-            self.pools.report_failure(self.endpoint)
+            self.pools.report_failure(self.endpoint, f"{self.endpoint.name}: stream failed "
+                                                     f"before its first event")
         exclude = {id(self._conn)}
         try:
             await self._open(exclude=exclude)
@@ -1090,7 +1099,7 @@ class AsrChannel:
         if stream is not self._stream or self._finished:
             return
         if stream.endpoint is not None:
-            self.pools.report_failure(stream.endpoint)
+            self.pools.report_failure(stream.endpoint, f"{stream.endpoint.name}: {reason}")
         log.warning("ASR stream on %s failed (%s); %d utterance(s) to replay",
                     stream.endpoint.name if stream.endpoint else "?", reason,
                     len(self._pending), extra=fields(flowId=self.start.flow_id, stage="asr",

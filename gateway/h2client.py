@@ -166,6 +166,9 @@ class H2Connection:
         self.closed = False
         self._closed_event = trio.Event()
         self._error: BaseException | None = None
+        self._ready = trio.Event()  # the peer's SETTINGS came, or the connection failed
+        self._reader_done = trio.Event()
+        self._read_error: H2ClientError | None = None  # why the reader stopped, if it knows
         self._pings: dict[bytes, trio.Event] = {}
         self.last_received = trio.current_time()  # when bytes last came from the peer
         self._ping_count = 0
@@ -201,6 +204,39 @@ class H2Connection:
         async with self._send_lock:
             await self._flush()
 
+    async def _handshake(self, timeout_s: float) -> H2ClientError | None:
+        """Send our preface and wait for the peer's SETTINGS; return why not, if not.
+
+        Only a peer that answered SETTINGS is an HTTP/2 server that accepted us. With
+        TLS 1.3 the server judges our client certificate after the handshake has
+        completed on our side; its refusal (an alert) arrives here, so a refused
+        certificate is a connect error naming the alert, not a stream lost later.
+        """
+        try:
+            with trio.fail_after(timeout_s):
+                try:
+                    await self._start()
+                except H2ClientError:
+                    # The peer hung up: the reader may still read why (a TLS alert).
+                    with trio.move_on_after(0.5):
+                        await self._reader_done.wait()
+                await self._ready.wait()
+        except trio.TooSlowError:
+            return H2ClientError(f"{self.authority} sent no HTTP/2 SETTINGS within "
+                                 f"{timeout_s:g} s")
+        if self.closed:
+            error = self._read_error or H2ClientError(
+                f"{self.authority} closed the connection: {self._error}")
+            if self.scheme == "https":
+                # A TLS server that negotiated h2 and then hangs up before its SETTINGS
+                # has, in practice, refused our client certificate (hypercorn on trio
+                # closes without sending the TLS alert that would say so).
+                error = H2ClientError(
+                    f"{error} (the server ended the TLS connection before HTTP/2 began: "
+                    f"it may have refused our client certificate, or wanted one)")
+            return error
+        return None
+
     async def _reader(self) -> None:
         """Read and dispatch until the connection ends. Never raises (but Cancelled):
         whatever the peer sends, the worst outcome is this connection failing, and its
@@ -217,12 +253,14 @@ class H2Connection:
                 async with self._send_lock:
                     await self._flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._fail(H2ClientError(f"connection to {self.authority} lost: "
-                                     f"{_reason(exc)}"))
+            self._read_error = H2ClientError(f"connection to {self.authority} lost: "
+                                             f"{_reason(exc)}")
+            self._fail(self._read_error)
         except h2.exceptions.H2Error as exc:
             # The peer broke the protocol: say GOAWAY (best effort), fail every stream.
-            self._fail(H2ClientError(f"HTTP/2 protocol error from {self.authority}: "
-                                     f"{type(exc).__name__}: {exc}"))
+            self._read_error = H2ClientError(
+                f"HTTP/2 protocol error from {self.authority}: {type(exc).__name__}: {exc}")
+            self._fail(self._read_error)
             with suppress(Exception), trio.move_on_after(0.5):
                 async with self._send_lock:
                     self._h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
@@ -233,12 +271,16 @@ class H2Connection:
             # A malformed frame h2 did not anticipate (hyperframe, hpack or a bug in our
             # dispatch): fail this connection, never the gateway.
             log.warning("ASR connection %s failed on bad input: %r", self.authority, exc)
-            self._fail(H2ClientError(f"bad data from {self.authority}: "
-                                     f"{type(exc).__name__}: {exc}"))
+            self._read_error = H2ClientError(f"bad data from {self.authority}: "
+                                             f"{type(exc).__name__}: {exc}")
+            self._fail(self._read_error)
         finally:
             self._fail(H2ClientError(f"connection to {self.authority} closed by peer"))
+            self._reader_done.set()
 
     def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self._ready.set()
         if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window_changed.set()
             self._window_changed = trio.Event()
@@ -283,6 +325,7 @@ class H2Connection:
             self._error = exc
         self.closed = True
         self._closed_event.set()
+        self._ready.set()
         for stream_id in list(self._streams):
             self._forget(stream_id)
         self._window_changed.set()
@@ -452,10 +495,12 @@ async def connect(
     host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
     connect_timeout_s: float = 5.0,
 ) -> AsyncIterator[H2Connection]:
-    """Open an HTTP/2 connection; closes it (and its reader task) on exit.
+    """Open an HTTP/2 connection (the peer has answered our SETTINGS with its own);
+    closes it (and its reader task) on exit.
 
     Raises:
-        H2ClientError: cannot connect, or TLS did not negotiate h2.
+        H2ClientError: cannot connect, the TLS handshake failed or did not negotiate h2,
+            or the peer refused or never spoke HTTP/2 (the message says which).
     """
     stream: trio.abc.Stream | None = None
     try:
@@ -481,14 +526,18 @@ async def connect(
     assert stream is not None
     conn = H2Connection(stream, f"{host}:{port}", "https" if ssl_context else "http")
     async with trio.open_nursery() as nursery:
-        await conn._start()
         nursery.start_soon(conn._reader)
+        # Raised after the nursery, not in it (where it would become an ExceptionGroup).
+        problem = await conn._handshake(connect_timeout_s)
         try:
-            yield conn
+            if problem is None:
+                yield conn
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
             nursery.cancel_scope.cancel()
+    if problem is not None:
+        raise problem
 
 
 
