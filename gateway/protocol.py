@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -36,8 +37,11 @@ class ErrorCode(StrEnum):
     ODD_BYTE_COUNT = "ODD_BYTE_COUNT"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     BAD_SEQ_HEADER = "BAD_SEQ_HEADER"
-    RATE_LIMITED = "RATE_LIMITED"
+    RATE_LIMITED = "RATE_LIMITED"  # a per-tenant or per-address cap, or the message rate
     BUSY = "BUSY"
+    START_TIMEOUT = "START_TIMEOUT"  # no valid start within START_TIMEOUT_S; fatal
+    FLOW_EXISTS = "FLOW_EXISTS"  # the flowId is live here, or saved for this tenant; fatal
+    UNSUPPORTED_LANGUAGE = "UNSUPPORTED_LANGUAGE"  # hints.user_lang_pref; fatal
     ASR_UNAVAILABLE = "ASR_UNAVAILABLE"
     ARCHIVE_FAILED = "ARCHIVE_FAILED"  # the recording could not be stored (yet); non-fatal
     INTERNAL = "INTERNAL"
@@ -47,7 +51,47 @@ class ErrorCode(StrEnum):
 EVENT_TYPES = ("ack", "lid", "asr_partial", "asr_final", "record_url", "metrics", "end",
                "error", "flow", "pong")
 # The codes with which a session is refused at ``start`` (``Session._admit``).
-REJECT_CODES = (ErrorCode.UNAUTHORIZED, ErrorCode.BUSY, ErrorCode.BAD_REQUEST)
+REJECT_CODES = (ErrorCode.UNAUTHORIZED, ErrorCode.BUSY, ErrorCode.BAD_REQUEST,
+                ErrorCode.RATE_LIMITED, ErrorCode.FLOW_EXISTS, ErrorCode.UNSUPPORTED_LANGUAGE,
+                ErrorCode.START_TIMEOUT)
+
+# Whisper's language codes (a copy of ``asr.whisper.tokenizer.LANGUAGES``' keys, which a
+# unit test keeps equal): the gateway refuses any other ``user_lang_pref`` at ``start``,
+# so that a client's string never reaches a decoder that would fail on it (and fail the
+# other sessions batched with it).
+WHISPER_LANGUAGES = frozenset({
+    "en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar",
+    "sv", "it", "id", "hi", "fi", "vi", "he", "uk", "el", "ms", "cs", "ro", "da", "hu",
+    "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml", "cy", "sk", "te", "fa",
+    "lv", "bn", "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn",
+    "bs", "kk", "sq", "sw", "gl", "mr", "pa", "si", "km", "sn", "yo", "so", "af", "oc",
+    "ka", "be", "tg", "sd", "gu", "am", "yi", "lo", "uz", "fo", "ht", "ps", "tk", "nn",
+    "mt", "sa", "lb", "my", "bo", "tl", "mg", "as", "tt", "haw", "ln", "ha", "ba", "jw",
+    "su", "yue",
+})
+# ISO 639-1 codes that Whisper spells otherwise (deprecated or macro-language codes).
+LANGUAGE_ALIASES = {"iw": "he", "in": "id", "jv": "jw", "nb": "no", "fil": "tl"}
+MAX_JSON_DEPTH = 32  # nesting of a client message; protocol v1 needs 3
+
+
+def normalize_language(pref: str) -> str | None:
+    """A client's language tag as a Whisper code: ``en-US``, ``EN``, ``en_GB`` -> ``en``,
+    ``zh-Hans`` -> ``zh``; ``""`` and ``auto`` -> ``auto``. None when Whisper has no such
+    language (the caller refuses it: an unknown code must never reach a decoder)."""
+    tag = pref.strip().lower().replace("_", "-")
+    if tag in ("", "auto"):
+        return "auto"
+    base = tag.split("-", 1)[0]
+    base = LANGUAGE_ALIASES.get(base, base)
+    return base if base in WHISPER_LANGUAGES else None
+
+
+def printable(value: str, limit: int = 24) -> str:
+    """``value`` made safe to echo in an error message: truncated and escaped (a client's
+    string must not inject text, control characters or a megabyte into logs)."""
+    short = repr(value[:limit])[1:-1]  # control characters escaped
+    text = short.encode("ascii", "backslashreplace").decode("ascii")
+    return text + ("..." if len(value) > limit else "")
 
 
 class OversizedMessage:
@@ -139,16 +183,22 @@ def parse_text(text: str | bytes) -> ClientMessage:
     """Parse one upstream text frame.
 
     Raises:
-        ProtocolError: ``BAD_JSON``, ``BAD_REQUEST``, ``UNKNOWN_MESSAGE`` or
-            ``UNSUPPORTED_AUDIO``; only ``UNSUPPORTED_AUDIO`` is fatal.
+        ProtocolError: ``BAD_JSON`` (also for JSON nested deeper than
+            ``MAX_JSON_DEPTH``), ``BAD_REQUEST``, ``UNKNOWN_MESSAGE``, ``FRAME_TOO_LARGE``,
+            ``UNSUPPORTED_AUDIO`` or ``UNSUPPORTED_LANGUAGE``; only the last two are
+            fatal.
     """
     if len(text) > MAX_TEXT_FRAME_BYTES:
         raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
                             f"text frame longer than {MAX_TEXT_FRAME_BYTES} bytes")
+    if _too_deep(text):
+        # json.loads recurses once per level: a run of "[" raises RecursionError (and
+        # deep nesting costs stack on every parse). No v1 message nests past 3.
+        raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"not JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"not JSON: {str(exc)[:120]}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "a message must be a JSON object")
     kind = obj.get("type")
@@ -164,6 +214,33 @@ def parse_text(text: str | bytes) -> ClientMessage:
     if not isinstance(kind, str):
         raise _bad("a message needs a string 'type'")
     raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {kind[:40]!r}")
+
+
+def _too_deep(text: str | bytes) -> bool:
+    """Whether the brackets in ``text`` nest deeper than ``MAX_JSON_DEPTH`` (counted
+    outside strings, in one pass without recursion; the frame is at most 16 KiB)."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
 
 
 def _parse_start(obj: dict[str, Any]) -> Start:
@@ -209,9 +286,16 @@ def _parse_start(obj: dict[str, Any]) -> Start:
         isinstance(w, str) and 0 < len(w) <= 64 for w in hotwords
     ):
         raise _bad(f"hints.hotwords must be at most {MAX_HOTWORDS} strings of 1-64 chars")
+    pref = _get(hints_obj, "user_lang_pref", str, "auto")
+    lang = normalize_language(pref[:32])
+    if lang is None or len(pref) > 32:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_LANGUAGE,
+            f"hints.user_lang_pref '{printable(pref)}' is not a language this service "
+            "recognizes (a Whisper language code such as en, de, zh, or auto)", fatal=True)
     hints = Hints(
         domain=_get(hints_obj, "domain", str, "default")[:64],
-        user_lang_pref=_get(hints_obj, "user_lang_pref", str, "auto")[:16],
+        user_lang_pref=lang,
         hotwords=tuple(hotwords),
     )
     auth = _get(obj, "auth", dict, {})
@@ -230,6 +314,69 @@ def _parse_start(obj: dict[str, Any]) -> Start:
         tenant_id=_get(obj, "tenant_id", str, "")[:128],
         flow_id_generated=generated,
     )
+
+
+@dataclass(frozen=True)
+class RateVerdict:
+    """What ``MessageRate.take`` decided about one client message."""
+
+    accepted: bool
+    notify: bool = False  # refused, and time to say so (at most once per notice_s)
+    refused: int = 0  # messages refused since the last notice (this one included)
+    fatal: bool = False  # the client has kept far over the limit: end the session
+
+
+class MessageRate:
+    """MAX_MESSAGES_PER_S for one session, sans-IO (the caller passes the time).
+
+    A token bucket holding ``burst_s`` seconds of messages: a client may send in bursts
+    while its 2 s average stays under ``per_s``. Past it, messages are refused (their
+    audio is not accepted). A client that goes on sending at more than ``abuse_factor``
+    times the limit through ``abuse_s`` whole seconds, refusals notwithstanding, is
+    ended: refusing costs the server little, but not nothing.
+    """
+
+    def __init__(self, per_s: float, *, burst_s: float = 2.0, notice_s: float = 1.0,
+                 abuse_factor: float = 2.0, abuse_s: float = 10.0) -> None:
+        if per_s <= 0 or burst_s <= 0:
+            raise ValueError("per_s and burst_s must be positive")
+        self.per_s = per_s
+        self.capacity = max(1.0, per_s * burst_s)
+        self.notice_s = notice_s
+        self.abuse_factor = abuse_factor
+        self.abuse_s = abuse_s
+        self._tokens = self.capacity
+        self._at: float | None = None
+        self._last_notice = -math.inf
+        self._refused = 0
+        self._second: float | None = None  # start of the current one-second window
+        self._in_second = 0  # messages in it
+        self._abusive = 0  # whole seconds in a row over abuse_factor * per_s
+
+    def take(self, now: float) -> RateVerdict:
+        """Count one message arriving at ``now`` (seconds, any monotonic clock)."""
+        if self._at is not None:
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._second is None:
+            self._second = now
+        elif now - self._second >= 1.0:
+            over = self._in_second > self.abuse_factor * self.per_s
+            gap = now - self._second >= 2.0  # a quiet second in between
+            self._abusive = self._abusive + 1 if over and not gap else 0
+            self._second, self._in_second = now, 0
+        self._in_second += 1
+        if self._abusive >= self.abuse_s:
+            return RateVerdict(False, fatal=True)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return RateVerdict(True)
+        self._refused += 1
+        if now - self._last_notice >= self.notice_s:
+            self._last_notice = now
+            refused, self._refused = self._refused, 0
+            return RateVerdict(False, notify=True, refused=refused)
+        return RateVerdict(False)
 
 
 @dataclass

@@ -23,10 +23,10 @@ import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from asr import link
 from native.errors import RNNoiseUnavailableError
@@ -50,10 +50,12 @@ from .config import GatewayConfig
 from .logs import fields
 from .metrics import GatewayMetrics
 from .protocol import (
+    WHISPER_LANGUAGES,
     ErrorCode,
     EventWriter,
     Finalize,
     Flush,
+    MessageRate,
     OversizedMessage,
     Ping,
     ProtocolError,
@@ -69,15 +71,21 @@ from .records import (
     record_key,
 )
 from .tracing import SessionTrace
-from .vadservice import VadService
+from .vadservice import VadFailed, VadService
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
+    from .signing import UrlSigner
 
 log = logging.getLogger("voxgate.gateway.session")
 
-START_TIMEOUT_S = 10.0
 FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
 HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
 LOW_WATER_S = 1.0
 IDLE_RECHECK_S = 0.5  # a starved loop's idle timer looks again after this long
+# ... at most this many times in a row without new audio: a client that keeps a message
+# always waiting (duplicates, pings) is not thereby active.
+MAX_IDLE_DEFERRALS = 10
 SALVAGE_S = 5.0  # a cancelled session's recording gets this long to be committed
 ASR_QUEUE_HIGH_FRAMES = 250  # 5 s of frames waiting for the ASR link: PAUSE
 ASR_QUEUE_LOW_FRAMES = 50
@@ -103,6 +111,20 @@ class GatewayContext:
     # flowId -> a session whose client disconnected, waiting RESUME_WINDOW_S for it
     parked: dict[str, Session] = field(default_factory=dict)
     archive_retrier: ArchiveRetrier | None = None
+    # Verifies start.auth.token (None: no authentication; then no tenant either).
+    auth: Authenticator | None = None
+    # Signs record_url (None: plain URLs, for a store no one else can reach).
+    signer: UrlSigner | None = None
+    # flowId -> its admitted session (parked ones included): a flowId is live once.
+    flows: dict[str, Session] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.auth is None and (self.cfg.auth_jwt_secret or self.cfg.auth_jwt_keys_file):
+            # A gateway configured for authentication never runs without it, whoever
+            # built this context.
+            from .auth import Authenticator
+
+            self.auth = Authenticator.from_config(self.cfg)
 
 
 @dataclass
@@ -124,6 +146,15 @@ class Session:
         self.start: Start | None = None
         self.ew = EventWriter("")
         self.flow_id = ""
+        self.tenant = ""  # who owns the flowId and recording (from the token)
+        self.record_key = ""  # the recording's store key, scoped by tenant
+        self._admitted = False  # holds a session slot (counted toward MAX_SESSIONS)
+        self._deadline = math.inf  # time.monotonic() at which MAX_SESSION_S ends it
+        self._stop_reason: str | None = None  # why ingest was stopped from elsewhere
+        self._vad_failed = False
+        self._fresh_samples = 0  # new audio since the idle timer was last reset
+        self._deferrals = 0  # idle checks put off since then (see _ingest_loop)
+        self.rate = MessageRate(self.cfg.max_messages_per_s)
         self.reason = "flush"
         self.close_code = 1000  # 1009 after a message over the WebSocket limit
         self.reframer = Reframer(max_chunk_bytes=self.cfg.max_frame_bytes)
@@ -193,8 +224,6 @@ class Session:
     # -- lifecycle ------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.ctx.sessions.add(self)
-        self.ctx.metrics.active_sessions.inc()
         try:
             await self._run()
         except _Closed:
@@ -213,12 +242,15 @@ class Session:
             self._finished.set()
             self._resume_given_up = True
             self._ws_changed.set()
-            self.ctx.sessions.discard(self)
+            if self._admitted:
+                self.ctx.sessions.discard(self)
+                self.ctx.metrics.active_sessions.dec()
+                if self.ctx.flows.get(self.flow_id) is self:
+                    del self.ctx.flows[self.flow_id]
             if self.ctx.parked.get(self.flow_id) is self:
                 del self.ctx.parked[self.flow_id]
             if self.ctx.shutting_down.is_set() and not self.ctx.sessions:
                 self.ctx.drained.set()
-            self.ctx.metrics.active_sessions.dec()
             self.ctx.vad.unregister(self._vad_client)
             if self.denoise is not None:
                 self.denoise.close()
@@ -231,9 +263,15 @@ class Session:
         if start is None:
             return
         self.start = start
+        tenant = await self._authenticate()
+        if tenant is None:
+            return
+        self.tenant = tenant
         parked = self.ctx.parked.get(start.flow_id)
-        if parked is not None and "seq_header" in start.features:
-            # A reconnect within the window: that session goes on over this socket.
+        if (parked is not None and parked.tenant == tenant
+                and "seq_header" in start.features):
+            # A reconnect within the window, by the same tenant: that session goes on
+            # over this socket. (Another tenant's start finds the flowId taken.)
             await parked.adopt(self.ws)
             return
         if not await self._admit():
@@ -266,8 +304,10 @@ class Session:
             nursery.cancel_scope.cancel()
 
     async def _await_start(self) -> Start | None:
-        """Read until a valid ``start``; earlier bad messages get non-fatal errors."""
-        with trio.move_on_after(START_TIMEOUT_S):
+        """Read until a valid ``start``; earlier bad messages get non-fatal errors. A
+        connection that sends none within ``START_TIMEOUT_S`` is closed: until then it
+        holds a socket but no session slot (it is not counted toward MAX_SESSIONS)."""
+        with trio.move_on_after(self.cfg.start_timeout_s):
             while True:
                 try:
                     message = await self.ws.get_message()
@@ -288,6 +328,7 @@ class Session:
                 except ProtocolError as exc:
                     await self._send_now(self.ew.error(exc.code, exc.message, fatal=exc.fatal))
                     if exc.fatal:
+                        self.ctx.metrics.rejected.labels(exc.code.value).inc()
                         await self._close(1008)
                         return None
                     continue
@@ -301,41 +342,115 @@ class Session:
                 self.flow_id = msg.flow_id
                 self.ew.flow_id = msg.flow_id
                 return msg
+        self.ctx.metrics.rejected.labels(ErrorCode.START_TIMEOUT.value).inc()
         await self._send_now(self.ew.error(
-            ErrorCode.BAD_REQUEST, f"no start within {START_TIMEOUT_S:g} s", fatal=True))
+            ErrorCode.START_TIMEOUT, f"no start within {self.cfg.start_timeout_s:g} s",
+            fatal=True))
         await self._close(1008)
         return None
 
-    async def _admit(self) -> bool:
+    async def _refuse(self, code: ErrorCode, message: str) -> None:
+        """Refuse the session at ``start``: a fatal error, ``end``, close."""
+        self.ctx.metrics.rejected.labels(code.value).inc()
+        log.info("session refused: %s", message, extra=fields(
+            flowId=self.flow_id, stage="session", err_code=code.value))
+        await self._send_now(self.ew.error(code, message, fatal=True))
+        await self._send_now(self.ew.end("error"))
+        await self._close(1008)
+
+    async def _authenticate(self) -> str | None:
+        """Verify ``start.auth.token`` when authentication is configured; return the
+        tenant that owns this session's flowId and recording (the token's ``tenant``
+        claim, else ``sub``), ``""`` without authentication (``start.tenant_id`` is the
+        client's word: it labels traces but never scopes storage), or None when refused.
+        """
         assert self.start is not None
-        problem: tuple[ErrorCode, str] | None = None
-        if self.cfg.auth_jwt_secret:
-            problem = _check_token(self.start.token, self.cfg.auth_jwt_secret)
-        if problem is None and len(self.ctx.sessions) > self.cfg.max_sessions:
-            problem = (ErrorCode.BUSY, f"the gateway is at {self.cfg.max_sessions} sessions")
-            await self._send_now(self.ew.flow("BUSY", reason="capacity", retry_after_ms=1000))
-        if problem is None and self.ctx.shutting_down.is_set():
-            problem = (ErrorCode.BUSY, "the gateway is shutting down")
+        if self.ctx.auth is None:
+            return ""
+        from .auth import AuthError
+
+        try:
+            claims = self.ctx.auth.verify(self.start.token)
+        except AuthError as exc:
+            await self._refuse(ErrorCode.UNAUTHORIZED, str(exc))
+            return None
+        return claims.tenant
+
+    async def _admit(self) -> bool:
+        """Take a session slot for this flowId, or refuse it. Checks that await (the
+        store) come first; the slot is then taken with no await in between, so two
+        starts of one flowId cannot both pass."""
+        assert self.start is not None
+        problem: tuple[ErrorCode, str] | None = self._capacity_problem()
+        key = ""
         if problem is None:
             try:
-                record_key(self.flow_id)
+                key = record_key(self.flow_id, self.tenant)
             except ValueError as exc:
                 problem = (ErrorCode.BAD_REQUEST, str(exc))
+        if (problem is None and not self.start.flow_id_generated
+                and self.ctx.store is not None and self.cfg.enable_compress):
+            problem = await self._saved_problem(key)
+        if problem is None:
+            problem = self._capacity_problem()  # again: the store check awaited
         if problem is not None:
-            self.ctx.metrics.rejected.labels(problem[0].value).inc()
-            await self._send_now(self.ew.error(problem[0], problem[1], fatal=True))
-            await self._send_now(self.ew.end("error"))
-            await self._close(1008)
+            if problem[0] is ErrorCode.BUSY and not self.ctx.shutting_down.is_set():
+                await self._send_now(self.ew.flow("BUSY", reason="capacity",
+                                                  retry_after_ms=1000))
+            await self._refuse(*problem)
             return False
+        self._admitted = True
+        self.record_key = key
+        self.ctx.sessions.add(self)
+        self.ctx.flows[self.flow_id] = self
+        self.ctx.metrics.active_sessions.inc()
         self.ctx.metrics.sessions.inc()
+        self._deadline = time.monotonic() + self.cfg.max_session_s
         self.trace = SessionTrace(self.flow_id, self.start.trace_id,
-                                  tenant_id=self.start.tenant_id)
+                                  tenant_id=self.tenant or self.start.tenant_id)
         log.info("session started", extra=fields(
             flowId=self.flow_id, stage="session", sr=SAMPLE_RATE,
             asr_link_codec=self.cfg.asr_link_codec))
         if "seq_header" in self.start.features:
             self.seqbuf = SeqBuffer(conceal=True)
         return True
+
+    def _capacity_problem(self) -> tuple[ErrorCode, str] | None:
+        """Why no slot can be taken now (no await: see ``_admit``), or None."""
+        ctx, cfg = self.ctx, self.cfg
+        if ctx.shutting_down.is_set():
+            return ErrorCode.BUSY, "the gateway is shutting down"
+        if self.flow_id in ctx.flows:
+            # Live here (running or parked): another client must not write into it, nor
+            # its tenant start a second recording over it (a resume needs seq_header).
+            return ErrorCode.FLOW_EXISTS, (f"flowId {self.flow_id} is in use by a live "
+                                           "session")
+        if len(ctx.sessions) >= cfg.max_sessions:
+            return ErrorCode.BUSY, f"the gateway is at {cfg.max_sessions} sessions"
+        cap = cfg.max_sessions_per_tenant
+        if cap and self.tenant:
+            n = sum(1 for s in ctx.sessions if s.tenant == self.tenant)
+            if n >= cap:
+                return ErrorCode.RATE_LIMITED, (f"this tenant has {n} sessions open, the "
+                                                f"most allowed is {cap}")
+        return None
+
+    async def _saved_problem(self, key: str) -> tuple[ErrorCode, str] | None:
+        """FLOW_EXISTS when this tenant already has a recording under ``key``: a new
+        session would replace it. A store that cannot say lets the session start (it is
+        the same tenant's own recording at stake, and a start must not hang on it)."""
+        assert self.ctx.store is not None
+        try:
+            with trio.fail_after(self.cfg.send_timeout_s):
+                saved = await self.ctx.store.exists(key)
+        except Exception as exc:  # the store's errors vary (OSError, S3, timeouts)
+            log.warning("could not check for a saved recording %s: %r", key, exc,
+                        extra=fields(flowId=self.flow_id, stage="archive"))
+            return None
+        if saved:
+            return ErrorCode.FLOW_EXISTS, (f"flowId {self.flow_id} already has a saved "
+                                           "recording; use a new flowId")
+        return None
 
     def _setup_stages(self) -> None:
         """Denoise, language ID and the starting route, from the config and ``start``."""
@@ -386,6 +501,9 @@ class Session:
                 "max_text_frame_bytes": 16 * 1024,
                 "max_utterance_ms": int(c.max_utterance_s * 1000),
                 "reorder_window": self.seqbuf.window if self.seqbuf else 0,
+                "max_seq_ahead": self.seqbuf.max_ahead if self.seqbuf else 0,
+                "max_messages_per_s": c.max_messages_per_s,
+                "max_session_ms": int(c.max_session_s * 1000),
             },
         )
 
@@ -427,8 +545,7 @@ class Session:
             del self.ctx.parked[self.flow_id]
         self.resumes += 1
         self.ws = ws
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send_message(dumps(self.ew.stamp(self._ack_event(resumed=True))))
+        await self._send_on(ws, dumps(self.ew.stamp(self._ack_event(resumed=True))))
         changed, self._ws_changed = self._ws_changed, trio.Event()
         changed.set()
         log.info("client resumed at seq %s", self.seqbuf.next_seq if self.seqbuf else None,
@@ -449,12 +566,19 @@ class Session:
         self._ingest_scope.cancel()
 
     async def _ingest(self) -> str:
-        """Read client frames until flush, disconnect, idle or shutdown; return why."""
+        """Read client frames until flush, disconnect, idle, the session's maximum
+        duration, a fatal error or shutdown; return why."""
         with self._ingest_scope:
             if self.ctx.shutting_down.is_set():
                 self._ingest_scope.cancel()
             return await self._ingest_loop()
-        return "server_shutdown"
+        return self._stop_reason or "server_shutdown"
+
+    def _stop(self, reason: str) -> None:
+        """End ingest from another task (the session then finishes as after a flush)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._ingest_scope.cancel()
 
     async def _ingest_loop(self) -> str:
         while True:
@@ -463,7 +587,7 @@ class Session:
                 # waited for a frame): a held client is not idle.
                 await self._resume.wait()
                 self._last_audio = time.monotonic()
-            deadline = self._last_audio + self.cfg.flush_idle_s
+            deadline = min(self._last_audio + self.cfg.flush_idle_s, self._deadline)
             message: str | bytes | OversizedMessage | None = None
             with trio.move_on_at(_trio_deadline(deadline)) as idle:
                 try:
@@ -472,12 +596,18 @@ class Session:
                     if self._resumable() and await self._park():
                         continue
                     return "disconnect"
-            if idle.cancelled_caught and self._intake_waiting():
+            if time.monotonic() >= self._deadline:
+                log.info("session reached MAX_SESSION_S (%g s)", self.cfg.max_session_s,
+                         extra=fields(flowId=self.flow_id, stage="session"))
+                return "max_duration"
+            if (idle.cancelled_caught and self._deferrals < MAX_IDLE_DEFERRALS
+                    and self._intake_waiting()):
                 # The timer is wall time, and a starved event loop lets it run out while
                 # the client's frames sit unread: that client is not idle. Look again a
                 # little later (by then the waiting message has been read, and audio
                 # resets the timer; a lone ping does not).
                 self.ctx.metrics.idle_deferred.inc()
+                self._deferrals += 1
                 self._last_audio = (time.monotonic() - self.cfg.flush_idle_s
                                     + IDLE_RECHECK_S)
                 continue
@@ -488,8 +618,18 @@ class Session:
                 self._error(ErrorCode.FRAME_TOO_LARGE, _oversized(message), True)
                 self.close_code = 1009
                 return "error"
+            verdict = self.rate.take(time.monotonic())
+            if verdict.fatal:
+                self._error(ErrorCode.RATE_LIMITED, (
+                    f"more than {2 * self.cfg.max_messages_per_s:g} messages a second for "
+                    f"{self.rate.abuse_s:g} s; the session ends with what it accepted"),
+                    True)
+                return "error"
             if isinstance(message, bytes):
-                await self._audio(message)
+                if verdict.accepted:
+                    await self._audio(message)
+                else:
+                    self._refused(verdict, message)
                 continue
             try:
                 msg = parse_text(message)
@@ -497,6 +637,9 @@ class Session:
                 self._error(exc.code, exc.message, exc.fatal)
                 if exc.fatal:
                     return "error"
+                continue
+            if not verdict.accepted and not isinstance(msg, Flush):
+                self._refused(verdict, message)  # a flush always ends the session
                 continue
             if isinstance(msg, Flush):
                 return "flush"
@@ -506,6 +649,22 @@ class Session:
                 self._emit(self.ew.pong(msg.id))
             elif isinstance(msg, Start):
                 self._error(ErrorCode.ALREADY_STARTED, "the session has started", False)
+
+    def _refused(self, verdict: Any, message: str | bytes) -> None:
+        """A message over MAX_MESSAGES_PER_S was dropped: at most one non-fatal
+        ``RATE_LIMITED`` a second, naming what was refused (audio is not accepted, so
+        the client knows to send it again, slower)."""
+        what = "a text message"
+        if isinstance(message, bytes):
+            what = f"audio of {len(message)} bytes"
+            if self.seqbuf is not None and len(message) >= 8:
+                what += f" (seq {SeqBuffer.parse(message)[0]})"
+        self.stats["rate_refused"] = self.stats.get("rate_refused", 0) + 1
+        if verdict.notify:
+            self._error(ErrorCode.RATE_LIMITED, (
+                f"over {self.cfg.max_messages_per_s:g} messages a second: refused "
+                f"{verdict.refused} message(s) since the last notice, the latest {what}; "
+                "refused audio was not accepted"), False)
 
     def _intake_waiting(self) -> bool:
         """Whether client data is waiting to be read or handled: a message in the
@@ -533,7 +692,11 @@ class Session:
                 self._error(ErrorCode(code), f"seq {seq}: payload of {len(payload)} bytes "
                             "refused", False)
                 return
-            payloads = self.seqbuf.feed(seq, payload)
+            try:
+                payloads = self.seqbuf.feed(seq, payload)
+            except IngestError as exc:
+                self._error(ErrorCode(exc.code), exc.message, False)
+                return
         frames: list[PcmFrame] = []
         for p in payloads:
             try:
@@ -543,7 +706,12 @@ class Session:
                 return
             self.stats["bytes_in"] += len(p)
             self.ctx.metrics.ingress_bytes.inc(len(p))
-        self._last_audio = time.monotonic()
+            self._fresh_samples += len(p) // 2
+        # Only new audio is activity, and only a frame's worth of it: duplicates, empty
+        # frames and a sample every few seconds must not hold a session open forever.
+        if self._fresh_samples >= self.reframer.frame_samples:
+            self._fresh_samples = self._deferrals = 0
+            self._last_audio = time.monotonic()
         await self._take(frames)
 
     async def _take(self, frames: list[PcmFrame]) -> None:
@@ -589,7 +757,8 @@ class Session:
 
     def _pressure(self) -> str | None:
         """Why the client should be held now, or None."""
-        if (self._vad_fed - self.endpointer.position) / SAMPLE_RATE > HIGH_WATER_S:
+        if (not self._vad_failed
+                and (self._vad_fed - self.endpointer.position) / SAMPLE_RATE > HIGH_WATER_S):
             return "audio is arriving faster than it is processed"
         if self._asr_behind:
             return "recognition is behind"
@@ -632,6 +801,13 @@ class Session:
             if kind == "frame":
                 for ev in self.gate.frame(item[1]):
                     await self._gate_out(ev)
+            elif kind == "vad" and isinstance(item[1], VadFailed):
+                self._vad_failed = True
+                self._paused = False  # nothing downstream will catch up: let it finish
+                self._resume.set()
+                self._error(ErrorCode.INTERNAL, "voice activity detection failed for this "
+                            "session; it ends with what it had", True)
+                self._stop("error")
             elif kind == "vad":
                 for w in item[1]:
                     for ep in self.endpointer.feed(w):
@@ -654,6 +830,8 @@ class Session:
                 return
 
     def _vad_caught_up(self) -> bool:
+        if self._vad_failed:  # no more decisions will come: finish on what there is
+            return True
         whole = self._vad_fed // 512 * 512
         return self.endpointer.position >= whole
 
@@ -748,8 +926,17 @@ class Session:
             ms = (time.perf_counter() - t0) * 1000
             self.stats["lid_ms"] += ms
             self.ctx.metrics.lid_latency.observe(ms)
-            top = [(t["lang"], float(t["score"])) for t in answer.get("top", [])]
-            self._lid_next(self.lid.answer(str(answer["lang"]), float(answer["score"]), top))
+            parsed = _lid_answer(answer)
+            if parsed is None:
+                # The ASR service's answer is input too: a language we do not know or a
+                # score that is not a number counts as a failed request, never a crash.
+                log.warning("%s: language ID answer refused: %.200r", self.flow_id, answer)
+                self._lid_next(self.lid.error())
+                if self.lid.failed:
+                    self._lid_settled = True
+                    self._lid_decided.set()
+            else:
+                self._lid_next(self.lid.answer(*parsed))
             self._lid_answered.set()
 
     def _lid_decision(self, d: LidDecision) -> None:
@@ -980,7 +1167,8 @@ class Session:
         (``ArchiveSink``, ``ArchiveRetrier``); the client gets one non-fatal
         ``ARCHIVE_FAILED``."""
         assert self.ctx.store is not None
-        sink = ArchiveSink(self.ctx.store, self.flow_id, self.ctx.fallback_dir)
+        sink = ArchiveSink(self.ctx.store, self.flow_id, self.ctx.fallback_dir,
+                           tenant=self.tenant)
         committed = tail_done = False
         try:
             self._archive_problem(await sink.open())
@@ -1008,7 +1196,7 @@ class Session:
                 if span is not None:
                     span.end()
             committed = True
-            url = f"{self.ctx.public_base}/records/{sink.key}"
+            url = self._record_url(sink.key)
             if stored is None:
                 self._archive_problem(problem or "the recording could not be stored",
                                       always=True, url=url)
@@ -1031,6 +1219,14 @@ class Session:
                 # heard, never delete it.
                 await self._salvage(encoder, sink, tail_done)
             self._archive_done.set()
+
+    def _record_url(self, key: str) -> str:
+        """The recording's absolute URL: signed and expiring when a signer is set (the
+        store holds people's voices; the link is the only way in)."""
+        path = f"/records/{key}"
+        if self.ctx.signer is not None:
+            path = self.ctx.signer.sign(path)
+        return f"{self.ctx.public_base}{path}"
 
     async def _salvage(self, encoder: ArchiveEncoder, sink: ArchiveSink, tail_done: bool
                        ) -> None:
@@ -1157,9 +1353,25 @@ class Session:
 
     async def _send_now(self, event: dict[str, Any]) -> None:
         """Before the writer runs (refusals before the session starts)."""
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send_message(dumps(self.ew.stamp(event)))
+        if await self._send_on(self.ws, dumps(self.ew.stamp(event))):
             self.ctx.metrics.egress_events.labels(event["type"]).inc()
+
+    async def _send_on(self, ws: WebSocketConnection, data: str) -> bool:
+        """Send ``data`` within SEND_TIMEOUT_S; past it the connection is aborted (a
+        client that does not read must not hold a task, a slot or its buffers).
+        Returns whether it was sent; False when the client is gone."""
+        with trio.move_on_after(self.cfg.send_timeout_s) as scope:
+            try:
+                await ws.send_message(data)
+            except ConnectionClosed:
+                return False
+            return True
+        if scope.cancelled_caught:
+            log.info("a send took longer than SEND_TIMEOUT_S (%g s): connection aborted",
+                     self.cfg.send_timeout_s, extra=fields(flowId=self.flow_id,
+                                                           stage="session"))
+            await _abort(ws)
+        return False
 
     async def _writer(self) -> None:
         """The only task that writes to the socket; holds back partials to the interval."""
@@ -1202,34 +1414,67 @@ class Session:
         data = dumps(self.ew.stamp(event))
         while True:
             ws = self.ws
-            try:
-                await ws.send_message(data)
-            except ConnectionClosed:
-                # With resume, the event waits for the client's next socket (sent again
-                # with the same seq: the client may have had it).
+            if not await self._send_on(ws, data):
+                # Gone (or aborted after SEND_TIMEOUT_S). With resume, the event waits
+                # for the client's next socket (sent again with the same seq: the client
+                # may have had it).
                 if self.seqbuf is None or not await self._socket_back(ws):
-                    raise
+                    raise ConnectionClosed(CloseReason(1006, "the client is gone"))
                 continue
             self.ctx.metrics.egress_events.labels(event["type"]).inc()
             return
 
     async def _close(self, code: int) -> None:
-        with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
-            await self.ws.aclose(code)
+        """Close the WebSocket; a client that does not answer the closing handshake
+        within SEND_TIMEOUT_S has its connection aborted."""
+        ws = self.ws
+        with trio.move_on_after(self.cfg.send_timeout_s) as scope:
+            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                await ws.aclose(code)
+        if scope.cancelled_caught:
+            await _abort(ws)
 
 
-def _check_token(token: str, secret: str) -> tuple[ErrorCode, str] | None:
-    import jwt
+async def _abort(ws: WebSocketConnection) -> None:
+    """Drop a connection without the closing handshake: close its stream (a task stuck
+    sending on it wakes with an error) and mark the WebSocket closed, so that
+    ``get_message`` and ``send_message`` raise ``ConnectionClosed``. trio-websocket has
+    no public call for it; ``_abort_web_socket`` is what it does itself when the stream
+    breaks under it (``test_send_timeout_*`` fails if a release changes that)."""
+    stream = getattr(ws, "_stream", None)
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
+    abort = getattr(ws, "_abort_web_socket", None)
+    if abort is not None:
+        with contextlib.suppress(Exception):
+            await abort()
 
-    if not token:
-        return ErrorCode.UNAUTHORIZED, "auth.token is required"
-    try:
-        jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp"]})
-    except jwt.ExpiredSignatureError:
-        return ErrorCode.UNAUTHORIZED, "the token has expired"
-    except jwt.InvalidTokenError as exc:
-        return ErrorCode.UNAUTHORIZED, f"invalid token: {exc}"
-    return None
+
+def _lid_answer(answer: Any) -> tuple[str, float, list[tuple[str, float]]] | None:
+    """``(lang, score, top)`` from a ``/v1/lid`` answer, or None when it is not one: a
+    ``lang`` outside Whisper's languages, a missing, non-numeric or out-of-range score.
+    Entries of ``top`` that are not valid are left out."""
+    if not isinstance(answer, dict):
+        return None
+    lang, score = answer.get("lang"), _score(answer.get("score"))
+    if not isinstance(lang, str) or lang not in WHISPER_LANGUAGES or score is None:
+        return None
+    top: list[tuple[str, float]] = []
+    raw_top = answer.get("top")
+    for t in raw_top[:10] if isinstance(raw_top, list) else []:
+        if isinstance(t, dict) and t.get("lang") in WHISPER_LANGUAGES:
+            s = _score(t.get("score"))
+            if s is not None:
+                top.append((str(t["lang"]), s))
+    return lang, score, top
+
+
+def _score(value: Any) -> float | None:
+    """A probability in [0, 1], or None (bools, strings, NaN and the like)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v = float(value)
+    return v if 0.0 <= v <= 1.0 else None
 
 
 def _oversized(message: OversizedMessage) -> str:

@@ -13,6 +13,8 @@ hand-off per tick; with 100 sessions a tick is one ONNX call of about 2 ms. Pass
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,19 @@ from typing import Any
 import trio
 
 from stages.vad import DEFAULT_GATE_DBFS, VadBatcher, VadModel, VadStream
+
+from .logs import fields
+
+log = logging.getLogger("voxgate.gateway.vad")
+
+
+@dataclass(frozen=True)
+class VadFailed:
+    """Sent in place of a session's decisions when the tick that held its windows
+    failed: those windows are gone, so its stream can no longer follow its audio. The
+    session ends (with what it had); the service and every other session go on."""
+
+    error: str
 
 
 @dataclass(eq=False)
@@ -39,6 +54,7 @@ class VadStats:
     windows: int = 0
     gated: int = 0  # windows the RMS silence gate decided without the model
     busy_s: float = 0.0
+    failed_ticks: int = 0  # ticks whose batch raised (their sessions were failed)
     last_tick_ms: float = 0.0
     tick_ms: list[float] = field(default_factory=list)
 
@@ -86,6 +102,19 @@ class VadService:
         """New audio was fed to some stream."""
         self._wake.set()
 
+    def _fail(self, clients: list[VadClient], exc: Exception) -> None:
+        self.stats.failed_ticks += 1
+        log.error("VAD tick failed for %d session(s): %r", len(clients), exc,
+                  exc_info=exc, extra=fields(stage="vad", err_code="INTERNAL"))
+        failure = VadFailed(f"{type(exc).__name__}: {exc}"[:200])
+        for client in clients:
+            client.closed = True
+            self._clients.discard(client)
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):
+                client.results.send_nowait(
+                    failure if client.tag is None else (client.tag, failure))
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         task_status.started()
@@ -98,11 +127,19 @@ class VadService:
             streams = [c.stream for c in ready]
             gated0 = self.batcher.gated
             t0 = time.perf_counter()
-            if self.threaded:
-                results = await trio.to_thread.run_sync(
-                    self.batcher.run, streams, limiter=self._limiter)
-            else:
-                results = self.batcher.run(streams)
+            try:
+                if self.threaded:
+                    results = await trio.to_thread.run_sync(
+                        self.batcher.run, streams, limiter=self._limiter)
+                else:
+                    results = self.batcher.run(streams)
+            except Exception as exc:
+                # A model error must not end the gateway (this loop runs in its top
+                # nursery): the sessions of this tick lost windows and are failed, the
+                # next tick starts clean.
+                self._fail(ready, exc)
+                await trio.sleep(self.min_tick_s)
+                continue
             elapsed = time.perf_counter() - t0
             windows = sum(len(r) for r in results)
             self.stats.ticks += 1

@@ -25,6 +25,11 @@ FRAME_SAMPLES = 320  # 20 ms at 16 kHz
 SEQ_HEADER = struct.Struct("<II")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 1024  # 2 s of PCM16 at 16 kHz
 DEFAULT_REORDER_WINDOW = 16  # packets held while waiting for a missing one
+# The furthest a packet's seq may lie ahead of the next one expected, in packets (5 s of
+# 20 ms chunks). A larger jump is refused with BAD_SEQ_HEADER: taken, it would make
+# every later packet an old "duplicate", and concealing the gap would conjure up
+# silence by the gigabyte.
+DEFAULT_MAX_SEQ_AHEAD = 256
 
 
 class IngestError(Exception):
@@ -143,6 +148,7 @@ class SeqStats:
     reordered: int
     lost: int
     held: int
+    refused: int = 0  # packets too far ahead (BAD_SEQ_HEADER)
 
 
 class SeqBuffer:
@@ -151,7 +157,9 @@ class SeqBuffer:
     Payloads come out in ``seq`` order. A missing ``seq`` is waited for until
     ``window`` later packets are held; then it is declared lost and skipped. The buffer
     remembers the next ``seq`` it expects, so a client that reconnects and re-sends
-    from an earlier ``seq`` (resume) neither loses nor doubles audio.
+    from an earlier ``seq`` (resume) neither loses nor doubles audio. A packet more
+    than ``max_ahead`` past the next expected ``seq`` is refused (``BAD_SEQ_HEADER``)
+    and changes nothing, so a gap (and its concealment) is never longer than that.
 
     Args:
         window: packets held while waiting for a gap to fill.
@@ -159,13 +167,17 @@ class SeqBuffer:
         conceal: a lost packet becomes zeros as long as the packet before it (clients
             send fixed-size chunks), so the session's time, and the recording, stay
             aligned with the client's audio instead of closing up around the gap.
+        max_ahead: the largest accepted ``seq - next_seq``; at least ``window``.
     """
 
     def __init__(self, window: int = DEFAULT_REORDER_WINDOW, *, first_seq: int = 0,
-                 conceal: bool = False) -> None:
+                 conceal: bool = False, max_ahead: int = DEFAULT_MAX_SEQ_AHEAD) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if max_ahead < window:
+            raise ValueError("max_ahead must be at least window")
         self.window = window
+        self.max_ahead = max_ahead
         self.conceal = conceal
         self._last_len = 0
         self.next_seq = first_seq
@@ -174,6 +186,7 @@ class SeqBuffer:
         self._duplicates = 0
         self._reordered = 0
         self._lost = 0
+        self._refused = 0
 
     @staticmethod
     def parse(frame: bytes) -> tuple[int, int, bytes]:
@@ -191,7 +204,18 @@ class SeqBuffer:
         return seq, pts_ms, frame[SEQ_HEADER.size:]
 
     def feed(self, seq: int, payload: bytes) -> list[bytes]:
-        """Accept one packet; return the payloads now deliverable, in order."""
+        """Accept one packet; return the payloads now deliverable, in order.
+
+        Raises:
+            IngestError: ``BAD_SEQ_HEADER`` for a ``seq`` more than ``max_ahead`` past
+                the next one expected; the buffer is unchanged.
+        """
+        if seq - self.next_seq > self.max_ahead:
+            self._refused += 1
+            raise IngestError(
+                "BAD_SEQ_HEADER",
+                f"seq {seq} is more than {self.max_ahead} ahead of the next expected "
+                f"({self.next_seq}); the packet is refused")
         self._received += 1
         if seq < self.next_seq or seq in self._held:
             self._duplicates += 1
@@ -232,4 +256,4 @@ class SeqBuffer:
 
     def statistics(self) -> SeqStats:
         return SeqStats(self._received, self._duplicates, self._reordered, self._lost,
-                        len(self._held))
+                        len(self._held), self._refused)

@@ -167,7 +167,9 @@ def _pcm(n: int) -> bytes:
         ([], ("text", "{oops"), "BAD_JSON"),
         ([], ("text", '{"type":"nonsense"}'), "UNKNOWN_MESSAGE"),
         ([], ("bytes", b"\x01\x02\x03"), "ODD_BYTE_COUNT"),
-        ([], ("bytes", b"\x00" * 100_000), "FRAME_TOO_LARGE"),
+        # over MAX_FRAME_BYTES (64 KiB) but within the WebSocket limit (+ the 8-byte
+        # seq header): refused whole, not fatal
+        ([], ("bytes", b"\x00" * (65536 + 4)), "FRAME_TOO_LARGE"),
         ([], ("text", '{"type":"start"}'), "ALREADY_STARTED"),
         (["seq_header"], ("bytes", b"\x01\x02"), "BAD_SEQ_HEADER"),
     ],
@@ -377,7 +379,7 @@ async def test_asr_stream_reaped_while_quiet_is_reopened_for_the_next_utterance(
 
 async def test_oversized_frame_gets_its_error_then_close_1009_and_keeps_the_audio(
         gw: Gateway) -> None:
-    """A binary message over the WebSocket limit (8 MiB against 4 MiB): the accepted
+    """A binary message over the WebSocket limit (8 MiB against 64 KiB + 8): the accepted
     audio still gets its final and its recording, the error comes before the close, and
     the close code is 1009."""
     from trio_websocket import ConnectionClosed

@@ -125,11 +125,22 @@ async def test_no_resume_after_the_window(
                 await ws.send_message(_frame(i))
             await trio.sleep(0.3)
             await ws._stream.aclose()
-        await trio.sleep(1.0)
+        while not (gw.archive / "late.ogg").exists():
+            await trio.sleep(0.05)
+        saved = (gw.archive / "late.ogg").read_bytes()
+        # The session ended and its recording is saved: the flowId is taken (a new
+        # session would replace the recording), a new flowId is not.
         async with connect(gw.ws_url) as ws:
             await ws.send_message(start)
+            refused = json.loads(await ws.get_message())
+        async with connect(gw.ws_url) as ws:
+            await ws.send_message(start.replace('"late"', '"late-2"'))
             ack = json.loads(await ws.get_message())
+    check_event(refused)
+    assert (refused["type"], refused["code"], refused["fatal"]) == ("error", "FLOW_EXISTS",
+                                                                   True)
     assert ack["type"] == "ack" and "resumed" not in ack["session"]
+    assert (gw.archive / "late.ogg").read_bytes() == saved
     gw.shutdown.set()
 
 
