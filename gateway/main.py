@@ -10,18 +10,24 @@ from typing import Any
 
 import trio
 
+from .auth import Authenticator, exposure_problem, is_loopback
 from .config import GatewayConfig
 from .logs import setup as setup_logs
 
 log = logging.getLogger("voxgate")
 
 
-async def _until_signal(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            print("voxgate: shutting down (finishing sessions)", file=sys.stderr, flush=True)
-            shutdown.set()
-            return
+def _signals() -> Any:
+    """SIGINT/SIGTERM, caught from now on. Opened before the listeners start, so a signal
+    that arrives as soon as the URL is printed drains the gateway instead of killing it."""
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+
+
+async def _until_signal(shutdown: trio.Event, signals: Any) -> None:
+    async for _ in signals:
+        print("voxgate: shutting down (finishing sessions)", file=sys.stderr, flush=True)
+        shutdown.set()
+        return
 
 
 async def run_gateway(cfg: GatewayConfig) -> None:
@@ -32,13 +38,14 @@ async def run_gateway(cfg: GatewayConfig) -> None:
     tracing.setup("voxgate-gateway")  # only if the OTEL_* variables ask for it
 
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        ws_port, http_port = await nursery.start(functools.partial(serve, cfg,
-                                                                   shutdown=shutdown))
-        print(f"voxgate gateway: http://{cfg.host}:{http_port} (records, metrics)",
-              flush=True)
-        print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
-        await _until_signal(shutdown)
+    with _signals() as signals:
+        async with trio.open_nursery() as nursery:
+            ws_port, http_port = await nursery.start(functools.partial(serve, cfg,
+                                                                       shutdown=shutdown))
+            print(f"voxgate gateway: http://{cfg.host}:{http_port} (records, metrics)",
+                  flush=True)
+            print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
+            await _until_signal(shutdown, signals)
 
 
 async def run_serve(cfg: GatewayConfig) -> None:
@@ -70,14 +77,15 @@ async def run_serve(cfg: GatewayConfig) -> None:
             cfg = cfg.replace(asr_urls=(f"http://127.0.0.1:{asr_port}",))
             # serve() returns once its sessions have drained (their finals need the ASR
             # service), so the ASR service stops only after the gateway.
-            async with trio.open_nursery() as gateway:
-                ws_port, http_port = await gateway.start(functools.partial(
-                    serve, cfg, shutdown=gw_shutdown))
-                print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, recordings and "
-                      f"metrics on http://{cfg.host}:{http_port}", file=sys.stderr,
-                      flush=True)
-                print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
-                gateway.start_soon(_until_signal, gw_shutdown)
+            with _signals() as signals:
+                async with trio.open_nursery() as gateway:
+                    ws_port, http_port = await gateway.start(functools.partial(
+                        serve, cfg, shutdown=gw_shutdown))
+                    print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, recordings "
+                          f"and metrics on http://{cfg.host}:{http_port}", file=sys.stderr,
+                          flush=True)
+                    print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
+                    gateway.start_soon(_until_signal, gw_shutdown, signals)
             asr_shutdown.set()
     finally:
         if isinstance(backend, ProcessBackend):
@@ -93,16 +101,58 @@ def _logs(args: Any) -> None:
     setup_logs(getattr(logging, args.log_level.upper()), json_format=args.log_format == "json")
 
 
+def check_exposure(cfg: GatewayConfig, command: str) -> int | None:
+    """The startup guard of ``voxgate gateway`` and ``voxgate serve``: an exit code when
+    this config must not start, else ``None``.
+
+    A listener other machines can reach needs AUTH_JWT_SECRET or AUTH_JWT_KEYS_FILE, or
+    AUTH_DISABLED=true to say that something in front of it authenticates (then a warning
+    is logged, so the choice shows in the logs). The key file is loaded here too, so a
+    missing or unsafe one stops the command with its reason before anything listens.
+
+    Raises:
+        ValueError: AUTH_JWT_KEYS_FILE cannot be read or holds an unusable key set.
+    """
+    problem = exposure_problem(cfg)
+    if problem:
+        print(f"voxgate {command}: {problem}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        auth = Authenticator.from_config(cfg)
+    except OSError as exc:
+        raise ValueError(f"AUTH_JWT_KEYS_FILE {cfg.auth_jwt_keys_file}: "
+                         f"{exc.strerror or exc}") from None
+    if cfg.auth_disabled and auth is not None:
+        log.warning("AUTH_DISABLED=true is ignored: AUTH_JWT_SECRET or AUTH_JWT_KEYS_FILE "
+                    "is set, so every session's token is checked")
+    elif cfg.auth_disabled and not is_loopback(cfg.host):
+        log.warning("authentication is off (AUTH_DISABLED=true) on %s: whoever reaches "
+                    "this address can open sessions; only something in front of the "
+                    "gateway that authenticates clients makes that safe",
+                    cfg.host or "every address")
+    return None
+
+
 def gateway_main(args: Any) -> int:
     _logs(args)
-    trio.run(run_gateway, _config(args))
+    cfg = _config(args)
+    refused = check_exposure(cfg, "gateway")
+    if refused is not None:
+        return refused
+    trio.run(run_gateway, cfg)
     return 0
 
 
 def serve_main(args: Any) -> int:
     _logs(args)  # default warning: the embedded default is for a person at a terminal
+    cfg = _config(args)
+    # The embedded ASR service stays on loopback; the gateway listens on cfg.host, so the
+    # same rule as voxgate gateway applies to it.
+    refused = check_exposure(cfg, "serve")
+    if refused is not None:
+        return refused
     try:
-        trio.run(run_serve, _config(args))
+        trio.run(run_serve, cfg)
     except KeyboardInterrupt:
         # Ctrl-C while the models load (the signal handler is not installed yet): the
         # worker processes were closed on the way out; no traceback for a person.

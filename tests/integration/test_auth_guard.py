@@ -1,0 +1,151 @@
+"""The startup guard, through the real command line in a subprocess: ``voxgate gateway``
+(and ``voxgate serve``) on an address other machines can reach refuses to start without
+authentication unless AUTH_DISABLED=true says so, and a broken key set stops it with
+its reason; on loopback it stays zero-config."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+# Exactly what the console script runs (gateway.cli:main), without depending on the
+# script having been installed in this environment.
+CLI = [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())"]
+MESSAGE = "without authentication: set AUTH_JWT_SECRET or AUTH_JWT_KEYS_FILE"
+WS_LINE = re.compile(rb"ws://[^\s]+:(\d+)/ws/stream")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The test runner's environment without any gateway settings it may carry, plus
+    free ports, an ASR endpoint that is a closed loopback port (the gateway connects
+    lazily) and a private archive."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AUTH_", "VOXGATE_", "RECORDS_", "TLS_", "OTEL_", "ASR_"))}
+    env.update(PYTHONPATH=str(ROOT), VOXGATE_PORT="0", VOXGATE_HTTP_PORT="0",
+               ASR_URLS="http://127.0.0.1:9", ARCHIVE_DIR=str(tmp_path / "records"),
+               ARCHIVE_FALLBACK_DIR=str(tmp_path / "fallback"))
+    env.update(extra)
+    return env
+
+
+async def _refused(tmp_path: Path, *args: str, **env: str) -> str:
+    with trio.fail_after(30):
+        done = await trio.run_process([*CLI, *args], env=_env(tmp_path, **env),
+                                      cwd=tmp_path, capture_stdout=True,
+                                      capture_stderr=True, check=False)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert b"ws://" not in done.stdout  # it never listened
+    return str(done.stderr.decode())
+
+
+async def _starts(tmp_path: Path, *args: str, **env: str) -> str:
+    """Run the command until it prints its WebSocket URL, check that the port takes
+    connections, stop it with SIGTERM, and return what it logged."""
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [*CLI, *args], env=_env(tmp_path, **env), cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=log_file)
+    try:
+        assert proc.stdout is not None
+        out = b""
+        with trio.fail_after(30):
+            while not WS_LINE.search(out):
+                chunk = await proc.stdout.receive_some()
+                assert chunk, f"exited before listening: {log_path.read_text()}"
+                out += chunk
+        match = WS_LINE.search(out)
+        assert match is not None
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            code = await proc.wait()
+        assert code == 0, log_path.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.move_on_after(10):
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+    return log_path.read_text()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
+async def test_gateway_on_a_public_address_without_auth_refuses(tmp_path: Path,
+                                                                host: str) -> None:
+    stderr = await _refused(tmp_path, "gateway", "--host", host)
+    assert f"voxgate gateway: refusing to listen on {host} {MESSAGE}" in stderr
+    assert "AUTH_DISABLED=true" in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_the_host_from_the_environment_is_guarded_too(tmp_path: Path) -> None:
+    stderr = await _refused(tmp_path, "gateway", VOXGATE_HOST="0.0.0.0")
+    assert MESSAGE in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_serve_on_a_public_address_without_auth_refuses(tmp_path: Path) -> None:
+    """voxgate serve applies the same rule, before it loads any model."""
+    stderr = await _refused(tmp_path, "serve", "--host", "0.0.0.0")
+    assert f"voxgate serve: refusing to listen on 0.0.0.0 {MESSAGE}" in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_auth_disabled_starts_on_a_public_address_with_a_warning(
+        tmp_path: Path) -> None:
+    stderr = await _starts(tmp_path, "gateway", "--host", "0.0.0.0", AUTH_DISABLED="true")
+    warnings = [json.loads(line) for line in stderr.splitlines()
+                if "AUTH_DISABLED=true" in line]
+    assert len(warnings) == 1, stderr
+    assert warnings[0]["level"] == "warning"
+    assert "authentication is off" in warnings[0]["msg"]
+
+
+@pytest.mark.timeout(60)
+async def test_loopback_stays_zero_config(tmp_path: Path) -> None:
+    stderr = await _starts(tmp_path, "gateway")
+    assert "AUTH_DISABLED" not in stderr and "authentication" not in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_a_key_set_lets_it_start_and_a_bad_one_stops_it(tmp_path: Path) -> None:
+    keys = tmp_path / "jwks.json"
+    short = base64.urlsafe_b64encode(b"k" * 16).rstrip(b"=").decode()
+    keys.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "a", "k": short}]}))
+    stderr = await _refused(tmp_path, "gateway", "--host", "0.0.0.0",
+                            AUTH_JWT_KEYS_FILE=str(keys))
+    assert f"{keys}: key 0 (kid 'a'): an oct (HS256) key must be 32 bytes" in stderr
+
+    stderr = await _refused(tmp_path, "gateway", "--host", "0.0.0.0",
+                            AUTH_JWT_KEYS_FILE=str(tmp_path / "missing.json"))
+    assert "AUTH_JWT_KEYS_FILE" in stderr and "No such file" in stderr
+
+    good = base64.urlsafe_b64encode(b"k" * 32).rstrip(b"=").decode()
+    keys.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "a", "k": good}]}))
+    stderr = await _starts(tmp_path, "gateway", "--host", "0.0.0.0",
+                           AUTH_JWT_KEYS_FILE=str(keys))
+    assert "AUTH_DISABLED" not in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_auth_disabled_next_to_a_secret_is_reported_as_ignored(
+        tmp_path: Path) -> None:
+    stderr = await _starts(tmp_path, "gateway", "--host", "0.0.0.0", AUTH_DISABLED="true",
+                           AUTH_JWT_SECRET="s" * 32)
+    assert "AUTH_DISABLED=true is ignored" in stderr
+    assert "s" * 32 not in stderr
