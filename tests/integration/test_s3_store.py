@@ -1,7 +1,9 @@
 """The S3 archive store against a real S3-API server on loopback (moto in server mode):
-multipart uploads while the session runs, aborts, idempotent keys, retries through a
-proxy that kills connections, a server that restarts mid-upload, and the gateway end to
-end (record_url redirects to a presigned URL that serves the Ogg Opus with ranges)."""
+multipart uploads while the session runs, aborts, idempotent keys, tenant-scoped keys
+and ``exists``, retries through a proxy that kills connections, a server that restarts
+mid-upload, ``/records/`` refusing unsigned requests before the store is asked, and the
+gateway end to end (record_url redirects to a presigned URL that serves the Ogg Opus
+with ranges)."""
 
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ import trio
 from botocore.config import Config
 
 from gateway.client import stream_audio
-from gateway.records import StoredRecord
+from gateway.httpapp import GatewayHttpApp
+from gateway.records import StoredRecord, tenant_part
 from gateway.s3store import S3Store, S3StoreError
+from gateway.signing import UrlSigner
 from stages.vad import VadModel
 from tests.integration.test_gateway import GOFORWARD, SILENCE, _audio, checked, start_gateway
+from tests.integration.test_records_http import request, serve_app
 from tests.standin import StandInEngine, start_asr
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,6 +45,7 @@ pytestmark = pytest.mark.timeout(60)
 PART = 64 * 1024  # bytes: the tests' part size (S3 and moto's default minimum is 5 MiB)
 KEYS = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
 MOTO_START_S = 20.0
+URL_KEY = b"s3-gateway-test-url-key-0123456789abcdef"  # RECORDS_URL_KEY of the gateway test
 
 
 class MotoServer:
@@ -244,6 +250,90 @@ async def test_link_presigns_get_and_head_and_is_none_when_missing(
         assert r.status_code == 200 and r.headers["content-length"] == "5004"
     assert await store.link("missing.ogg") is None
     assert await store.link("../etc.ogg") is None
+
+
+async def test_tenants_get_their_own_prefix_and_exists_asks_the_store(
+        moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    client = moto.client()
+    store = make_store(moto.url, bucket, tmp_path)
+    for tenant, data in (("acme", b"A" * 10), ("globex", b"G" * 20), ("", b"N" * 30),
+                         ("x/../y", b"H" * 40)):
+        w = await store.open("same", tenant)
+        await write_all(w, data)
+        stored = await w.commit()
+        assert stored.bytes == len(data) and stored.key.endswith("same.ogg")
+    hashed = tenant_part("x/../y")
+    listed = sorted(o["Key"] for o in
+                    client.list_objects_v2(Bucket=bucket, Prefix="records/")["Contents"])
+    assert listed == sorted(["records/acme/same.ogg", "records/globex/same.ogg",
+                             "records/same.ogg", f"records/{hashed}/same.ogg"])
+    assert object_bytes(client, bucket, "records/acme/same.ogg") == b"A" * 10
+    assert object_bytes(client, bucket, "records/globex/same.ogg") == b"G" * 20
+    assert await store.exists("acme/same.ogg") and await store.exists("same.ogg")
+    assert await store.exists(f"{hashed}/same.ogg")
+    assert not await store.exists("initech/same.ogg")
+    assert not await store.exists("acme/other.ogg")
+    assert not await store.exists("../records/acme/same.ogg")  # never asked: unsafe
+    assert not await store.exists("acme")
+    # the retrier's way in: by key
+    w = await store.open_key("acme/by-key.ogg")
+    await write_all(w, b"K" * 5)
+    assert await w.commit() == StoredRecord("acme/by-key.ogg", 5)
+    assert object_bytes(client, bucket, "records/acme/by-key.ogg") == b"K" * 5
+    with pytest.raises(ValueError):
+        await store.open_key("acme/../by-key.ogg")
+    assert list(tmp_path.iterdir()) == []  # flat spool files, all gone
+
+
+async def test_exists_raises_when_the_store_cannot_be_asked(bucket: str,
+                                                          tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = make_store(f"http://127.0.0.1:{port}", bucket, tmp_path)
+    with trio.fail_after(10), pytest.raises(S3StoreError):
+        await store.exists("acme/f1.ogg")
+
+
+async def test_records_are_refused_unsigned_before_the_store_is_asked(
+        nursery: trio.Nursery, moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    store = make_store(moto.url, bucket, tmp_path / "spool", presign_ttl_s=60)
+    w = await store.open("f1", "acme")
+    await write_all(w, b"OggS" + payload(3000))
+    await w.commit()
+    signer = UrlSigner(b"s3-records-test-key-0123456789abcdef", 60)
+    port, stop = await serve_app(nursery, GatewayHttpApp(
+        store=store, metrics=lambda: b"", ready=lambda: True, signer=signer))
+    for target in ("/records/acme/f1.ogg", "/records/acme/missing.ogg",
+                   f"/records/acme/f1.ogg?{signer.sign('/records/acme/f2.ogg').split('?')[1]}",
+                   signer.sign("/records/acme/f1.ogg", now=0)):
+        for method in ("GET", "HEAD"):
+            r = await request(port, method, target)
+            assert r.status == 403 and "location" not in r.headers, (method, target)
+    url = signer.sign("/records/acme/f1.ogg")
+    for method in ("GET", "HEAD"):
+        r = await request(port, method, url)
+        assert r.status == 307 and r.headers["cache-control"] == "no-store"
+        assert r.headers["location"].startswith(f"{moto.url}/{bucket}/records/acme/f1.ogg?")
+    async with httpx.AsyncClient() as http:
+        got = await http.get((await request(port, "GET", url)).headers["location"],
+                             headers={"range": "bytes=0-3"})
+        assert got.status_code == 206 and got.content == b"OggS"
+    assert (await request(port, "GET", signer.sign("/records/acme/missing.ogg"))).status == 404
+    stop.set()
+    # a store that cannot answer: unsigned is still a plain 403, signed a 503
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    down = make_store(f"http://127.0.0.1:{dead}", bucket, tmp_path / "spool2")
+    port, stop = await serve_app(nursery, GatewayHttpApp(
+        store=down, metrics=lambda: b"", ready=lambda: True, signer=signer))
+    assert (await request(port, "GET", "/records/acme/f1.ogg")).status == 403
+    assert (await request(port, "HEAD", "/records/acme/f1.ogg")).status == 403
+    with trio.fail_after(15):
+        r = await request(port, "GET", url)
+    assert r.status == 503 and r.headers["retry-after"] == "5"
+    stop.set()
 
 
 async def test_the_commit_raises_an_oserror_when_the_store_stays_away(
@@ -460,7 +550,7 @@ async def s3_gateway(nursery: trio.Nursery, vad_model: VadModel, moto: MotoServe
         nursery, vad_model, tmp_path, f"http://127.0.0.1:{asr_port}",
         archive_store="s3", s3_endpoint_url=moto.url, s3_bucket=bucket,
         s3_access_key_id="test", s3_secret_access_key="test",
-        archive_spool_dir=str(tmp_path / "spool"))
+        archive_spool_dir=str(tmp_path / "spool"), records_url_key=URL_KEY.decode())
     yield g
     g.shutdown.set()
     asr_stop.set()
@@ -479,7 +569,13 @@ async def test_gateway_records_to_s3_and_redirects_to_it(
     r = checked(await stream_audio(g.ws_url, audio, realtime=False,
                                    start={"flowId": "s3-rec-1"}))
     (rec,) = r.of("record_url")
-    assert rec["url"] == f"{g.http}/records/s3-rec-1.ogg"
+    path, _, query = rec["url"].removeprefix(g.http).partition("?")
+    assert path == "/records/s3-rec-1.ogg"  # no auth, no tenant: the key is the flowId's
+    # The server signs record_url with RECORDS_URL_KEY once it passes its UrlSigner on;
+    # until then (no query) the URL is the plain one and /records/ is open.
+    signed = bool(query)
+    if signed:
+        assert UrlSigner(URL_KEY, g.cfg.records_url_ttl_s).verify(path, query.encode())
     assert not r.of("error")
     client = moto.client()
     head = client.head_object(Bucket=bucket, Key="records/s3-rec-1.ogg")
@@ -493,8 +589,14 @@ async def test_gateway_records_to_s3_and_redirects_to_it(
         assert hop.status_code == 307 and hop.headers["cache-control"] == "no-store"
         assert hop.headers["location"].startswith(f"{moto.url}/{bucket}/records/s3-rec-1.ogg?")
         assert "X-Amz-Signature=" in hop.headers["location"]
-        assert (await http.get(f"{g.http}/records/nope.ogg")).status_code == 404
-        assert (await http.get(f"{g.http}/records/..%2Fetc.ogg")).status_code == 404
+        refused = 403 if signed else 404
+        assert (await http.get(f"{g.http}/records/nope.ogg")).status_code == refused
+        assert (await http.get(f"{g.http}/records/..%2Fetc.ogg")).status_code == refused
+        if signed:
+            unsigned = await http.get(f"{g.http}{path}")
+            assert unsigned.status_code == 403 and "location" not in unsigned.headers
+            missing = UrlSigner(URL_KEY, 60).sign("/records/nope.ogg")
+            assert (await http.get(f"{g.http}{missing}")).status_code == 404
     async with httpx.AsyncClient(follow_redirects=True) as http:
         full = await http.get(rec["url"])
         assert full.status_code == 200 and full.headers["content-type"] == "audio/ogg"
