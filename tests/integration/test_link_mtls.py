@@ -15,6 +15,7 @@ import re
 import ssl
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 
@@ -85,6 +86,27 @@ async def _recognize(stream: AsrStream) -> list[link.AsrEvent]:
     return events
 
 
+async def _through_channel(channel: AsrChannel, frames: list[tuple[np.ndarray, int]]
+                           ) -> list[link.AsrEvent]:
+    """One utterance of ``frames`` through a session's channel; its events."""
+    events: list[link.AsrEvent] = []
+    async with trio.open_nursery() as n:
+        await n.start(channel.run)
+
+        async def read() -> None:
+            async for ev in channel.events():
+                events.append(ev)
+            n.cancel_scope.cancel()
+
+        n.start_soon(read)
+        channel.begin(0)
+        for j in range(0, len(frames), 5):
+            await channel.send_audio(frames[j:j + 5])
+        await channel.finalize()
+        await channel.end()
+    return events
+
+
 def _final_text() -> str:
     return f"{len(FRAMES) * 320 / 16000:.2f}s"
 
@@ -130,7 +152,7 @@ async def test_mtls_without_an_accepted_client_certificate_fails_clearly(
     with trio.fail_after(0.5), pytest.raises(AsrUnavailable, match="circuit breaker"):
         await pools.open("default", link.Start(flow_id="nocert2"), codec="opus",
                          bitrate=20000)
-    with pytest.raises(AsrUnavailable, match="client certificate|certificate required"):
+    with pytest.raises(AsrUnavailable, match=r"client certificate|certificate required"):
         await pools.lid("default", b"\0\0" * 16000)
 
 
@@ -141,7 +163,7 @@ async def test_unknown_server_ca_is_refused(nursery: trio.Nursery, pki: Pki) -> 
     pools = await _pools(nursery, (url,), asr_tls_ca_file=str(pki.rogue_ca_cert),
                          asr_tls_cert_file=str(pki.client_cert),
                          asr_tls_key_file=str(pki.client_key))
-    with pytest.raises(AsrUnavailable, match="TLS handshake.*CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(AsrUnavailable, match=r"TLS handshake.*CERTIFICATE_VERIFY_FAILED"):
         await pools.open("default", link.Start(flow_id="mitm"), codec="opus",
                          bitrate=20000)
 
@@ -153,8 +175,8 @@ async def test_server_certificate_for_another_host_is_refused(
     the right CA) served as a server certificate does not pass for 127.0.0.1."""
     url = await _asr(nursery, pki, server_cert=(pki.client_cert, pki.client_key))
     pools = await _pools(nursery, (url,), **_mtls(pki))
-    with pytest.raises(AsrUnavailable, match="TLS handshake.*(IP address mismatch|"
-                                              "CERTIFICATE_VERIFY_FAILED)"):
+    with pytest.raises(AsrUnavailable, match=r"TLS handshake.*(IP address mismatch|"
+                                              r"CERTIFICATE_VERIFY_FAILED)"):
         await pools.open("default", link.Start(flow_id="host"), codec="opus",
                          bitrate=20000)
 
@@ -170,21 +192,7 @@ async def test_channel_fails_over_from_an_endpoint_that_refuses_our_certificate(
     for i in range(3):
         channel = AsrChannel(pools, "default", link.Start(flow_id=f"fo{i}"), codec="opus",
                              bitrate=20000, policy=FailoverPolicy(budget_s=5))
-        events: list[link.AsrEvent] = []
-        async with trio.open_nursery() as n:
-            await n.start(channel.run)
-
-            async def read(ch: AsrChannel = channel) -> None:
-                async for ev in ch.events():
-                    events.append(ev)
-                n.cancel_scope.cancel()
-
-            n.start_soon(read)
-            channel.begin(0)
-            for j in range(0, len(FRAMES), 5):
-                await channel.send_audio(FRAMES[j:j + 5])
-            await channel.finalize()
-            await channel.end()
+        events = await _through_channel(channel, FRAMES)
         finals = [e for e in events if e.type == "final"]
         assert [f.text[:5] for f in finals] == [_final_text()], events
         assert not [e for e in events if e.type == "error"], events
@@ -227,21 +235,7 @@ async def test_bearer_token_wrong_or_missing_is_a_coded_refusal(
     channel = AsrChannel(pools, "default", link.Start(flow_id="bad-ch"), codec="opus",
                          bitrate=20000, policy=FailoverPolicy(budget_s=0.5,
                                                               backoff_first_s=0.05))
-    events: list[link.AsrEvent] = []
-    async with trio.open_nursery() as n:
-        await n.start(channel.run)
-
-        async def read() -> None:
-            async for ev in channel.events():
-                events.append(ev)
-            n.cancel_scope.cancel()
-
-        n.start_soon(read)
-        channel.begin(0)
-        await channel.send_audio(FRAMES[:25])
-        await channel.finalize()
-        await channel.end()
-    (error,) = events
+    (error,) = await _through_channel(channel, FRAMES[:25])
     assert error.type == "error" and error.code == "UNAVAILABLE"
     assert "401" in error.message and error.extra == {"utterances": [0]}
 
