@@ -311,6 +311,16 @@ class WhisperBackend:
             return None
         return self.default_pool
 
+    def normalize_language(self, code: str) -> str:
+        """Whisper's code for a stream's ``lang_hint`` (``asr.backend.LanguageNormalizer``),
+        so the server refuses an unknown one at Start with ``UNSUPPORTED_LANGUAGE``
+        instead of a pool-less ``BAD_START``.
+
+        Raises:
+            UnsupportedLanguage: not one of Whisper's languages.
+        """
+        return normalize_language(code)
+
     def lid_pool(self) -> str | None:
         for name, spec in self.pools_spec.items():
             if not spec.model.endswith(".en"):

@@ -27,6 +27,9 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 MAX_HOTWORDS = 100
 MAX_HOTWORD_CHARS = 64
 MAX_ID_CHARS = 128
+MAX_LANG_CHARS = 16  # a BCP 47 tag with a region ("zh-Hant-TW") fits
+# W3C traceparent version 00 is 55 characters; later versions may append fields.
+MAX_TRACEPARENT_CHARS = 256
 U32_MAX = 2**32 - 1
 
 
@@ -116,8 +119,11 @@ class Start:
             problems.append(f"more than {MAX_HOTWORDS} hotwords")
         if any(len(w) > MAX_HOTWORD_CHARS for w in self.hotwords):
             problems.append(f"a hotword is longer than {MAX_HOTWORD_CHARS} characters")
-        if len(self.lang_hint) > 16 or len(self.domain) > MAX_ID_CHARS:
-            problems.append("lang_hint or domain is too long")
+        if len(self.lang_hint) > MAX_LANG_CHARS or len(self.domain) > MAX_ID_CHARS:
+            problems.append(f"lang_hint or domain is too long (at most {MAX_LANG_CHARS} "
+                            f"and {MAX_ID_CHARS} characters)")
+        if len(self.traceparent) > MAX_TRACEPARENT_CHARS:
+            problems.append(f"traceparent is longer than {MAX_TRACEPARENT_CHARS} characters")
         if problems:
             raise LinkProtocolError(ErrorCode.BAD_START, "; ".join(problems), fatal=True)
 

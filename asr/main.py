@@ -19,15 +19,21 @@ name and ``[pools.<name>]`` tables (the fields of ``PoolSpec``)::
 
 Command-line options win over the file. With ``workers = 0`` the models run inside the
 server process (the behaviour before worker processes existed).
+
+The bearer token (``auth_token``) is a secret: rather than in the file or on the command
+line (where ``ps`` shows it), give it in the ``ASR_TOKEN`` environment variable, the
+name under which the gateway sends it, so that one Secret feeds both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +49,16 @@ from .workers import ProcessBackend, WorkerConfig
 TOP_LEVEL_KEYS = {"default", "server", "workers", "pools"}
 
 
+TOKEN_ENV = "ASR_TOKEN"
+
+
 def load_config(path: str | Path | None, *, workers: dict[str, Any] | None = None,
-                **overrides: Any
+                env: Mapping[str, str] | None = None, **overrides: Any
                 ) -> tuple[AsrServerConfig, dict[str, PoolSpec], str, WorkerConfig]:
     """Server settings, pools and worker settings from an optional TOML file, then the
     overrides (``None`` values are ignored): ``overrides`` for ``[server]``, ``workers``
-    for ``[workers]``.
+    for ``[workers]``. ``env`` (the process environment when None): a non-empty
+    ``ASR_TOKEN`` there is ``auth_token`` unless the file or an override sets one.
 
     Raises:
         ValueError: an unknown key or an invalid value.
@@ -71,6 +81,9 @@ def load_config(path: str | Path | None, *, workers: dict[str, Any] | None = Non
         if "pools" in data:
             pools, default = load_pools(path)
     server.update({k: v for k, v in overrides.items() if v is not None})
+    token = (os.environ if env is None else env).get(TOKEN_ENV, "")
+    if token and server.get("auth_token") is None:
+        server["auth_token"] = token
     wtable.update({k: v for k, v in (workers or {}).items() if v is not None})
     wcfg = WorkerConfig.from_dict(wtable, f"{path or 'options'}: [workers]")
     return AsrServerConfig(**server), pools, default, wcfg
@@ -104,6 +117,10 @@ async def run(cfg: AsrServerConfig, backend: Backend,
                 lambda task_status: serve(backend, cfg, scheduler=scheduler,
                                           shutdown=shutdown, task_status=task_status))
             scheme = "https" if cfg.certfile else "http"
+            guards = [name for name, on in (("client certificates", cfg.client_ca_file),
+                                            ("bearer token", cfg.auth_token)) if on]
+            if guards:
+                print(f"voxgate asr: requires {' and '.join(guards)}", flush=True)
             print(f"voxgate asr: listening on {scheme}://{cfg.host}:{port} "
                   "(ready once /readyz says so)", flush=True)
             nursery.start_soon(_announce_ready, app, scheme, cfg.host, port)
@@ -123,12 +140,15 @@ LOG_FORMATS = ("json", "text")
 
 
 def main(config: str | None, host: str | None = None, port: int | None = None, *,
-         log_level: str = "info", log_format: str = "json", **workers: Any) -> int:
+         log_level: str = "info", log_format: str = "json",
+         server: dict[str, Any] | None = None, **workers: Any) -> int:
     """Run the service; ``workers`` are ``[workers]`` overrides (None: keep the file's).
 
     Args:
         log_level: ``debug``, ``info``, ``warning`` or ``error`` (workers log the same).
         log_format: ``json`` (one object a line, the seed's fields) or ``text``.
+        server: more ``[server]`` overrides, e.g. ``certfile``, ``keyfile`` and
+            ``client_ca_file`` from command-line flags (None values keep the file's).
 
     Raises:
         ValueError: invalid configuration.
@@ -137,7 +157,8 @@ def main(config: str | None, host: str | None = None, port: int | None = None, *
         raise ValueError(f"log level must be one of {LOG_LEVELS}, format one of {LOG_FORMATS}")
     level = getattr(logging, log_level.upper())
     setup(level, json_format=log_format == "json")
-    cfg, pools, default, wcfg = load_config(config, workers=workers, host=host, port=port)
+    cfg, pools, default, wcfg = load_config(config, workers=workers, host=host, port=port,
+                                            **(server or {}))
     backend, scheduler = build_backend(pools, default, wcfg, cfg, log_level=level)
     try:
         trio.run(run, cfg, backend, scheduler)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -62,7 +64,12 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 PCM_FRAME_BYTES = 640  # 20 ms of PCM16 at 16 kHz
-MAX_LID_BYTES = 30 * 16000 * 2  # 30 s of PCM16
+MIN_TOKEN_BYTES = 32  # as the gateway's other secrets: guessing it is out of reach
+# Routes answered without the bearer token: the kubelet's probes, and Prometheus, which
+# then needs no copy of a secret that grants recognition (/metrics has counts only, no
+# flowId or text). mTLS, when on, still covers them: it acts before any route.
+OPEN_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")})
+SHOWN_CHARS = 32  # a client's string echoed in an error message is cut to this
 
 
 @dataclass(frozen=True)
@@ -95,27 +102,65 @@ class AsrServerConfig:
     # `flow BEHIND` event, and `flow OK` at half of it. 10 s: a real-time stream stays
     # under 2 s at the partial max gap; a file uploaded at 40x passes it in 0.25 s.
     behind_threshold_s: float = 10.0
-    # /v1/lid requests in flight at once, then 503 BUSY: each holds up to 30 s of PCM
-    # and a LID job; the gateway asks once or twice per session.
+    # /v1/lid requests in flight at once, then 503 BUSY. A request takes its slot before
+    # its body is read, so a slow upload holds one for at most lid_read_timeout_s, and
+    # the slots bound the memory of bodies being read (16 x 320 KB). The gateway asks
+    # once or twice per session.
     lid_max_inflight: int = 16
+    # The longest /v1/lid body, in seconds of PCM16 (32 000 bytes a second); more is 413.
+    # Whisper's language ID looks at a 10 s window (asr/engine.py LID_WINDOW_S), so a
+    # longer body costs encoder time and buys nothing; the gateway sends its first
+    # LID_FIRST_N_SECONDS (3 s) of speech.
+    lid_max_audio_s: float = 10.0
+    # The whole /v1/lid body must arrive within this; a slower upload gets 408 TIMEOUT
+    # and gives its slot back. 10 s of PCM is 320 KB: on a cluster link, milliseconds.
+    lid_read_timeout_s: float = 5.0
     stream_events: int = 64  # events buffered per stream toward a slow reader
     body_drain_s: float = 5.0  # wait this long for the request body to end after `end`
-    # No request data for this long ends the stream. The gateway sends audio only while
-    # someone speaks, so a session may be quiet for minutes: this only reaps dead peers.
-    stream_idle_timeout_s: float = 3600.0
+    # A recognize stream's Start must be complete this long after the stream opened,
+    # else a fatal TIMEOUT. The gateway sends it with the request headers.
+    start_timeout_s: float = 10.0
+    # No request data for this long ends the stream with a fatal TIMEOUT (its queued
+    # finals are still sent). The gateway sends audio only during speech and reopens a
+    # stream for the next utterance when a quiet one was ended (gateway/asrlink.py), so
+    # reaping costs a quiet session one stream open; an hour (the old default) let any
+    # peer that reaches the service hold max_streams slots with no traffic at all.
+    stream_idle_timeout_s: float = 60.0
     retry_after_s: int = 1
     h2_max_concurrent_streams: int = 256
     keep_alive_timeout_s: float = 300.0
     graceful_timeout_s: float = 15.0
     certfile: str | None = None
     keyfile: str | None = None
+    # mTLS: a CA bundle; with it (and certfile/keyfile) the listener requires a client
+    # certificate signed by it, and refuses the TLS handshake otherwise.
+    client_ca_file: str | None = None
+    # A bearer token (32 bytes at least): every request except /healthz, /readyz and
+    # /metrics needs ``authorization: Bearer <token>``, else 401 before its body is read.
+    # Where mTLS is not wanted. `voxgate asr` reads it from ASR_TOKEN (asr/main.py).
+    auth_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_streams < 1 or self.partial_interval_ms < 20:
             raise ValueError("max_streams must be >= 1 and partial_interval_ms >= 20")
         if self.behind_threshold_s <= 0 or self.lid_max_inflight < 1:
             raise ValueError("behind_threshold_s and lid_max_inflight must be positive")
+        for name in ("lid_max_audio_s", "lid_read_timeout_s", "start_timeout_s",
+                     "stream_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("certfile and keyfile must be set together")
+        if self.client_ca_file and not self.certfile:
+            raise ValueError("client_ca_file (mTLS) needs certfile and keyfile (TLS)")
+        if self.auth_token is not None and len(self.auth_token.encode()) < MIN_TOKEN_BYTES:
+            raise ValueError(f"auth_token must be {MIN_TOKEN_BYTES} bytes at least")
         self.scheduler_policy()  # validates the scheduler's knobs
+
+    @property
+    def lid_max_bytes(self) -> int:
+        """The longest /v1/lid body, in bytes (whole samples)."""
+        return int(self.lid_max_audio_s * SAMPLE_RATE) * 2
 
     def scheduler_policy(self) -> SchedulerPolicy:
         """The scheduler knobs of this config.
@@ -186,6 +231,12 @@ def hypercorn_config(cfg: AsrServerConfig) -> Any:
         hc.certfile = cfg.certfile
         hc.keyfile = cfg.keyfile
         hc.alpn_protocols = ["h2"]
+        if cfg.client_ca_file:
+            # hypercorn loads ca_certs into the server context and sets verify_mode on it
+            # (Config.create_ssl_context): a handshake without a certificate signed by
+            # this CA fails before any HTTP/2 byte, for every route, probes included.
+            hc.ca_certs = cfg.client_ca_file
+            hc.verify_mode = ssl.CERT_REQUIRED
     else:
         hc.alpn_protocols = ["h2", "http/1.1"]
     return hc
@@ -223,6 +274,11 @@ class Metrics:
         self.link_errors = Counter("asr_link_errors", "link protocol errors", ["code"],
                                    registry=r)
         self.events = Counter("asr_events", "events sent", ["type"], registry=r)
+        self.unauthorized = Counter("asr_unauthorized", "requests refused with 401: no or "
+                                    "a wrong bearer token", registry=r)
+        self.lid_refused = Counter("asr_lid_refused", "/v1/lid requests refused before "
+                                   "their job: body too large or too slow", ["reason"],
+                                   registry=r)
         self.flow = Counter("asr_flow_events", "flow events sent to streams", ["code"],
                             registry=r)
         # Known label values start at 0, so rate() panels have a series before the
@@ -233,6 +289,8 @@ class Metrics:
             self.events.labels(kind)
         for code in ("BEHIND", "OK"):
             self.flow.labels(code)
+        for reason in ("TOO_LARGE", "TIMEOUT"):
+            self.lid_refused.labels(reason)
         g = Gauge("asr_inflight_sessions", "streams in progress", registry=r)
         g.set_function(lambda: app.active)
         g = Gauge("asr_queue_depth", "jobs waiting for the engine", registry=r)
@@ -334,6 +392,8 @@ class AsrApp:
         self.active = 0
         self.lid_inflight = 0
         self.draining = trio.Event()
+        token = self.cfg.auth_token
+        self._token = None if token is None else token.encode()
         self.metrics = Metrics(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -343,10 +403,16 @@ class AsrApp:
         if scope["type"] != "http":
             return
         route = (scope["method"], scope["path"])
+        if route not in OPEN_ROUTES and not self._authorized(scope):
+            # Before the body is read: an unauthenticated peer costs one header block.
+            self.metrics.unauthorized.inc()
+            await _respond(send, 401, {"error": "UNAUTHORIZED"},
+                           headers=[(b"www-authenticate", b'Bearer realm="voxgate-asr"')])
+            return
         if route == ("POST", "/v1/recognize"):
             await self._recognize(scope, receive, send)
         elif route == ("POST", "/v1/lid"):
-            await self._lid(receive, send)
+            await self._lid(scope, receive, send)
         elif route == ("GET", "/healthz"):
             await self._healthz(send)
         elif route == ("GET", "/readyz"):
@@ -357,6 +423,21 @@ class AsrApp:
                                "text/plain; version=0.0.4; charset=utf-8")
         else:
             await _respond(send, 404, {"error": "NOT_FOUND"})
+
+    def _authorized(self, scope: Scope) -> bool:
+        """Whether the request carries the configured bearer token (always, without one).
+
+        The comparison takes the same time wherever the first wrong byte is, so the token
+        cannot be guessed byte by byte from response times.
+        """
+        if self._token is None:
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, given = bytes(value).partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    given.strip(), self._token)
+        return False
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -410,14 +491,21 @@ class AsrApp:
             self.active -= 1
             session.log_end()
 
-    async def _lid(self, receive: Receive, send: Send) -> None:
+    async def _lid(self, scope: Scope, receive: Receive, send: Send) -> None:
         pool = self.backend.lid_pool()
         if pool is None:
+            await self._drain_for(receive)
             await _respond(send, 404, {"error": "NO_LID_MODEL"})
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.cfg.lid_max_bytes:
+            # Said up front: refused before it holds a slot or sends a byte more.
+            await self._drain_for(receive)
+            await self._too_large(send)
             return
         if self.lid_inflight >= self.cfg.lid_max_inflight:
             self.metrics.busy.inc()
-            await _drain(receive)
+            await self._drain_for(receive)
             await _respond(send, 503, {"error": "BUSY"},
                            headers=[(b"retry-after", str(self.cfg.retry_after_s).encode())])
             return
@@ -427,20 +515,43 @@ class AsrApp:
         finally:
             self.lid_inflight -= 1
 
+    async def _drain_for(self, receive: Receive) -> None:
+        """Read and drop what is left of a refused request's body, for at most
+        ``lid_read_timeout_s``: a refusal answered while the client still sends is safe
+        (install_hypercorn_guard), but an HTTP/1.1 client reads it more reliably after
+        its body went out. Nothing is kept, so this costs no memory."""
+        with trio.move_on_after(self.cfg.lid_read_timeout_s):
+            await _drain(receive)
+
+    async def _too_large(self, send: Send) -> None:
+        self.metrics.lid_refused.labels("TOO_LARGE").inc()
+        await _respond(send, 413, {
+            "error": "TOO_LARGE", "message": f"at most {self.cfg.lid_max_bytes} bytes "
+            f"({self.cfg.lid_max_audio_s:g} s of PCM16 at 16 kHz)"})
+
     async def _lid_inner(self, pool: str, receive: Receive, send: Send) -> None:
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > MAX_LID_BYTES:
-                await _drain(receive)
-                await _respond(send, 413, {"error": "TOO_LARGE",
-                                           "message": f"at most {MAX_LID_BYTES} bytes"})
-                return
-            if not message.get("more_body", False):
-                break
+        limit = self.cfg.lid_max_bytes
+        with trio.move_on_after(self.cfg.lid_read_timeout_s) as read:
+            while len(body) <= limit:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if not message.get("more_body", False):
+                    break
+        if len(body) > limit:
+            del body[:]
+            await self._drain_for(receive)
+            await self._too_large(send)
+            return
+        if read.cancelled_caught:
+            # The slot goes back now; whatever the client still sends is dropped.
+            self.metrics.lid_refused.labels("TIMEOUT").inc()
+            await _respond(send, 408, {
+                "error": "TIMEOUT",
+                "message": f"the body did not arrive within {self.cfg.lid_read_timeout_s:g} s"})
+            return
         if len(body) % 2 or not body:
             await _respond(send, 400, {"error": "BAD_AUDIO",
                                        "message": "body must be PCM16 LE, 16 kHz mono"})
@@ -454,7 +565,16 @@ class AsrApp:
             await _respond(send, 503, {"error": "BUSY"},
                            headers=[(b"retry-after", str(self.cfg.retry_after_s).encode())])
             return
-        assert isinstance(result, LidResult)
+        except Exception:
+            log.exception("language ID failed", extra=fields(stage="asr_lid",
+                                                              err_code="INTERNAL"))
+            await _respond(send, 500, {"error": "INTERNAL",
+                                       "message": "language ID failed"})
+            return
+        if not isinstance(result, LidResult):
+            await _respond(send, 500, {"error": "INTERNAL",
+                                       "message": "the engine gave no language ID"})
+            return
         await _respond(send, 200, {
             "lang": result.lang, "score": round(result.score, 4),
             "top": [{"lang": la, "score": round(s, 4)} for la, s in result.top],
@@ -577,15 +697,25 @@ class LinkSession:
     # -- reader: always drains the body, never waits on recognition ------------------
 
     async def _reader(self, scope: trio.CancelScope) -> None:
+        # Absolute, not per message: a Start sent a byte at a time still has to be
+        # complete by then.
+        start_by = trio.current_time() + self.cfg.start_timeout_s
         try:
             while True:
                 message: dict[str, Any] | None = None
-                with trio.move_on_after(self.cfg.stream_idle_timeout_s):
+                waiting_start = self.start is None and not self._failed
+                deadline = trio.current_time() + self.cfg.stream_idle_timeout_s
+                if waiting_start:
+                    deadline = min(deadline, start_by)
+                with trio.move_on_at(deadline):
                     message = await self._receive()
                 if message is None:
-                    self._protocol_error(link.LinkProtocolError(
-                        link.ErrorCode.TIMEOUT,
-                        f"no data for {self.cfg.stream_idle_timeout_s:g} s", fatal=True))
+                    if not self._failed:
+                        self._protocol_error(link.LinkProtocolError(
+                            link.ErrorCode.TIMEOUT,
+                            f"no Start within {self.cfg.start_timeout_s:g} s" if waiting_start
+                            else f"no data for {self.cfg.stream_idle_timeout_s:g} s",
+                            fatal=True))
                     continue
                 if message["type"] == "http.disconnect":
                     # The client went away: nobody can hear results any more.
@@ -627,21 +757,25 @@ class LinkSession:
                 return
 
     def _on_start(self, start: link.Start) -> None:
+        """Check what the client chose (language, domain) before any audio costs CPU;
+        a refusal fails this stream alone, and its message shows the client's strings
+        only cut and escaped (they end up in logs and in the gateway's error text)."""
         lang = start.lang_hint
         if lang and isinstance(self.app.backend, LanguageNormalizer):
             try:
                 lang = self.app.backend.normalize_language(lang)
-            except ValueError as exc:
+            except ValueError:
                 self._protocol_error(link.LinkProtocolError(
                     link.ErrorCode.UNSUPPORTED_LANGUAGE,
-                    f"lang_hint {start.lang_hint!r} is not supported: {exc}", fatal=True))
+                    f"lang_hint {shown(start.lang_hint)} is not a supported language",
+                    fatal=True))
                 return
         pool = self.app.backend.select_pool(lang, start.domain)
         if pool is None:
             self._protocol_error(link.LinkProtocolError(
                 link.ErrorCode.BAD_START,
-                f"no pool serves lang_hint={start.lang_hint!r} domain={start.domain!r}",
-                fatal=True))
+                f"no pool serves lang_hint={shown(start.lang_hint)} "
+                f"domain={shown(start.domain)}", fatal=True))
             return
         self.start, self.pool, self.lang = start, pool, lang
         self.model = self._model()
@@ -804,7 +938,9 @@ class LinkSession:
             log.exception("final failed", extra=fields(
                 flowId=self.flow_id, stage="asr_final", err_code="INTERNAL",
                 model=self.model))
-            self._emit_error(link.ErrorCode.INTERNAL, f"recognition failed: {exc}", False)
+            # Cut: an engine's message may quote this stream's own options at length.
+            self._emit_error(link.ErrorCode.INTERNAL,
+                             f"recognition failed: {shown(str(exc), 160)}", False)
             return
         assert isinstance(result, Recognition)
         latency_ms = (time.perf_counter() - started) * 1000
@@ -908,6 +1044,25 @@ class LinkSession:
                                   "more_body": True})
         finally:
             self._sent.set()
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A client's string as an error message may show it: escaped (``repr``, so no
+    control character or quote gets through) and cut to ``limit`` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's ``content-length``, or None when absent or not a number."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _content_type(scope: Scope) -> str:
