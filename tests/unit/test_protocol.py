@@ -8,13 +8,17 @@ import fastjsonschema
 import pytest
 
 from gateway.protocol import (
+    REJECT_CODES,
+    WHISPER_LANGUAGES,
     ErrorCode,
     EventWriter,
     Finalize,
     Flush,
+    MessageRate,
     Ping,
     ProtocolError,
     Start,
+    normalize_language,
     parse_text,
 )
 from tests.contract import check_client_message, check_event
@@ -110,3 +114,98 @@ def test_error_schema_lists_exactly_the_error_codes() -> None:
 
     schema = json.loads((PROTOCOL_DIR / "event.error.schema.json").read_text())
     assert set(schema["properties"]["code"]["enum"]) == {c.value for c in ErrorCode}
+
+
+@pytest.mark.parametrize("text", ["[" * 16384, '{"type":"ping","id":' + "[" * 16000 + "}",
+                                  "{" * 5000, '{"a":' * 2000 + "1" + "}" * 2000])
+def test_deep_nesting_is_bad_json_not_a_recursion_error(text: str) -> None:
+    """Finding 6: json.loads recursed until RecursionError, which ended the session."""
+    with pytest.raises(ProtocolError) as info:
+        parse_text(text)
+    assert (info.value.code, info.value.fatal) == (ErrorCode.BAD_JSON, False)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    msg = parse_text(json.dumps({"type": "ping", "id": "[" * 100 + "{" * 20}))
+    assert msg == Ping(("[" * 100 + "{" * 20)[:128])
+
+
+@pytest.mark.parametrize(("pref", "lang"), [
+    ("en-US", "en"), ("EN", "en"), ("en_GB", "en"), ("zh-Hans", "zh"), ("zh-Hant-TW", "zh"),
+    ("auto", "auto"), ("", "auto"), ("AUTO", "auto"), ("yue", "yue"), ("haw-US", "haw"),
+    ("iw", "he"), ("jv", "jw"), ("nb-NO", "no"),
+])
+def test_user_lang_pref_is_normalised(pref: str, lang: str) -> None:
+    assert normalize_language(pref) == lang
+    msg = parse_text(json.dumps({"type": "start", "hints": {"user_lang_pref": pref}}))
+    assert isinstance(msg, Start) and msg.hints.user_lang_pref == lang
+
+
+@pytest.mark.parametrize("pref", ["xx", "english", "en-US-" + "x" * 40, "e", "x\x00\n<b>",
+                                  "\u202eevil", "klingon-tlh", "-en"])
+def test_unknown_language_is_refused_and_echoed_only_escaped(pref: str) -> None:
+    """Finding 3: an unknown code used to reach the decoder and fail its whole batch."""
+    with pytest.raises(ProtocolError) as info:
+        parse_text(json.dumps({"type": "start", "hints": {"user_lang_pref": pref}}))
+    assert (info.value.code, info.value.fatal) == (ErrorCode.UNSUPPORTED_LANGUAGE, True)
+    message = info.value.message
+    assert message.isascii() and message.isprintable() and len(message) < 200
+    assert "\x00" not in message and "\u202e" not in message
+
+
+def test_the_language_list_is_whispers() -> None:
+    from asr.whisper.tokenizer import LANGUAGES
+
+    assert frozenset(LANGUAGES) == WHISPER_LANGUAGES
+
+
+def test_every_error_code_and_end_reason_matches_the_schemas() -> None:
+    w = EventWriter("f")
+    for code in ErrorCode:
+        check_event(w.stamp(w.error(code, "m", fatal=True)))
+    for reason in ("flush", "disconnect", "idle", "server_shutdown", "max_duration", "error"):
+        check_event(w.stamp(w.end(reason)))
+    assert {ErrorCode.FLOW_EXISTS, ErrorCode.UNSUPPORTED_LANGUAGE, ErrorCode.RATE_LIMITED,
+            ErrorCode.START_TIMEOUT} <= set(REJECT_CODES)
+
+
+def test_message_rate_allows_bursts_within_two_seconds() -> None:
+    r = MessageRate(10)
+    assert all(r.take(0.0).accepted for _ in range(20))  # 2 s worth at once
+    v = r.take(0.0)
+    assert (v.accepted, v.notify, v.refused) == (False, True, 1)
+    assert not r.take(0.05).notify  # at most one notice a second
+    assert r.take(0.2).accepted  # 0.2 s at 10/s refilled the bucket by 2...$
+    v = r.take(1.1)
+    assert v.accepted  # ...and the bucket keeps refilling at 10/s
+
+
+def test_message_rate_refuses_past_the_limit_and_counts_the_refused() -> None:
+    r = MessageRate(10)
+    t, verdicts = 0.0, []
+    for _ in range(200):  # 20/s for 10 s
+        t += 0.05
+        verdicts.append(r.take(t))
+    accepted = sum(v.accepted for v in verdicts)
+    assert 115 <= accepted <= 121  # the 2 s burst, then 10/s
+    notices = [v for v in verdicts if v.notify]
+    assert 7 <= len(notices) <= 10
+    assert sum(v.refused for v in notices) <= 200 - accepted
+    assert not any(v.fatal for v in verdicts)  # exactly 2x is not over 2x
+
+
+def test_message_rate_ends_a_client_far_over_for_ten_seconds() -> None:
+    r = MessageRate(10)
+    t, fatal_at = 0.0, None
+    while t < 30 and fatal_at is None:
+        t += 1 / 25  # 2.5x the limit
+        if r.take(t).fatal:
+            fatal_at = t
+    assert fatal_at is not None and 10.0 <= fatal_at <= 11.5
+    r = MessageRate(10)  # a burst of 5 s at 2.5x, a pause, again: never fatal
+    t = 0.0
+    for _ in range(3):
+        for _ in range(125):
+            t += 1 / 25
+            assert not r.take(t).fatal
+        t += 3.0

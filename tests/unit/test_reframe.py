@@ -112,3 +112,57 @@ def test_seq_buffer_conceals_a_lost_packet_with_zeros_of_its_size() -> None:
     assert buf.statistics().lost == 1
     assert buf.feed(6, b"gg") == []
     assert buf.flush() == [b"\x00\x00", b"gg"]  # a gap at the end is concealed too
+
+
+def test_seq_buffer_refuses_a_huge_jump_and_goes_on() -> None:
+    """Finding 6: a seq of 2**32 - 1 used to be held, then skipped to (concealing ~4
+    billion packets) and made every later packet an old "duplicate"."""
+    buf = SeqBuffer(window=4, conceal=True)
+    assert buf.feed(0, b"aa") == [b"aa"]
+    with pytest.raises(IngestError) as info:
+        buf.feed(2**32 - 1, b"zz")
+    assert info.value.code == "BAD_SEQ_HEADER" and "4294967295" in info.value.message
+    got = [p for s in range(1, 10) for p in buf.feed(s, bytes([s, s]))]
+    assert got == [bytes([s, s]) for s in range(1, 10)]
+    assert buf.flush() == []
+    stats = buf.statistics()
+    assert (stats.refused, stats.duplicates, stats.lost) == (1, 0, 0)
+
+
+def test_seq_buffer_accepts_a_jump_up_to_max_ahead() -> None:
+    buf = SeqBuffer(window=2, conceal=True, max_ahead=8)
+    assert buf.feed(0, b"aa") == [b"aa"]
+    assert buf.feed(9, b"jj") == []  # 8 ahead of next_seq 1: allowed
+    with pytest.raises(IngestError):
+        buf.feed(10, b"kk")  # 9 ahead: refused
+    assert buf.flush() == [b"\x00\x00"] * 8 + [b"jj"]
+    with pytest.raises(ValueError):
+        SeqBuffer(window=8, max_ahead=4)
+
+
+@given(st.lists(st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1)), max_size=60),
+       st.integers(1, 8), st.integers(8, 64))
+def test_seq_buffer_output_is_bounded_whatever_the_seqs(
+        seqs: list[int], window: int, max_ahead: int) -> None:
+    """Whatever seqs a client sends: no exception but BAD_SEQ_HEADER, never more out
+    than (accepted packets + their concealed gaps, each at most max_ahead), payloads
+    in strictly increasing seq order, and the next expected seq always deliverable."""
+    buf = SeqBuffer(window=window, conceal=False, max_ahead=max(window, max_ahead))
+    out: list[bytes] = []
+    accepted = 0
+    for s in seqs:
+        before = buf.next_seq
+        try:
+            got = buf.feed(s, s.to_bytes(4, "little"))
+        except IngestError as exc:
+            assert exc.code == "BAD_SEQ_HEADER" and s - before > buf.max_ahead
+            assert buf.next_seq == before
+            continue
+        accepted += 1
+        out += got
+    out += buf.flush()
+    values = [int.from_bytes(p, "little") for p in out]
+    assert values == sorted(set(values)) and len(values) <= accepted
+    assert buf.next_seq <= len(seqs) * (buf.max_ahead + 1)
+    nxt = buf.next_seq
+    assert buf.feed(nxt, b"ok") == [b"ok"]  # never a silent duplicate
