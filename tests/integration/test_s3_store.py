@@ -571,11 +571,8 @@ async def test_gateway_records_to_s3_and_redirects_to_it(
     (rec,) = r.of("record_url")
     path, _, query = rec["url"].removeprefix(g.http).partition("?")
     assert path == "/records/s3-rec-1.ogg"  # no auth, no tenant: the key is the flowId's
-    # The server signs record_url with RECORDS_URL_KEY once it passes its UrlSigner on;
-    # until then (no query) the URL is the plain one and /records/ is open.
-    signed = bool(query)
-    if signed:
-        assert UrlSigner(URL_KEY, g.cfg.records_url_ttl_s).verify(path, query.encode())
+    # signed with RECORDS_URL_KEY, valid now
+    assert UrlSigner(URL_KEY, g.cfg.records_url_ttl_s).verify(path, query.encode())
     assert not r.of("error")
     client = moto.client()
     head = client.head_object(Bucket=bucket, Key="records/s3-rec-1.ogg")
@@ -589,14 +586,12 @@ async def test_gateway_records_to_s3_and_redirects_to_it(
         assert hop.status_code == 307 and hop.headers["cache-control"] == "no-store"
         assert hop.headers["location"].startswith(f"{moto.url}/{bucket}/records/s3-rec-1.ogg?")
         assert "X-Amz-Signature=" in hop.headers["location"]
-        refused = 403 if signed else 404
-        assert (await http.get(f"{g.http}/records/nope.ogg")).status_code == refused
-        assert (await http.get(f"{g.http}/records/..%2Fetc.ogg")).status_code == refused
-        if signed:
-            unsigned = await http.get(f"{g.http}{path}")
-            assert unsigned.status_code == 403 and "location" not in unsigned.headers
-            missing = UrlSigner(URL_KEY, 60).sign("/records/nope.ogg")
-            assert (await http.get(f"{g.http}{missing}")).status_code == 404
+        assert (await http.get(f"{g.http}/records/nope.ogg")).status_code == 403
+        assert (await http.get(f"{g.http}/records/..%2Fetc.ogg")).status_code == 403
+        unsigned = await http.get(f"{g.http}{path}")
+        assert unsigned.status_code == 403 and "location" not in unsigned.headers
+        missing = UrlSigner(URL_KEY, 60).sign("/records/nope.ogg")
+        assert (await http.get(f"{g.http}{missing}")).status_code == 404
     async with httpx.AsyncClient(follow_redirects=True) as http:
         full = await http.get(rec["url"])
         assert full.status_code == 200 and full.headers["content-type"] == "audio/ogg"
