@@ -293,6 +293,9 @@ def _b64uint(n: int) -> str:
     return _b64(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
 
 
+_GONE = (-1, -1, -1)  # the stamp of a key file that could not be stat'ed
+
+
 class _KeyFile:
     """AUTH_JWT_KEYS_FILE, reread when it changes (rotation without a restart).
 
@@ -316,8 +319,10 @@ class _KeyFile:
         try:
             stamp = self._stat()
         except OSError as exc:
-            log.error("AUTH_JWT_KEYS_FILE %s: %s; the last keys loaded stay in force",
-                      self.path, exc.strerror)
+            if self._stamp != _GONE:  # logged once, not at every session start
+                self._stamp = _GONE
+                log.error("AUTH_JWT_KEYS_FILE %s: %s; the last keys loaded stay in force",
+                          self.path, exc.strerror)
             return self.keys
         if stamp != self._stamp:
             self._stamp = stamp
@@ -437,6 +442,10 @@ class Authenticator:
             for key in keys:
                 if key.kid == kid:
                     return key
+            if len(keys) == 1 and keys[0].kid is None:
+                # AUTH_JWT_SECRET alone names no kid: an issuer's kid is only a hint then
+                # (RFC 7515 §4.1.4), and the signature still has to verify with it.
+                return keys[0]
             shown = f" {kid!r}" if _SAFE_ID.fullmatch(kid) else ""
             raise AuthError(f"unknown key id (kid){shown}")
         # No kid: the only key, or the only kid-less one (AUTH_JWT_SECRET next to a key

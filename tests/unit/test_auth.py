@@ -13,6 +13,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import subprocess
 import time
@@ -430,8 +431,16 @@ def test_kid_selection(tmp_path: Path, rsa1: RsaKey, rsa2: RsaKey) -> None:
     assert both.verify(sign(good(), rsa1.private, "RS256", "r1"), now=NOW)
 
 
+def test_a_lone_secret_ignores_the_kid_hint() -> None:
+    """AUTH_JWT_SECRET alone has no kid: an issuer that puts one in its HS256 tokens
+    still works (as before key sets existed), and the signature still decides."""
+    assert hs().verify(sign(good(), SECRET, "HS256", "default"), now=NOW)
+    with pytest.raises(AuthError, match="signature is not valid"):
+        hs().verify(sign(good(), "t" * 32, "HS256", "default"), now=NOW)
+
+
 def test_unknown_kid_is_echoed_only_when_it_looks_like_an_id() -> None:
-    auth = hs()
+    auth = Authenticator([VerificationKey("k1", "HS256", SECRET.encode())])
     with pytest.raises(AuthError, match="unknown key id \\(kid\\) 'k-2026'"):
         auth.verify(sign(good(), SECRET, "HS256", "k-2026"), now=NOW)
     with pytest.raises(AuthError) as info:
@@ -440,7 +449,8 @@ def test_unknown_kid_is_echoed_only_when_it_looks_like_an_id() -> None:
 
 
 def test_rotation_by_rewriting_the_key_file(tmp_path: Path, rsa1: RsaKey, rsa2: RsaKey,
-                                            ec1: ecdsa.SigningKey) -> None:
+                                            ec1: ecdsa.SigningKey,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     """Add a key: its tokens work at once. Remove one: its tokens fail. A broken file
     keeps the last good keys. No restart, no new Authenticator."""
     path = write_jwks(tmp_path / "jwks.json", rsa1.jwk("2026-01"))
@@ -465,7 +475,10 @@ def test_rotation_by_rewriting_the_key_file(tmp_path: Path, rsa1: RsaKey, rsa2: 
     os.replace(tmp_path / "broken.tmp", path)
     assert auth.verify(new, now=NOW)  # the last good keys stay in force
     path.unlink()
-    assert auth.verify(ec, now=NOW)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="voxgate.auth"):
+        assert auth.verify(ec, now=NOW) and auth.verify(ec, now=NOW)
+    assert len([r for r in caplog.records if "stay in force" in r.message]) == 1
 
     write_jwks(path, rsa1.jwk("2026-01"))  # back, with only the first key
     with pytest.raises(AuthError, match="unknown key id"):
