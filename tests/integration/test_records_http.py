@@ -2,11 +2,14 @@
 with raw HTTP/1.1 requests (the exact bytes of the path matter here, and an HTTP client
 library would normalise them). Without a valid signature every ``/records/`` request is
 a 403, the same for a recording that exists and one that does not; a signed URL serves
-the recording with ranges as before; ``/metrics`` can move to an app of its own."""
+the recording with ranges as before; ``/metrics`` can move to an app of its own. And
+the whole gateway with JWT: a tenant's session records under the tenant's folder and
+returns a signed record_url that works, where the bare path does not."""
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,14 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import jwt
+import numpy as np
 import pytest
+import soundfile
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hyper_serve
 
+from gateway.client import stream_audio
 from gateway.httpapp import GatewayHttpApp, metrics_app
-from gateway.records import LocalStore
+from gateway.records import LocalStore, tenant_part
 from gateway.signing import UrlSigner
+from stages.vad import VadModel
+from tests import speech
+from tests.integration.test_gateway import start_gateway
+from tests.standin import StandInEngine, start_asr
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -217,3 +228,53 @@ async def test_without_a_signer_the_old_behaviour_is_kept(
     assert (await request(port, "GET", "/records/..%2Fold.ogg")).status == 404
     assert (await request(port, "GET", "/metrics")).body == METRICS
     stop.set()
+
+
+JWT_SECRET = "records-http-jwt-secret-0123456789abcdef"
+
+
+def token(**claims: Any) -> str:
+    return jwt.encode({"exp": int(time.time()) + 60, **claims}, JWT_SECRET, algorithm="HS256")
+
+
+async def test_a_tenants_session_records_under_its_folder_behind_a_signed_url(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    _, asr_port, asr_stop = await start_asr(nursery, StandInEngine())
+    g = await start_gateway(nursery, VadModel(), tmp_path, f"http://127.0.0.1:{asr_port}",
+                            auth_jwt_secret=JWT_SECRET, records_url_key=KEY.decode(),
+                            records_url_ttl_s=120)
+    port = int(g.http.rsplit(":", 1)[1])
+    silence = np.zeros(8000, dtype=np.int16)
+    audio = np.concatenate([silence, speech.goforward(), silence]).astype(np.int16)
+    urls = {}
+    for claims in ({"sub": "alice", "tenant": "acme"}, {"sub": "bob@globex.example"}):
+        r = await stream_audio(g.ws_url, audio, realtime=False, start={
+            "flowId": "e2e-rec", "auth": {"token": token(**claims)}})
+        assert not r.of("error"), r.of("error")
+        (rec,) = r.of("record_url")
+        assert rec["url"].startswith(g.http)
+        urls[claims.get("tenant", claims["sub"])] = rec["url"].removeprefix(g.http)
+    # the same flowId, two tenants: two recordings, each in its tenant's folder
+    acme, globex = urls["acme"], urls["bob@globex.example"]
+    folder = tenant_part("bob@globex.example")
+    assert acme.startswith("/records/acme/e2e-rec.ogg?exp=")
+    assert globex.startswith(f"/records/{folder}/e2e-rec.ogg?exp=")
+    assert folder.startswith("t-")  # "@" is not safe in a path: hashed
+    signer = UrlSigner(KEY, 120)
+    for url in (acme, globex):
+        path, _, query = url.partition("?")
+        assert signer.verify(path, query.encode())
+        assert int(query.split("&")[0].removeprefix("exp=")) <= time.time() + 120
+        r = await request(port, "GET", url)
+        assert r.status == 200 and r.headers["content-type"] == "audio/ogg"
+        assert (g.archive / path.removeprefix("/records/")).read_bytes() == r.body
+        decoded, sr = soundfile.read(io.BytesIO(r.body), dtype="int16")
+        assert sr == 16000 and abs(len(decoded) - len(audio)) <= 320
+        for method in ("GET", "HEAD"):
+            assert (await request(port, method, path)).status == 403
+    # acme's signature opens neither globex's recording nor a flat one
+    q = acme.partition("?")[2]
+    assert (await request(port, "GET", f"/records/{folder}/e2e-rec.ogg?{q}")).status == 403
+    assert (await request(port, "GET", f"/records/e2e-rec.ogg?{q}")).status == 403
+    g.shutdown.set()
+    asr_stop.set()
