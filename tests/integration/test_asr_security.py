@@ -105,6 +105,20 @@ async def test_mtls_admits_the_right_client_certificate(mtls_server: tuple[AsrAp
     assert events[-2].text.startswith("0.50s")
 
 
+async def test_mtls_probes_over_http1_present_the_client_certificate(
+        mtls_server: tuple[AsrApp, int], pki: Pki) -> None:
+    """The chart's exec probes speak HTTP/1.1 over TLS with the client certificate."""
+    _, port = mtls_server
+    url = f"https://127.0.0.1:{port}"
+    ctx = _client_ctx(pki, pki.client_cert, pki.client_key)
+    async with httpx.AsyncClient(base_url=url, verify=ctx) as client:
+        for path in ("/healthz", "/readyz"):
+            assert (await client.get(path)).status_code == 200
+    async with httpx.AsyncClient(base_url=url, verify=_client_ctx(pki)) as client:
+        with pytest.raises(httpx.TransportError):
+            await client.get("/healthz")
+
+
 @pytest.mark.parametrize("who", ["no certificate", "a rogue CA's certificate"])
 async def test_mtls_refuses_the_handshake_without_the_cas_certificate(
         mtls_server: tuple[AsrApp, int], pki: Pki, who: str) -> None:
