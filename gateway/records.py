@@ -11,7 +11,8 @@ Keys are scoped by tenant (the token's ``tenant`` claim, else ``sub``): a sessio
 tenant ``acme`` records to ``acme/<flowId>.ogg``, so two tenants choosing the same
 ``flowId`` never touch each other's recording. Without a tenant (auth off) the key stays
 ``<flowId>.ogg``. A tenant that is not safe as one path component (or that looks like
-a hashed one) becomes ``t-`` and 32 hex digits of its SHA-256. These two shapes are the
+a hashed one, or like a recording's file name) becomes ``t-`` and 32 hex digits of its
+SHA-256. These two shapes are the
 only keys :func:`safe_key` accepts: no ``..``, no absolute paths, no deeper folders.
 """
 
@@ -130,7 +131,10 @@ def _safe_name(name: str) -> bool:
 
 
 def _safe_part(part: str) -> bool:
-    return bool(SAFE_PART.fullmatch(part)) and not part.startswith(".")
+    # Not "x.ogg" either: that folder would collide with the file of flowId "x" in a
+    # store that also holds recordings from before authentication was on.
+    return (bool(SAFE_PART.fullmatch(part)) and not part.startswith(".")
+            and not part.lower().endswith(".ogg"))
 
 
 def safe_key(key: str) -> bool:

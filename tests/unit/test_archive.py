@@ -135,7 +135,7 @@ def test_record_key_scopes_by_tenant(flow: str, tenant: str, key: str) -> None:
 
 @pytest.mark.parametrize("tenant", ["..", ".", ".hidden", "a/b", "a\\b", "acme corp", "é",
                                     "x" * 129, "a\n", "a\x00", "/", "%2F",
-                                    "t-" + "0" * 32, "t-" + "a" * 32])
+                                    "t-" + "0" * 32, "t-" + "a" * 32, "x.ogg", "X.OGG"])
 def test_an_unsafe_or_hash_shaped_tenant_becomes_a_stable_hash(tenant: str) -> None:
     key = record_key("f1", tenant)
     part, name = key.split("/")
@@ -163,7 +163,7 @@ def test_record_key_refuses_unsafe_flow_ids(flow: str, tenant: str) -> None:
     "", ".ogg", "f1", "f1.ogg\n", "../f1.ogg", "/f1.ogg", "/acme/f1.ogg", "acme/../f1.ogg",
     "a/b/f1.ogg", "acme//f1.ogg", "acme/", "/", "./f1.ogg", "../etc/f1.ogg", ".acme/f1.ogg",
     "acme/.f1.ogg", "acme\\f1.ogg", "acme%2Ff1.ogg", "acme/f1.wav", "x" * 129 + "/f1.ogg",
-    "acme/f1.ogg/", "é/f1.ogg",
+    "acme/f1.ogg/", "é/f1.ogg", "x.ogg/f1.ogg",
 ])
 def test_safe_key_accepts_only_the_two_shapes(key: str) -> None:
     assert not safe_key(key)
