@@ -13,10 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import ecdsa
 import pytest
 import trio
+
+from gateway.client import stream_audio
+from stages.vad import VadModel
+from tests.integration.test_gateway import SILENCE, checked, start_gateway
+from tests.standin import StandInEngine, start_asr
+from tests.unit.test_auth import _rsa_key, ec_jwk, forge, hmac_signer, sign, write_jwks
 
 ROOT = Path(__file__).resolve().parents[2]
 # Exactly what the console script runs (gateway.cli:main), without depending on the
@@ -149,3 +157,62 @@ async def test_auth_disabled_next_to_a_secret_is_reported_as_ignored(
                            AUTH_JWT_SECRET="s" * 32)
     assert "AUTH_DISABLED=true is ignored" in stderr
     assert "s" * 32 not in stderr
+
+
+# --- tokens through a real gateway ----------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_key_set_tokens_through_a_real_gateway(nursery: trio.Nursery,
+                                                     tmp_path: Path) -> None:
+    """A gateway on a JWKS with an RSA and an EC key: RS256 and ES256 tokens open
+    sessions owned by their tenant; the alg-confusion token, ``alg: none``, a wrong
+    issuer and an unknown kid are UNAUTHORIZED with a reason and without the token; a
+    key added to the file works at the next session, without a restart."""
+    rsa1, rsa2 = _rsa_key(tmp_path, "r1"), _rsa_key(tmp_path, "r2")
+    ec1 = ecdsa.SigningKey.generate(curve=ecdsa.NIST256p)
+    keys = write_jwks(tmp_path / "jwks.json", rsa1.jwk("r1"), ec_jwk(ec1, "e1"))
+    _, asr_port, asr_stop = await start_asr(nursery, StandInEngine())
+    g = await start_gateway(nursery, VadModel(), tmp_path, f"http://127.0.0.1:{asr_port}",
+                            auth_jwt_keys_file=str(keys), auth_jwt_issuer="https://id.test",
+                            auth_jwt_audience="voxgate")
+
+    def claims(**extra: object) -> dict[str, object]:
+        return {"sub": "alice", "tenant": "acme", "iss": "https://id.test",
+                "aud": ["voxgate"], "exp": time.time() + 300, **extra}
+
+    async def session(token: str) -> list[dict[str, object]]:
+        r = checked(await stream_audio(g.ws_url, SILENCE[:3200], realtime=False,
+                                       start={"auth": {"token": token}}))
+        errors = r.of("error")
+        for e in errors:
+            assert not token or token not in str(e["message"])
+        if not errors:
+            assert r.of("ack") and r.of("end")[0]["reason"] == "flush"
+            url = str(r.of("record_url")[0]["url"])
+            assert "/acme/" in url, url  # the recording is the tenant's
+        return errors
+
+    assert await session(sign(claims(), rsa1.private, "RS256", "r1")) == []
+    assert await session(sign(claims(), ec1, "ES256", "e1")) == []
+
+    refused = {
+        "verifies RS256 only": forge({"alg": "HS256", "kid": "r1"}, claims(),
+                                     hmac_signer(rsa1.public_pem)),
+        "'none'": forge({"alg": "none", "kid": "r1"}, claims(), lambda m: b""),
+        "another issuer": sign(claims(iss="https://evil.test"), rsa1.private, "RS256",
+                               "r1"),
+        "another audience": sign(claims(aud="billing"), ec1, "ES256", "e1"),
+        "unknown key id (kid) 'r2'": sign(claims(), rsa2.private, "RS256", "r2"),
+        "expired": sign(claims(exp=time.time() - 120), rsa1.private, "RS256", "r1"),
+        "auth.token is required": "",
+    }
+    for reason, token in refused.items():
+        errors = await session(token)
+        assert [(e["code"], e["fatal"]) for e in errors] == [("UNAUTHORIZED", True)]
+        assert reason in str(errors[0]["message"]), (reason, errors)
+
+    write_jwks(keys, rsa1.jwk("r1"), ec_jwk(ec1, "e1"), rsa2.jwk("r2"))  # rotation
+    assert await session(sign(claims(), rsa2.private, "RS256", "r2")) == []
+    g.shutdown.set()
+    asr_stop.set()
