@@ -42,9 +42,10 @@ async def run_gateway(cfg: GatewayConfig) -> None:
         async with trio.open_nursery() as nursery:
             ws_port, http_port = await nursery.start(functools.partial(serve, cfg,
                                                                        shutdown=shutdown))
-            print(f"voxgate gateway: http://{cfg.host}:{http_port} (records, metrics)",
+            s = "s" if cfg.tls_cert_file else ""  # TLS_CERT_FILE: wss:// and https://
+            print(f"voxgate gateway: http{s}://{cfg.host}:{http_port} (records, metrics)",
                   flush=True)
-            print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
+            print(f"ws{s}://{cfg.host}:{ws_port}/ws/stream", flush=True)
             await _until_signal(shutdown, signals)
 
 
@@ -81,10 +82,11 @@ async def run_serve(cfg: GatewayConfig) -> None:
                 async with trio.open_nursery() as gateway:
                     ws_port, http_port = await gateway.start(functools.partial(
                         serve, cfg, shutdown=gw_shutdown))
+                    s = "s" if cfg.tls_cert_file else ""
                     print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, recordings "
-                          f"and metrics on http://{cfg.host}:{http_port}", file=sys.stderr,
-                          flush=True)
-                    print(f"ws://{cfg.host}:{ws_port}/ws/stream", flush=True)
+                          f"and metrics on http{s}://{cfg.host}:{http_port}",
+                          file=sys.stderr, flush=True)
+                    print(f"ws{s}://{cfg.host}:{ws_port}/ws/stream", flush=True)
                     gateway.start_soon(_until_signal, gw_shutdown, signals)
             asr_shutdown.set()
     finally:
