@@ -132,6 +132,10 @@ class AsrServerConfig:
     graceful_timeout_s: float = 15.0
     certfile: str | None = None
     keyfile: str | None = None
+    # A TLS handshake not done in this long is dropped (hypercorn's default is 60 s): a
+    # gateway on the cluster network handshakes in milliseconds, and a peer that opens
+    # sockets and stays silent should hold each for as short a time as possible.
+    tls_handshake_timeout_s: float = 10.0
     # mTLS: a CA bundle; with it (and certfile/keyfile) the listener requires a client
     # certificate signed by it, and refuses the TLS handshake otherwise.
     client_ca_file: str | None = None
@@ -146,7 +150,7 @@ class AsrServerConfig:
         if self.behind_threshold_s <= 0 or self.lid_max_inflight < 1:
             raise ValueError("behind_threshold_s and lid_max_inflight must be positive")
         for name in ("lid_max_audio_s", "lid_read_timeout_s", "start_timeout_s",
-                     "stream_idle_timeout_s"):
+                     "stream_idle_timeout_s", "tls_handshake_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if bool(self.certfile) != bool(self.keyfile):
@@ -231,6 +235,7 @@ def hypercorn_config(cfg: AsrServerConfig) -> Any:
         hc.certfile = cfg.certfile
         hc.keyfile = cfg.keyfile
         hc.alpn_protocols = ["h2"]
+        hc.ssl_handshake_timeout = cfg.tls_handshake_timeout_s
         if cfg.client_ca_file:
             # hypercorn loads ca_certs into the server context and sets verify_mode on it
             # (Config.create_ssl_context): a handshake without a certificate signed by

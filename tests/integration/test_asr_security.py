@@ -138,6 +138,20 @@ async def test_mtls_refuses_the_handshake_without_the_cas_certificate(
         assert [e.type for e in await _one_final(conn, "after")][-1] == "end"
 
 
+async def test_a_silent_socket_is_dropped_at_the_handshake_timeout(
+        nursery: trio.Nursery, pki: Pki) -> None:
+    _, port, shutdown = await start_asr(
+        nursery, StandInEngine(), certfile=str(pki.server_cert),
+        keyfile=str(pki.server_key), tls_handshake_timeout_s=0.3)
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    t0 = trio.current_time()
+    with trio.fail_after(5):
+        assert await tcp.receive_some() == b""  # closed by the server, unasked
+    assert trio.current_time() - t0 < 2.0
+    await tcp.aclose()
+    shutdown.set()
+
+
 def test_mtls_needs_tls_and_the_config_hides_the_token() -> None:
     with pytest.raises(ValueError, match="client_ca_file"):
         AsrServerConfig(client_ca_file="/ca.pem")
