@@ -512,7 +512,10 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or (
             isinstance(value, float) and not math.isfinite(value)):
         raise AuthError(f"the token's {name} is not a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float range: no date anyone means
+        raise AuthError(f"the token's {name} is out of range") from None
 
 
 # --- the startup guard -----------------------------------------------------------------

@@ -26,6 +26,8 @@ import ecdsa
 import ecdsa.util
 import pytest
 import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.auth import (
     Authenticator,
@@ -543,3 +545,58 @@ def test_exposure_problem() -> None:
 
 def test_the_secret_stays_out_of_repr() -> None:
     assert SECRET not in repr(GatewayConfig(auth_jwt_secret=SECRET))
+
+
+# --- nothing but AuthError escapes ----------------------------------------------------
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5),
+                                                                 inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "b64", "x"]),
+                              _JSONISH, max_size=4),
+       claims=st.dictionaries(st.sampled_from(["sub", "tenant", "exp", "nbf", "iat", "iss",
+                                               "aud", "y"]), _JSONISH, max_size=6),
+       signature=st.binary(max_size=80), signed=st.booleans())
+def test_arbitrary_headers_and_claims_give_claims_or_auth_error(
+        header: dict[str, Any], claims: dict[str, Any], signature: bytes,
+        signed: bool) -> None:
+    """Signed: a valid HS256 signature over arbitrary claims (the claims checks see
+    everything); else arbitrary headers and signature bytes (the parser does)."""
+    if signed:
+        header = {**header, "alg": "HS256"}
+        header.pop("crit", None)
+        header.pop("b64", None)
+    token = forge(header, claims, hmac_signer(SECRET.encode()) if signed
+                  else (lambda m: signature))
+    try:
+        result = hs(issuer="i", audience="a").verify(token, now=NOW)
+    except AuthError as exc:
+        assert token not in str(exc)
+    else:
+        assert 1 <= len(result.tenant) <= 128
+        assert result.raw["exp"] > NOW - 30 and result.raw["iss"] == "i"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200) | st.from_regex(r"[A-Za-z0-9_=-]{0,40}(\.[A-Za-z0-9_=-]{0,40}){0,4}",
+                                               fullmatch=True))
+def test_arbitrary_strings_give_auth_error(token: str) -> None:
+    with pytest.raises(AuthError):
+        hs().verify(token, now=NOW)
+
+
+@pytest.mark.parametrize("raw", ["1e400", "-1e400", "NaN", "Infinity", str(10**400), "true"])
+def test_numeric_dates_out_of_range(raw: str) -> None:
+    """JSON numbers Python reads as inf, nan or an int past float range are refused."""
+    body = '{"sub": "a", "exp": %s}' % raw  # noqa: UP031 (the raw JSON text is the point)
+    token = forge({"alg": "HS256"}, {}, hmac_signer(SECRET.encode()))
+    head = token.split(".")[0]
+    signing_input = (head + "." + b64(body.encode())).encode()
+    token = signing_input.decode() + "." + b64(hmac_signer(SECRET.encode())(signing_input))
+    with pytest.raises(AuthError, match="exp"):
+        hs().verify(token, now=NOW)
