@@ -248,6 +248,15 @@ class H2Connection:
                     break
                 self.last_received = trio.current_time()
                 events = self._h2.receive_data(data)
+                # h2 checks a frame's length against our SETTINGS_MAX_FRAME_SIZE only
+                # once the whole frame is in: a peer announcing 16 MiB would be waited
+                # for (and buffered) first. What stays buffered is one incomplete frame,
+                # whose 24-bit length leads its header.
+                pending = getattr(self._h2.incoming_buffer, "_data", b"")
+                if (len(pending) >= 9 and int.from_bytes(pending[:3], "big")
+                        > self._h2.max_inbound_frame_size):
+                    raise H2ClientError(f"{self.authority} sent a frame larger than "
+                                        f"{self._h2.max_inbound_frame_size} bytes")
                 for event in events:
                     self._dispatch(event)
                 async with self._send_lock:

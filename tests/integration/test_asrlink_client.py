@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
 import numpy as np
 import pytest
 import trio
 
 from asr import link
-from gateway.asrlink import AsrBusy, AsrPools, AsrStream, AsrUnavailable
+from gateway.asrlink import (
+    AsrBusy,
+    AsrChannel,
+    AsrPools,
+    AsrRefused,
+    AsrStream,
+    AsrUnavailable,
+    FailoverPolicy,
+    parse_retry_after,
+)
+from gateway.h2client import H2Connection
 from native import OpusError
 from tests import speech
 from tests.standin import StandInEngine, start_asr
@@ -18,7 +37,7 @@ AUDIO = speech.goforward()
 FRAMES = [(AUDIO[i:i + 320], i // 16) for i in range(0, len(AUDIO) - 319, 320)]
 
 
-async def _pools(nursery: trio.Nursery, pools: dict[str, tuple[str, ...]], **kw: int
+async def _pools(nursery: trio.Nursery, pools: dict[str, tuple[str, ...]], **kw: Any
                  ) -> AsrPools:
     p = AsrPools(pools, **kw)
     await nursery.start(p.run)
@@ -158,4 +177,290 @@ def test_bad_endpoint_url() -> None:
         AsrPools({"default": ("asr:8090",)})
 
 
+# -- a hostile or broken ASR peer ------------------------------------------------------
+# A raw HTTP/2 server (h2, server side) that answers whatever the test says, down to
+# malformed bytes. Nothing it sends may raise anything but AsrUnavailable (AsrBusy,
+# AsrRefused) out of the link, nor reach the pools' nursery: the tests run the pools in
+# the test's nursery, so an escaped exception fails the test.
 
+EVENTS = [link.AsrEvent("partial", "x", 0, "hel", (0, 500), "en"),
+          link.AsrEvent("final", "x", 0, "hello", (0, 900), "en"),
+          link.AsrEvent("end", "x")]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the raw server answers to every request: ``status`` and ``headers``, then
+    ``body`` (flow-controlled) and END_STREAM, then ``raw`` bytes as they are."""
+
+    status: str = "200"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    raw: bytes = b""
+
+
+async def _raw_server(nursery: trio.Nursery, answer: Answer, *, preface: bytes | None = None,
+                      settings: dict[h2.settings.SettingCodes, int] | None = None) -> int:
+    """Serve ``answer`` to every request; ``preface`` replaces the server's own first
+    bytes (SETTINGS). Returns the port."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+        if settings:
+            conn.local_settings = h2.settings.Settings(client=False, initial_values=settings)
+        conn.initiate_connection()
+        first = conn.data_to_send()
+        pending: dict[int, bytes] = {}
+
+        def pump() -> bytes:
+            raw = b""
+            for sid, rest in list(pending.items()):
+                while rest:
+                    n = min(len(rest), conn.local_flow_control_window(sid),
+                            conn.max_outbound_frame_size)
+                    if n <= 0:
+                        break
+                    conn.send_data(sid, rest[:n])
+                    rest = rest[n:]
+                pending[sid] = rest
+                if not rest:
+                    del pending[sid]
+                    conn.end_stream(sid)
+                    raw += answer.raw
+            return conn.data_to_send() + raw
+
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(first if preface is None else preface)
+            while data := await stream.receive_some(65536):
+                try:
+                    events = conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    return
+                for ev in events:
+                    if isinstance(ev, h2.events.RequestReceived):
+                        conn.send_headers(ev.stream_id, [(b":status", answer.status.encode()),
+                                                         *answer.headers])
+                        pending[ev.stream_id] = answer.body
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    await stream.send_all(pump())
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, handle, 0)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return link.HEADER.pack(kind, len(payload)) + payload
+
+
+async def _events(pools: AsrPools) -> list[link.AsrEvent]:
+    with trio.fail_after(10):
+        stream = await pools.open("default", link.Start(flow_id="x", codec="pcm"),
+                                  codec="pcm", bitrate=20000)
+        out = [ev async for ev in stream.events()]
+        await stream.aclose()
+        return out
+
+
+async def test_a_good_raw_peer_works(nursery: trio.Nursery) -> None:
+    """The raw server's happy path (so the hostile cases below test the damage, not
+    the harness); a header that is not UTF-8 is harmless."""
+    port = await _raw_server(nursery, Answer(headers=((b"x-junk", b"\xff\xfe"),),
+                                              body=link.encode_many(list(EVENTS))))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    assert await _events(pools) == EVENTS
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("2", 2.0), ("0.5", 0.5), ("abc", 1.0), ("inf", 1.0), ("-inf", 1.0), ("nan", 1.0),
+    ("-5", 0.0), ("1e308", 30.0), ("", 1.0), (None, 1.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 1.0)])
+async def test_retry_after_garbage_is_clamped(
+    nursery: trio.Nursery, header: str | None, expected: float
+) -> None:
+    extra = () if header is None else ((b"retry-after", header.encode()),)
+    port = await _raw_server(nursery, Answer("503", extra))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    with pytest.raises(AsrBusy) as info:
+        await _events(pools)
+    assert info.value.retry_after_s == expected
+    with pytest.raises(AsrBusy) as lid_info:
+        await pools.lid("default", b"\0\0" * 160)
+    assert lid_info.value.retry_after_s == expected
+    assert parse_retry_after(header) == expected
+
+
+@pytest.mark.parametrize("status", ["abc", "2000", "", "20x"])
+async def test_malformed_status_fails_the_stream(nursery: trio.Nursery, status: str) -> None:
+    port = await _raw_server(nursery, Answer(status, body=link.encode_many(list(EVENTS))))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    with pytest.raises(AsrUnavailable):
+        await _events(pools)
+    with pytest.raises(AsrUnavailable):
+        await pools.lid("default", b"\0\0" * 160)
+
+
+async def test_refusal_is_not_busy(nursery: trio.Nursery) -> None:
+    port = await _raw_server(nursery, Answer("401", body=b"no"))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    with pytest.raises(AsrRefused, match="ASR_TOKEN") as info:
+        await _events(pools)
+    assert info.value.status == 401 and pools.counters.busy == 0
+
+
+BAD_EVENTS = {
+    "unknown frame type": _frame(0x7F, b"{}"),
+    "client frame type": _frame(link.FrameType.START, b"{}"),
+    "frame too large": link.HEADER.pack(link.FrameType.EVENT, 2**31),
+    "deep JSON": _frame(link.FrameType.EVENT, b"[" * 16384),
+    "not JSON": _frame(link.FrameType.EVENT, b"\xff\xfe{"),
+    "not an object": _frame(link.FrameType.EVENT, b"[1, 2]"),
+    "no flow_id": _frame(link.FrameType.EVENT, b'{"type": "final"}'),
+    "unknown type": _frame(link.FrameType.EVENT, b'{"type": "boom", "flow_id": "x"}'),
+    "infinite ts": _frame(link.FrameType.EVENT,
+                          b'{"type": "final", "flow_id": "x", "ts": [1e999, 0]}'),
+    "ts not numbers": _frame(link.FrameType.EVENT,
+                             b'{"type": "final", "flow_id": "x", "ts": ["a", {}]}'),
+    "short ts": _frame(link.FrameType.EVENT, b'{"type": "final", "flow_id": "x", "ts": [1]}'),
+    "negative ts": _frame(link.FrameType.EVENT,
+                          b'{"type": "final", "flow_id": "x", "ts": [-5, 10]}'),
+    "ts backwards": _frame(link.FrameType.EVENT,
+                           b'{"type": "final", "flow_id": "x", "ts": [900, 100]}'),
+    "negative utterance": _frame(link.FrameType.EVENT,
+                                 b'{"type": "final", "flow_id": "x", "utterance": -1}'),
+    "huge utterance": _frame(link.FrameType.EVENT,
+                             b'{"type": "final", "flow_id": "x", "utterance": 1e999}'),
+    "lang markup": _frame(link.FrameType.EVENT,
+                          b'{"type": "final", "flow_id": "x", "lang": "<script>"}'),
+    "flow code": _frame(link.FrameType.EVENT, b'{"type": "flow", "flow_id": "x"}'),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_EVENTS))
+async def test_malformed_event_fails_the_stream_not_the_session(
+    nursery: trio.Nursery, name: str
+) -> None:
+    body = link.encode(EVENTS[0]) + BAD_EVENTS[name] + link.encode_many(list(EVENTS[1:]))
+    port = await _raw_server(nursery, Answer(body=body))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    with trio.fail_after(10):
+        stream = await pools.open("default", link.Start(flow_id="x", codec="pcm"),
+                                  codec="pcm", bitrate=20000)
+        seen = []
+        with pytest.raises(AsrUnavailable, match="malformed frame"):
+            async for ev in stream.events():
+                seen.append(ev)
+        await stream.aclose()
+    assert seen in ([], EVENTS[:1])  # nothing after the bad frame was passed on
+
+
+async def test_long_error_message_is_cut(nursery: trio.Nursery) -> None:
+    error = link.AsrEvent("error", "x", code="X" * 100, message="m" * 10000)
+    port = await _raw_server(nursery, Answer(body=link.encode_many([error, EVENTS[2]])))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    got, end = await _events(pools)
+    assert end == EVENTS[2] and got.type == "error"
+    assert len(got.message) <= 503 and len(got.code) == 64
+
+
+async def test_channel_fails_over_from_a_peer_sending_garbage(nursery: trio.Nursery) -> None:
+    """A session's channel treats a peer that breaks the link like a dead one: the
+    utterance is replayed on the good endpoint and recognized whole."""
+    garbage = await _raw_server(nursery, Answer(body=BAD_EVENTS["deep JSON"]))
+    _, good, _ = await start_asr(nursery, StandInEngine())
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{garbage}",
+                                               f"http://127.0.0.1:{good}")})
+    for i in range(2):  # the first one starts on the garbage endpoint (round-robin)
+        channel = AsrChannel(pools, "default", link.Start(flow_id=f"g{i}"), codec="opus",
+                             bitrate=20000, policy=FailoverPolicy(budget_s=5))
+        events: list[link.AsrEvent] = []
+        async with trio.open_nursery() as n:
+            await n.start(channel.run)
+            channel.begin(0)
+            for j in range(0, 100, 5):
+                await channel.send_audio(FRAMES[j:j + 5])
+            await channel.finalize()
+            await channel.end()
+            with trio.fail_after(10):
+                events = [ev async for ev in channel.events()]
+            n.cancel_scope.cancel()
+        assert [e.text[:5] for e in events if e.type == "final"] == ["2.00s"], events
+    assert pools.breaker_states("default")[f"127.0.0.1:{garbage}"] == "open"
+
+
+@pytest.mark.parametrize("preface", [
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+    b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\xff" * 64,  # SETTINGS, then junk
+    b"\x00\x00\x00\x07\x00\x00\x00\x00\x01",  # GOAWAY on stream 1 (must be 0)
+    b"",  # nothing, then the connection closes at our first request
+])
+async def test_garbage_instead_of_http2_is_a_connect_error(
+    nursery: trio.Nursery, preface: bytes
+) -> None:
+    port = await _raw_server(nursery, Answer(body=b""), preface=preface)
+    pools = AsrPools({"default": (f"http://127.0.0.1:{port}",)}, connect_timeout_s=0.5)
+    await nursery.start(pools.run)
+    with trio.fail_after(5), pytest.raises(AsrUnavailable):
+        await _events(pools)
+    with trio.fail_after(5), pytest.raises(AsrUnavailable):
+        await pools.lid("default", b"\0\0" * 160)
+
+
+async def test_no_stream_slots_is_unavailable_not_a_hang(nursery: trio.Nursery) -> None:
+    port = await _raw_server(nursery, Answer(body=b""), settings={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+    pools = AsrPools({"default": (f"http://127.0.0.1:{port}",)}, connect_timeout_s=0.5)
+    await nursery.start(pools.run)
+    with trio.fail_after(5), pytest.raises(AsrUnavailable):
+        await _events(pools)
+
+
+async def test_an_exception_in_dispatch_fails_only_that_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or an unforeseen event in the reader's dispatch fails the connection and
+    its streams; the pools (in the test's nursery, as in the gateway's) live on."""
+    port = await _raw_server(nursery, Answer(body=link.encode_many(list(EVENTS))))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    real = H2Connection._dispatch
+
+    def broken(self: H2Connection, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            raise RuntimeError("boom in dispatch")
+        real(self, event)
+
+    monkeypatch.setattr(H2Connection, "_dispatch", broken)
+    with pytest.raises(AsrUnavailable, match="boom in dispatch"):
+        await _events(pools)
+    monkeypatch.setattr(H2Connection, "_dispatch", real)
+    await trio.sleep(pools._pools["default"][0].breaker.open_s)  # the breaker's wait
+    assert await _events(pools) == EVENTS  # a new connection, the pools alive
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    (b"[" * 16384, "not JSON"), (b"not json", "not JSON"), (b"[1]", "not a JSON object"),
+    (b'{"score": 0.9}', "lang"), (b'{"lang": 5, "score": 0.9}', "lang"),
+    (b'{"lang": "<b>", "score": 0.9}', "lang"), (b'{"lang": "en", "score": "x"}', "score"),
+    (b'{"lang": "en", "score": NaN}', "score"), (b'{"lang": "en", "score": true}', "score"),
+    (b'{"lang": "en", "score": 0.9, "top": {}}', "top"),
+    (b'{"lang": "en", "score": 0.9, "top": [{"lang": "en"}]}', "top"),
+    (b'{"lang": "en", "score": 0.9, "top": [7]}', "top"),
+    (b"{" + b'"a": 1,' * 10000 + b'"lang": "en", "score": 0.9}', "bytes"),
+])
+async def test_malformed_lid_answer_is_unavailable(
+    nursery: trio.Nursery, body: bytes, problem: str
+) -> None:
+    port = await _raw_server(nursery, Answer(body=body))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    with pytest.raises(AsrUnavailable, match=f"malformed answer.*{problem}"):
+        await pools.lid("default", b"\0\0" * 160)
+
+
+async def test_good_lid_answer_is_normalised(nursery: trio.Nursery) -> None:
+    body = b'{"lang": "en", "score": 1, "top": [{"lang": "en", "score": 1, "x": 2}]}'
+    port = await _raw_server(nursery, Answer(body=body))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    answer = await pools.lid("default", b"\0\0" * 160)
+    assert answer == {"lang": "en", "score": 1.0, "top": [{"lang": "en", "score": 1.0}]}
