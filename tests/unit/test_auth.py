@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -600,3 +601,34 @@ def test_numeric_dates_out_of_range(raw: str) -> None:
     token = signing_input.decode() + "." + b64(hmac_signer(SECRET.encode())(signing_input))
     with pytest.raises(AuthError, match="exp"):
         hs().verify(token, now=NOW)
+
+
+NO_CRYPTOGRAPHY = """
+import sys
+sys.modules["cryptography"] = None  # import cryptography now raises ImportError
+import ecdsa, jwt, rsa
+from jwt.algorithms import has_crypto
+assert not has_crypto
+from gateway.auth import Authenticator, VerificationKey, _jws
+pub, priv = rsa.newkeys(1024)  # small: key generation only, speed
+ec = ecdsa.SigningKey.generate(curve=ecdsa.NIST256p)
+auth = Authenticator([VerificationKey("r", "RS256", pub),
+                      VerificationKey("e", "ES256", ec.verifying_key)])
+for kid, alg, key in (("r", "RS256", priv), ("e", "ES256", ec)):
+    token = _jws().encode(b'{"sub": "a", "exp": 4000000000}', key, algorithm=alg,
+                          headers={"kid": kid})
+    assert auth.verify(token).tenant == "a"
+print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_rs256_and_es256_work_without_cryptography() -> None:
+    """The gateway image has no ``cryptography`` (Rust): RS256 and ES256 verify with
+    PyJWT's own cryptography-backed algorithms unavailable."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", NO_CRYPTOGRAPHY], cwd=root,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
