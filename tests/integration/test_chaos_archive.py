@@ -43,10 +43,10 @@ class FlakyStore(LocalStore):
         self.refused += 1
         return OSError(errno.ENOSPC, "No space left on device (test)")
 
-    async def open(self, flow_id: str) -> LocalWriter:
+    async def open(self, flow_id: str, tenant: str = "") -> LocalWriter:
         if self.broken and self.budget <= 0:
             raise self._enospc()
-        writer = await super().open(flow_id)
+        writer = await super().open(flow_id, tenant)
         store = self
 
         class Flaky(LocalWriter):

@@ -92,7 +92,9 @@ async def test_trio_style_any_chunk_size(gateway: Callable[..., Any]) -> None:
     metrics = next(e for e in events if isinstance(e, vc.Metrics))
     assert metrics.audio_ms == len(audio) // 16  # every sample arrived, none twice
     rec = next(e for e in events if isinstance(e, vc.RecordUrl))
-    assert rec.url.endswith("/records/sdk-trio.ogg")
+    # Signed and expiring (RECORDS_URL_TTL_S): the path, then exp and sig.
+    path, _, query = rec.url.partition("?")
+    assert path.endswith("/records/sdk-trio.ogg") and "sig=" in query and "exp=" in query
 
 
 async def test_asyncio_style(gateway: Callable[..., Any]) -> None:
