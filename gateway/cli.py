@@ -149,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext, description=helptext, epilog=settings,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--host", help="listen address (default 127.0.0.1; any address "
+        p.add_argument("--host", help="listen address (default 127.0.0.1); an address "
                        "that is not loopback needs AUTH_JWT_SECRET or AUTH_JWT_KEYS_FILE, "
-                       "or AUTH_DISABLED=true)")
+                       "or AUTH_DISABLED=true")
         p.add_argument("--port", type=int, help="WebSocket port (default 8080)")
         p.add_argument("--http-port", type=int, help="HTTP port (default 8081)")
         p.add_argument("--config", help="TOML file with settings")
