@@ -392,6 +392,18 @@ async def test_oversized_start_fields_are_refused(server: tuple[AsrApp, int],
     assert events[0].code == "BAD_START" and len(events[0].message) < 200
 
 
+def test_hotword_prompt_keeps_the_last_whole_words_that_fit() -> None:
+    from asr.server import MAX_PROMPT_CHARS, hotword_prompt
+
+    assert hotword_prompt(("voxgate", "Whisper")) == "voxgate, Whisper"
+    assert hotword_prompt(("aaaa", "bb", "cc"), max_chars=6) == "bb, cc"
+    words = tuple(f"{i:02d}" + "w" * 62 for i in range(100))  # the link's maximum
+    prompt = hotword_prompt(words)
+    assert len(prompt) <= MAX_PROMPT_CHARS
+    assert prompt.endswith(words[-1]) and prompt.split(", ")[0] in words
+    assert len(prompt.split(", ")) == 15
+
+
 def test_shown_cuts_and_escapes() -> None:
     from asr.server import shown
 
