@@ -198,7 +198,8 @@ class GatewayConfig:
     s3_bucket: str = field(default="", metadata=_key(
         "S3_BUCKET", "s3 store: bucket (required with ARCHIVE_STORE=s3)"))
     s3_prefix: str = field(default="records/", metadata=_key(
-        "S3_PREFIX", "s3 store: object key prefix; a recording is <prefix><flowId>.ogg",
+        "S3_PREFIX", "s3 store: object key prefix; a recording is "
+        "<prefix>[<tenant>/]<flowId>.ogg",
         _no_leading_slash))
     s3_region: str = field(default="us-east-1", metadata=_key(
         "S3_REGION", "s3 store: region used for signing", _non_empty))
