@@ -92,6 +92,7 @@ CASES = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "asr": {"tls": {"enabled": True, "secretName": "asr-tls", "caSecret": "asr-ca",
                         "clientSecret": "gw-client", "requireClientCert": True},
+                "auth": {"tokenSecret": "asr-token"},
                 "pools": {"multi": {"autoscaling": {"enabled": True}}}},
         "gateway": {"auth": {"existingSecret": "voxgate-jwt", "keysSecret": "voxgate-jwks",
                              "issuer": "https://id.example.com", "audience": "voxgate"},

@@ -134,8 +134,8 @@ class GatewayConfig:
     flush_idle_s: float = field(default=3.0, metadata=_key(
         "FLUSH_IDLE_SEC", "no audio for this long flushes the session, s", _range(0.1, 3600)))
     lid_first_n_s: float = field(default=3.0, metadata=_key(
-        "LID_FIRST_N_SECONDS", "at most this much speech is sent to language ID, s",
-        _range(0.5, 30)))
+        "LID_FIRST_N_SECONDS", "at most this much speech is sent to language ID, s (the "
+        "ASR service takes 10 s at most)", _range(0.5, 10)))
     lid_min_score: float = field(default=0.8, metadata=_key(
         "LID_MIN_SCORE", "a language ID at least this sure is final before "
         "LID_FIRST_N_SECONDS of speech", _range(0.0, 1.0)))
@@ -290,7 +290,7 @@ class GatewayConfig:
         "ASR_TLS_KEY_FILE", "private key of ASR_TLS_CERT_FILE"))
     asr_token: str = field(default="", repr=False, metadata=_key(
         "ASR_TOKEN", "bearer token sent to the ASR service on every request (where mTLS "
-        "is not used)"))
+        "is not used), 32 bytes at least", _min_secret))
     start_timeout_s: float = field(default=10.0, metadata=_key(
         "START_TIMEOUT_S", "a connection that sends no valid start this long is closed "
         "with START_TIMEOUT, s", _range(0.1, 600)))

@@ -162,7 +162,7 @@ Checks run once per render.
 {{- fail (printf "asr pool name %q must be a DNS label (lower-case letters, digits, '-')" $name) -}}
 {{- end -}}
 {{- end -}}
-{{- range $key := list "ASR_URLS" "ASR_POOLS" "VOXGATE_HOST" "VOXGATE_PORT" "VOXGATE_HTTP_PORT" "ARCHIVE_DIR" "AUTH_JWT_SECRET" "AUTH_JWT_KEYS_FILE" "AUTH_JWT_ISSUER" "AUTH_JWT_AUDIENCE" "AUTH_DISABLED" "RECORDS_URL_KEY" "TLS_CERT_FILE" "TLS_KEY_FILE" "ASR_TLS_CA_FILE" "ASR_TLS_CERT_FILE" "ASR_TLS_KEY_FILE" -}}
+{{- range $key := list "ASR_URLS" "ASR_POOLS" "VOXGATE_HOST" "VOXGATE_PORT" "VOXGATE_HTTP_PORT" "ARCHIVE_DIR" "AUTH_JWT_SECRET" "AUTH_JWT_KEYS_FILE" "AUTH_JWT_ISSUER" "AUTH_JWT_AUDIENCE" "AUTH_DISABLED" "RECORDS_URL_KEY" "TLS_CERT_FILE" "TLS_KEY_FILE" "ASR_TLS_CA_FILE" "ASR_TLS_CERT_FILE" "ASR_TLS_KEY_FILE" "ASR_TOKEN" -}}
 {{- if hasKey $.Values.gateway.env $key -}}
 {{- fail (printf "gateway.env.%s is set by the chart; remove it (see values.yaml)" $key) -}}
 {{- end -}}
