@@ -14,6 +14,8 @@ import h2.settings
 import numpy as np
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from asr import link
 from gateway.asrlink import (
@@ -464,3 +466,115 @@ async def test_good_lid_answer_is_normalised(nursery: trio.Nursery) -> None:
     pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
     answer = await pools.lid("default", b"\0\0" * 160)
     assert answer == {"lang": "en", "score": 1.0, "top": [{"lang": "en", "score": 1.0}]}
+
+
+def _transcript(body: bytes) -> tuple[bytes, bytes]:
+    """What an ASR peer sends: its preface (SETTINGS), and its whole answer to the
+    first request (SETTINGS ACK, HEADERS 200, ``body`` in DATA frames, END_STREAM)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "a"),
+                            (":path", "/v1/recognize")])
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    preface = server.data_to_send()
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(":status", "200"), ("content-type", link.CONTENT_TYPE)])
+    for i in range(0, len(body), 16384):
+        server.send_data(1, body[i:i + 16384])
+    server.end_stream(1)
+    return preface, server.data_to_send()
+
+
+BODY = link.encode_many(list(EVENTS))
+PREFACE, RESPONSE = _transcript(BODY)
+# Spliced into the link body: what a hostile peer would try on a JSON/length codec.
+NASTY = [b"[" * 3000, b"1e999", b"-1", b"NaN", b"\xff\xfe", b'"ts":[5,1],', b"null",
+         b'"lang":"<b>",', b"\x81\xff\xff\xff\x7f", b"\x81\x00\x00\x00\x00", b"{}" * 50]
+
+
+@st.composite
+def _mutation(draw: st.DrawFn, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "splice", "delete", "truncate"]))
+        # From either end: hypothesis favours small integers.
+        i = draw(st.integers(0, max(len(out) - 1, 0)))
+        at = i if draw(st.booleans()) else max(len(out) - 1 - i, 0)
+        if op == "flip" and out:
+            out[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and out:
+            out[at] = draw(st.integers(0, 255))
+        elif op == "insert":
+            out[at:at] = draw(st.binary(min_size=1, max_size=32))
+        elif op == "splice":
+            out[at:at] = draw(st.sampled_from(NASTY))
+        elif op == "delete":
+            del out[at:at + draw(st.integers(1, 16))]
+        elif op == "truncate":
+            del out[at:]
+    return bytes(out)
+
+
+async def _mutant_server(nursery: trio.Nursery, preface: bytes, response: bytes) -> int:
+    """Send ``preface``; at the first request, ``response``; then read (and ignore:
+    no PING is answered) until the client goes."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        answered = False
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(preface)
+            while data := await stream.receive_some(65536):
+                if answered:
+                    continue
+                try:
+                    events = conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    break
+                if any(isinstance(ev, h2.events.RequestReceived) for ev in events):
+                    await stream.send_all(response)
+                    answered = True
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, handle, 0)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), part=st.sampled_from(["preface", "http2", "link", "link", "all"]))
+def test_fuzzed_peer_never_crashes_the_client(data: st.DataObject, part: str) -> None:
+    """Mutated bytes from the peer (flipped, replaced, inserted, spliced, deleted, cut)
+    in its HTTP/2 framing or in the link frames it carries give either events or
+    AsrUnavailable, within a bound; never another exception."""
+    preface, response = PREFACE, RESPONSE
+    if part in ("link", "all"):
+        preface, response = _transcript(data.draw(_mutation(BODY)))
+    if part in ("preface", "all"):
+        preface = data.draw(_mutation(preface))
+    if part in ("http2", "all"):
+        response = data.draw(_mutation(response))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await _mutant_server(nursery, preface, response)
+            # A peer that stops sending mid-answer is caught by the unanswered PINGs.
+            pools = AsrPools({"default": (f"http://127.0.0.1:{port}",)},
+                             connect_timeout_s=0.3, ping_interval_s=0.05,
+                             ping_timeout_s=0.2)
+            await nursery.start(pools.run)
+            with trio.fail_after(5):
+                try:
+                    stream = await pools.open(
+                        "default", link.Start(flow_id="x", codec="pcm"), codec="pcm",
+                        bitrate=20000)
+                    async for ev in stream.events():
+                        assert isinstance(ev, link.AsrEvent)
+                    await stream.aclose()
+                except AsrUnavailable:
+                    pass
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
