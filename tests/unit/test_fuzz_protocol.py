@@ -82,8 +82,12 @@ def _check_message(msg: object) -> None:
         assert all(isinstance(w, str) and 0 < len(w) <= 64 for w in msg.hints.hotwords)
         assert isinstance(msg.hints.user_lang_pref, str) and len(msg.hints.user_lang_pref) <= 16
         assert isinstance(msg.hints.domain, str) and len(msg.hints.domain) <= 64
-        for text in (msg.client_version, msg.trace_id, msg.tenant_id, msg.token):
+        for text in (msg.client_version, msg.trace_id, msg.tenant_id, msg.token,
+                     msg.flow_id, msg.hints.domain, *msg.hints.hotwords):
             assert isinstance(text, str)
+            # These go on the ASR link and into logs as UTF-8: a lone surrogate (valid
+            # as a JSON escape, "\ud800") would fail the encoder there, not here.
+            text.encode("utf-8")
         assert len(msg.trace_id) <= 128 and len(msg.tenant_id) <= 128
 
 
@@ -211,6 +215,8 @@ HOSTILE: dict[str, str | bytes] = {
     "lang_pref_int": _start_with(hints={"user_lang_pref": 3}),
     "auth_token_list": _start_with(auth={"token": ["a"]}),
     "auth_not_object": _start_with(auth="Bearer x"),
+    "surrogate_hotword": _start_with(hints={"hotwords": ["\ud800"]}),
+    "surrogate_domain": _start_with(hints={"domain": "a\udfffb"}),
     "empty": "",
     "null": "null",
     "array": "[]",
