@@ -18,6 +18,8 @@ import contextlib
 import fcntl
 import logging
 import math
+import socket
+import struct
 import sys
 import termios
 import time
@@ -658,7 +660,8 @@ class Session:
         if isinstance(message, bytes):
             what = f"audio of {len(message)} bytes"
             if self.seqbuf is not None and len(message) >= 8:
-                what += f" (seq {SeqBuffer.parse(message)[0]})"
+                seq, _pts, payload = SeqBuffer.parse(message)
+                what = f"audio of {len(payload)} bytes (seq {seq})"
         self.stats["rate_refused"] = self.stats.get("rate_refused", 0) + 1
         if verdict.notify:
             self._error(ErrorCode.RATE_LIMITED, (
@@ -1442,6 +1445,17 @@ async def _abort(ws: WebSocketConnection) -> None:
     no public call for it; ``_abort_web_socket`` is what it does itself when the stream
     breaks under it (``test_send_timeout_*`` fails if a release changes that)."""
     stream = getattr(ws, "_stream", None)
+    inner = stream
+    for _ in range(4):  # SSLStream -> SocketStream
+        if inner is None or hasattr(inner, "socket"):
+            break
+        inner = getattr(inner, "transport_stream", None)
+    sock = getattr(inner, "socket", None)
+    if sock is not None:
+        # Linger 0: the close is a reset, and the kernel drops what the client never
+        # read, instead of keeping it (and the socket) until the client's window opens.
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     if stream is not None:
         await trio.aclose_forcefully(stream)
     abort = getattr(ws, "_abort_web_socket", None)

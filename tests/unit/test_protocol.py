@@ -175,7 +175,7 @@ def test_message_rate_allows_bursts_within_two_seconds() -> None:
     v = r.take(0.0)
     assert (v.accepted, v.notify, v.refused) == (False, True, 1)
     assert not r.take(0.05).notify  # at most one notice a second
-    assert r.take(0.2).accepted  # 0.2 s at 10/s refilled the bucket by 2...$
+    assert r.take(0.2).accepted  # 0.2 s at 10/s refilled the bucket by 2...
     v = r.take(1.1)
     assert v.accepted  # ...and the bucket keeps refilling at 10/s
 
