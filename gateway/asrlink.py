@@ -516,11 +516,17 @@ class AsrPools:
         return stream
 
     async def lid(self, pool: str, pcm: bytes, *, timeout_s: float = 10.0) -> dict[str, Any]:
-        """Ask ``pool``'s ``/v1/lid`` about PCM16 speech; returns its JSON answer.
+        """Ask ``pool``'s ``/v1/lid`` about PCM16 speech; returns its checked JSON answer
+        (``check_lid_answer``).
+
+        An endpoint that cannot be reached is tried again (up to ``OPEN_ATTEMPTS``
+        attempts in all); one that refuses (401/403/...) or answers something that is not
+        a language-ID answer is not asked again, the next endpoint is.
 
         Raises:
-            AsrBusy: the endpoints answered 503.
-            AsrUnavailable: no endpoint answered, or one answered with an error.
+            AsrBusy: the endpoints answered 503 (or 429).
+            AsrRefused: an endpoint refused the request (and none answered).
+            AsrUnavailable: no endpoint answered, or their answers were malformed.
         """
         eps = self._pools.get(pool)
         if not eps:
@@ -528,8 +534,12 @@ class AsrPools:
         first = next(self._rr[pool])
         errors = []
         busy: AsrBusy | None = None
+        refused: int | None = None
+        broken: set[int] = set()  # endpoints that refused or answered garbage
         for attempt in range(max(OPEN_ATTEMPTS, len(eps))):
             ep = eps[(first + attempt) % len(eps)]
+            if id(ep) in broken:
+                continue
             try:
                 with trio.fail_after(timeout_s):
                     conn = await self._connection(ep)
@@ -546,23 +556,27 @@ class AsrPools:
                             await h2s.reset()
                             break
             except (H2ClientError, trio.TooSlowError, OSError) as exc:
-                errors.append(f"{ep.host}:{ep.port}: {exc or type(exc).__name__}")
+                errors.append(f"{ep.name}: {exc or type(exc).__name__}")
                 continue
             if status == 200:
                 try:
                     return check_lid_answer(bytes(body))
                 except ValueError as exc:
-                    raise AsrUnavailable(f"{ep.name} /v1/lid: malformed answer: "
-                                         f"{exc}") from None
-            if status == 503:
+                    broken.add(id(ep))
+                    errors.append(f"{ep.name} /v1/lid: malformed answer: {exc}")
+                    continue
+            if status in (429, 503):
                 retry = parse_retry_after(h2s.headers.get("retry-after"))
-                busy = AsrBusy(f"{ep.host}:{ep.port} answered 503", retry)
+                busy = AsrBusy(f"{ep.name} answered {status}", retry)
                 continue
-            raise AsrRefused(f"{ep.host}:{ep.port} /v1/lid answered {status}"
-                             f"{_refusal_hint(status)}: "
-                             f"{bytes(body[:200]).decode(errors='replace')!r}", status)
+            broken.add(id(ep))
+            refused = status
+            errors.append(f"{ep.name} /v1/lid answered {status}{_refusal_hint(status)}: "
+                          f"{bytes(body[:200]).decode(errors='replace')!r}")
         if busy is not None:
             raise busy
+        if refused is not None:
+            raise AsrRefused("; ".join(errors), refused)
         raise AsrUnavailable("; ".join(errors) or "no endpoint")
 
     async def _open_raw(self, pool: str, start: link.Start, exclude: set[int],

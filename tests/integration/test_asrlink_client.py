@@ -460,6 +460,19 @@ async def test_malformed_lid_answer_is_unavailable(
         await pools.lid("default", b"\0\0" * 160)
 
 
+@pytest.mark.parametrize("bad", [Answer(body=b'{"lang": 7}'), Answer("401", body=b"no"),
+                                 Answer("500", body=b"oops")])
+async def test_lid_goes_on_to_the_next_endpoint(nursery: trio.Nursery, bad: Answer) -> None:
+    """An endpoint that refuses or answers garbage is not asked again; the next is."""
+    bad_port = await _raw_server(nursery, bad)
+    _, good, _ = await start_asr(nursery, StandInEngine(lid=("nl", 0.8)))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{bad_port}",
+                                               f"http://127.0.0.1:{good}")})
+    for _ in range(2):  # round-robin: each endpoint comes first once
+        answer = await pools.lid("default", b"\0\0" * 16000)
+        assert (answer["lang"], answer["score"]) == ("nl", pytest.approx(0.8))
+
+
 async def test_good_lid_answer_is_normalised(nursery: trio.Nursery) -> None:
     body = b'{"lang": "en", "score": 1, "top": [{"lang": "en", "score": 1, "x": 2}]}'
     port = await _raw_server(nursery, Answer(body=body))
