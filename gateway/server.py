@@ -1,40 +1,160 @@
 """The gateway process: WebSocket sessions, the VAD tick, ASR pools and the HTTP side.
 
 ``serve`` is startable (``task_status.started((ws_port, http_port))``) so tests and
-``bench/`` run it on port 0 inside a nursery. Setting ``shutdown`` drains: no new sessions,
-ingest stops, every session finishes its finals and sends ``end{reason:"server_shutdown"}``.
+``bench/`` run it on port 0 inside a nursery; pass a ``GatewayPorts`` to also learn the
+metrics port. Setting ``shutdown`` drains: no new sessions, ingest stops, every session
+finishes its finals and sends ``end{reason:"server_shutdown"}``.
+
+Connection-level defences live here, before any session code runs: a deadline on the
+WebSocket (and TLS) handshake, a cap on open connections (503 at the handshake), a cap per
+client address (``RATE_LIMITED``), the WebSocket library's message limit, and a deadline
+on every send and close, after which the socket is closed without waiting for the peer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, TextMessage
 
 from asr.server import install_hypercorn_guard
 
 from .asrlink import AsrPools
+from .auth import Authenticator
 from .config import GatewayConfig
-from .httpapp import GatewayHttpApp
+from .httpapp import GatewayHttpApp, metrics_app
 from .metrics import GatewayMetrics
-from .protocol import OversizedMessage
+from .protocol import MAX_TEXT_FRAME_BYTES, ErrorCode, EventWriter, OversizedMessage, dumps
 from .records import ArchiveRetrier, RecordStore, default_fallback_dir, store_from_config
 from .s3store import S3Store
 from .session import GatewayContext, Session
+from .signing import UrlSigner
 from .vadservice import VadService
 
 log = logging.getLogger("voxgate.gateway")
 
 WS_PATH = "/ws/stream"
-MAX_WS_MESSAGE_BYTES = 4 * 1024 * 1024  # larger than any limit we enforce ourselves
+SEQ_HEADER_BYTES = 8  # u32 seq | u32 pts_ms in front of each binary frame (seq_header)
+RETRY_AFTER_FULL_S = 5  # the retry-after of a 503 for MAX_CONNECTIONS, s
+CLOSE_POLICY = 1008  # WebSocket close code of a refusal (as the session's refusals)
+
+
+def ws_message_limit(cfg: GatewayConfig) -> int:
+    """The WebSocket library's ``max_message_size``, bytes.
+
+    The largest binary frame a client may send (``MAX_FRAME_BYTES``) plus its seq header,
+    so that nobody can make the gateway buffer more than that per connection; never below
+    the text-frame limit, so a ``start`` with a long JWT is still read and answered by
+    the parser. A longer message is dropped as it arrives (see ``_Connection``) and the
+    session answers it with a fatal ``FRAME_TOO_LARGE`` and close code 1009.
+    """
+    return max(cfg.max_frame_bytes + SEQ_HEADER_BYTES, MAX_TEXT_FRAME_BYTES)
+
+
+@dataclass
+class GatewayPorts:
+    """Where a running gateway listens; ``serve(ports=...)`` fills it in before it reports
+    started (``task_status`` keeps its ``(ws_port, http_port)`` shape for old callers)."""
+
+    ws: int = 0
+    http: int = 0
+    metrics: int | None = None  # METRICS_PORT's bound port; None: /metrics is on ``http``
+    tls: bool = False  # wss:// and https://
+
+
+class Admission(enum.Enum):
+    """What the connection table says about a connection whose handshake completed."""
+
+    OK = "ok"
+    FULL = "full"  # over MAX_CONNECTIONS: refused at the handshake with 503
+    RATE_LIMITED = "rate_limited"  # over MAX_SESSIONS_PER_IP: accepted, told, closed
+
+
+@dataclass
+class ConnectionTable:
+    """Open client connections, in total and per client address (sans-IO).
+
+    A connection counts from the TCP accept until its socket is closed, whether or not it
+    completed the handshake or was admitted as a session: a socket costs the gateway the
+    same either way, and the handshake and ``start`` deadlines bound how long one that does
+    nothing can hold its place.
+    """
+
+    max_connections: int
+    max_per_ip: int = 0  # 0: no cap
+    open: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
+    refused_full: int = 0  # 503s for MAX_CONNECTIONS
+    refused_rate_limited: int = 0  # RATE_LIMITED for MAX_SESSIONS_PER_IP
+
+    def opened(self, ip: str) -> None:
+        self.open += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+
+    def closed(self, ip: str) -> None:
+        """Forget one connection of ``ip``.
+
+        Raises:
+            ValueError: ``ip`` has no open connection (a bookkeeping bug).
+        """
+        n = self.per_ip.get(ip, 0)
+        if n <= 0:
+            raise ValueError(f"closed a connection of {ip!r}, which has none open")
+        if n == 1:
+            del self.per_ip[ip]
+        else:
+            self.per_ip[ip] = n - 1
+        self.open -= 1
+
+    def admit(self, ip: str) -> Admission:
+        """Decide for a connection of ``ip`` that is already counted (the cap on open
+        connections first: past it, nobody gets in, whatever their address)."""
+        if self.open > self.max_connections:
+            self.refused_full += 1
+            return Admission.FULL
+        if self.max_per_ip and self.per_ip.get(ip, 0) > self.max_per_ip:
+            self.refused_rate_limited += 1
+            return Admission.RATE_LIMITED
+        return Admission.OK
+
+
+def server_ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
+    """The TLS context of the public side (wss://), or None without TLS_CERT_FILE.
+
+    Raises:
+        ValueError: the certificate or the key cannot be loaded (named in the message).
+    """
+    if not cfg.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])  # a WebSocket upgrade is HTTP/1.1
+    try:
+        ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"TLS_CERT_FILE/TLS_KEY_FILE ({cfg.tls_cert_file}, "
+                         f"{cfg.tls_key_file}) cannot be loaded: {exc}") from exc
+    return ctx
 
 
 async def serve(
@@ -43,17 +163,33 @@ async def serve(
     shutdown: trio.Event | None = None,
     vad: VadService | None = None,
     store: RecordStore | None = None,
+    ports: GatewayPorts | None = None,
     task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the gateway until ``shutdown`` is set; then drain the sessions."""
+    """Run the gateway until ``shutdown`` is set; then drain the sessions.
+
+    Args:
+        ports: filled in with every bound port (metrics included) before ``task_status``
+            reports ``(ws_port, http_port)``.
+
+    Raises:
+        ValueError: a TLS certificate or key (public side or ASR link), or the JWT key
+            file, cannot be loaded: at startup, before any port is bound.
+        FileNotFoundError: AUTH_JWT_KEYS_FILE does not exist.
+    """
     from hypercorn.config import Config
     from hypercorn.trio import serve as hyper_serve
 
     shutdown = trio.Event() if shutdown is None else shutdown
+    ports = ports if ports is not None else GatewayPorts()
+    tls = server_ssl_context(cfg)  # first: a bad certificate stops us before any bind
+    ports.tls = tls is not None
     metrics = GatewayMetrics()
-    pools = AsrPools(cfg.pool_urls(), ping_interval_s=cfg.asr_ping_interval_s,
-                     ping_timeout_s=cfg.asr_ping_timeout_s,
-                     breaker_open_s=cfg.asr_breaker_open_s)
+    auth = Authenticator.from_config(cfg)
+    pools = AsrPools.from_config(cfg)
+    # One signer for the sessions (which sign record_url) and the HTTP app (which checks
+    # it): with no RECORDS_URL_KEY its key is random, so both must hold this one object.
+    signer = UrlSigner.from_config(cfg)
     store = store if store is not None else store_from_config(cfg)
     fallback_dir = (Path(cfg.archive_fallback_dir) if cfg.archive_fallback_dir
                     else default_fallback_dir())
@@ -61,77 +197,70 @@ async def serve(
                if store is not None else None)
     vad = vad or VadService(gate_dbfs=cfg.vad_gate_dbfs)
     vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
+    table = ConnectionTable(cfg.max_connections, cfg.max_sessions_per_ip)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(pools.run)
         await nursery.start(vad.run)
         ready = {"ok": False}
 
-        hc = Config()
-        hc.bind = [f"{cfg.host}:{cfg.http_port}"]
-        hc.accesslog = None
-        hc.errorlog = log
         install_hypercorn_guard()
-        http_app = GatewayHttpApp(store=store, metrics=metrics.render,
-                                  ready=lambda: ready["ok"], web_origins=_web_origins(cfg))
         http_stop = trio.Event()
 
         async def http_trigger() -> None:
             await http_stop.wait()
 
+        hc = _hypercorn_config(Config(), cfg.host, cfg.http_port)
+        if tls is not None:
+            hc.certfile, hc.keyfile = cfg.tls_cert_file, cfg.tls_key_file
+        http_app = GatewayHttpApp(store=store, metrics=metrics.render,
+                                  ready=lambda: ready["ok"], web_origins=_web_origins(cfg),
+                                  signer=signer, serve_metrics=cfg.metrics_port is None)
         binds = await nursery.start(functools.partial(
             hyper_serve, cast(Any, http_app), hc, shutdown_trigger=http_trigger))
-        http_port = int(binds[0].rsplit(":", 1)[1])
-        public_base = cfg.public_base.rstrip("/") or f"http://{cfg.host}:{http_port}"
+        http_port = ports.http = _bound_port(binds)
+        scheme = "https" if tls is not None else "http"
+        public_base = cfg.public_base.rstrip("/") or f"{scheme}://{cfg.host}:{http_port}"
         ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base,
-                             fallback_dir=fallback_dir, archive_retrier=retrier)
+                             fallback_dir=fallback_dir, archive_retrier=retrier,
+                             auth=auth, signer=signer)
         if retrier is not None:
             await nursery.start(retrier.run)  # also stores what an earlier run left
             metrics.counter_fn("archive_fallback_stored", "recordings stored from the "
                                "local fallback after the store failed",
                                lambda: float(retrier.stored))
-        metrics.counter_fn("vad_windows", "VAD windows decided (512 samples each)",
-                           lambda: float(vad.stats.windows))
-        metrics.counter_fn("vad_gated_windows", "VAD windows the RMS silence gate "
-                           "(VAD_GATE_DBFS) decided without running the model",
-                           lambda: float(vad.stats.gated))
-        metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
-                         lambda: vad.stats.last_tick_ms)
-        for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),
-                          ("ping_timeouts", "ASR connections failed for an unanswered PING"),
-                          ("breaker_opened", "ASR endpoint circuit breakers opened"),
-                          ("streams_opened", "ASR streams opened")):
-            metrics.counter_fn(f"asr_link_{name}", doc,
-                               functools.partial(_link_stat, pools, name))
-        if isinstance(store, S3Store):
-            s3 = store
-            for name, doc in (("recordings", "recordings committed to S3"),
-                              ("parts", "multipart parts uploaded, resends included"),
-                              ("puts", "recordings sent with one PutObject"),
-                              ("retries", "S3 calls tried again"),
-                              ("restarts", "multipart uploads started over from the spool"),
-                              ("failures", "recordings that could not be stored")):
-                metrics.counter_fn(f"archive_s3_{name}", doc,
-                                   functools.partial(_s3_stat, s3, name))
+        _register_metrics(metrics, vad, pools, store, table)
 
         async with trio.open_nursery() as sessions:
-            async def handler(request: WebSocketRequest) -> None:
-                if request.path.split("?", 1)[0] != WS_PATH:
-                    await request.reject(404, body=b"voxgate: the stream is at /ws/stream\n")
+            async def handler(request: WebSocketRequest, admission: Admission) -> None:
+                ws: WebSocketConnection | None = None
+                with trio.move_on_after(cfg.send_timeout_s):
+                    ws = await _handshake(request, admission, ctx.shutting_down.is_set())
+                if ws is None:
                     return
-                if ctx.shutting_down.is_set():
-                    await request.reject(503, extra_headers=[(b"retry-after", b"5")],
-                                         body=b"voxgate: shutting down\n")
+                if admission is Admission.RATE_LIMITED:
+                    await _refuse_rate_limited(ws, metrics, cfg.max_sessions_per_ip)
                     return
-                ws = await request.accept()
                 await Session(ctx, ws).run()
 
-            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-            server = _Server(handler, listeners, handler_nursery=sessions,
-                             max_message_size=MAX_WS_MESSAGE_BYTES)
+            listeners: list[Any]
+            if tls is not None:
+                listeners = await trio.open_ssl_over_tcp_listeners(
+                    cfg.port, tls, host=cfg.host, https_compatible=True)
+            else:
+                listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+            server = _Server(handler, table, listeners, handler_nursery=sessions,
+                             max_message_size=ws_message_limit(cfg),
+                             connect_timeout=cfg.start_timeout_s,
+                             disconnect_timeout=cfg.send_timeout_s)
             await nursery.start(server.run)
-            ws_port = server.port
+            ws_port = ports.ws = server.port
             http_app.ws_port = ws_port  # the page at / streams here by default
+            if cfg.metrics_port is not None:
+                ports.metrics = await _serve_metrics(nursery, cfg, metrics, http_trigger)
+            log.info("gateway listening: %s://%s:%d%s, %s://%s:%d, metrics on port %d",
+                     "wss" if tls else "ws", cfg.host, ws_port, WS_PATH, scheme, cfg.host,
+                     http_port, ports.metrics if ports.metrics is not None else http_port)
             ready["ok"] = True
             task_status.started((ws_port, http_port))
             await shutdown.wait()
@@ -147,14 +276,113 @@ async def serve(
         nursery.cancel_scope.cancel()
 
 
-class _Connection(WebSocketConnection):
-    """trio-websocket's connection, except for a message over ``max_message_size``:
-    its parts are dropped (never buffered) and one ``OversizedMessage`` is queued.
+async def _serve_metrics(nursery: trio.Nursery, cfg: GatewayConfig, metrics: GatewayMetrics,
+                         trigger: Callable[[], Awaitable[None]]) -> int:
+    """A second hypercorn with ``/metrics`` (and ``/healthz``) alone on METRICS_PORT, so
+    that the port that serves recordings to the world does not also serve metrics. Plain
+    HTTP even with TLS_CERT_FILE: it is for the cluster's scraper, not for the public."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hyper_serve
 
-    This overrides a private method of trio-websocket 0.12 (the library has no hook for
-    it); ``test_oversized_frame_*`` fails if a release changes it."""
+    assert cfg.metrics_port is not None
+    mc = _hypercorn_config(Config(), cfg.host, cfg.metrics_port)
+    binds = await nursery.start(functools.partial(
+        hyper_serve, cast(Any, metrics_app(metrics.render)), mc, shutdown_trigger=trigger))
+    return _bound_port(binds)
+
+
+def _hypercorn_config(hc: Any, host: str, port: int) -> Any:
+    hc.bind = [f"{host}:{port}"]
+    hc.accesslog = None
+    hc.errorlog = log
+    return hc
+
+
+def _bound_port(binds: list[str]) -> int:
+    return int(binds[0].rsplit(":", 1)[1])
+
+
+def _register_metrics(metrics: GatewayMetrics, vad: VadService, pools: AsrPools,
+                      store: RecordStore | None, table: ConnectionTable) -> None:
+    metrics.counter_fn("vad_windows", "VAD windows decided (512 samples each)",
+                       lambda: float(vad.stats.windows))
+    metrics.counter_fn("vad_gated_windows", "VAD windows the RMS silence gate "
+                       "(VAD_GATE_DBFS) decided without running the model",
+                       lambda: float(vad.stats.gated))
+    metrics.gauge_fn("vad_tick_ms", "duration of the last batched VAD tick, ms",
+                     lambda: vad.stats.last_tick_ms)
+    metrics.gauge_fn("ws_connections_open", "open client connections, admitted as a "
+                     "session or not (MAX_CONNECTIONS caps it)", lambda: float(table.open))
+    metrics.counter_fn("ws_connections_refused", "connections refused at the handshake "
+                       "with 503 for MAX_CONNECTIONS", lambda: float(table.refused_full))
+    metrics.counter_fn("ws_connections_rate_limited", "connections answered RATE_LIMITED "
+                       "for MAX_SESSIONS_PER_IP", lambda: float(table.refused_rate_limited))
+    for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),
+                      ("ping_timeouts", "ASR connections failed for an unanswered PING"),
+                      ("breaker_opened", "ASR endpoint circuit breakers opened"),
+                      ("streams_opened", "ASR streams opened")):
+        metrics.counter_fn(f"asr_link_{name}", doc, functools.partial(_link_stat, pools, name))
+    if isinstance(store, S3Store):
+        s3 = store
+        for name, doc in (("recordings", "recordings committed to S3"),
+                          ("parts", "multipart parts uploaded, resends included"),
+                          ("puts", "recordings sent with one PutObject"),
+                          ("retries", "S3 calls tried again"),
+                          ("restarts", "multipart uploads started over from the spool"),
+                          ("failures", "recordings that could not be stored")):
+            metrics.counter_fn(f"archive_s3_{name}", doc,
+                               functools.partial(_s3_stat, s3, name))
+
+
+async def _handshake(request: WebSocketRequest, admission: Admission,
+                     shutting_down: bool) -> WebSocketConnection | None:
+    """Answer the upgrade: the WebSocket, or None after a refusal (wrong path, shutdown,
+    MAX_CONNECTIONS). A RATE_LIMITED connection is accepted: the client gets a coded
+    event it can act on, which a bare HTTP status would not give a browser."""
+    if request.path.split("?", 1)[0] != WS_PATH:
+        await request.reject(404, body=b"voxgate: the stream is at /ws/stream\n")
+        return None
+    if shutting_down:
+        await request.reject(503, extra_headers=[(b"retry-after", b"5")],
+                             body=b"voxgate: shutting down\n")
+        return None
+    if admission is Admission.FULL:
+        await request.reject(503, extra_headers=[
+            (b"retry-after", str(RETRY_AFTER_FULL_S).encode())],
+            body=b"voxgate: too many connections\n")
+        return None
+    return await request.accept()
+
+
+async def _refuse_rate_limited(ws: WebSocketConnection, metrics: GatewayMetrics,
+                               cap: int) -> None:
+    """One fatal ``RATE_LIMITED`` error, then the close (both under the connection's send
+    deadline). The client has sent nothing yet, so the event has an empty flowId."""
+    ew = EventWriter("")
+    event = ew.error(ErrorCode.RATE_LIMITED, f"more than {cap} connections from your "
+                     "address; close one and try again", fatal=True)
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send_message(dumps(ew.stamp(event)))
+        metrics.egress_events.labels("error").inc()
+        metrics.errors.labels(ErrorCode.RATE_LIMITED.value).inc()
+    await ws.aclose(CLOSE_POLICY)
+
+
+class _Connection(WebSocketConnection):
+    """trio-websocket's connection, with two changes.
+
+    - A message over ``max_message_size``: its parts are dropped (never buffered) and one
+      ``OversizedMessage`` is queued. This overrides a private method of trio-websocket
+      0.12 (the library has no hook for it); ``test_oversized_frame_*`` fails if a
+      release changes it.
+    - Every ``send_message`` and ``aclose`` has a deadline (SEND_TIMEOUT_S): a peer that
+      stops reading, or never answers the close handshake, gets its socket closed under
+      it, so it cannot hold a connection slot (or a session) forever. A send that runs
+      out of time raises ``ConnectionClosed`` (code 1006), as for a peer that went away.
+    """
 
     _dropping = False
+    send_timeout_s = 10.0
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
         if self._dropping:
@@ -172,28 +400,116 @@ class _Connection(WebSocketConnection):
             await self._send_channel.send(
                 OversizedMessage(size, self._max_message_size))  # type: ignore[arg-type]
 
+    async def send_message(self, message: str | bytes) -> None:
+        with trio.move_on_after(self.send_timeout_s) as scope:
+            await super().send_message(message)
+        if scope.cancelled_caught:
+            await self.abort()
+            raise ConnectionClosed(CloseReason(1006, "send timed out"))
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        with trio.move_on_after(self.send_timeout_s) as scope:
+            await super().aclose(code, reason)
+        if scope.cancelled_caught:
+            await self.abort()
+
+    async def abort(self) -> None:
+        """Drop the connection without the closing handshake (idempotent): a reset
+        (linger 0, so the kernel drops what the peer never read instead of keeping it and
+        the socket until its window opens), then the WebSocket is marked closed, so that
+        ``get_message`` and ``send_message`` raise ``ConnectionClosed``."""
+        sock = _socket_of(self._stream)
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await trio.aclose_forcefully(self._stream)
+        await self._abort_web_socket()
+
 
 class _Server(WebSocketServer):
-    """``WebSocketServer`` that makes ``_Connection``s (same steps as the library's)."""
+    """``WebSocketServer`` that makes ``_Connection``s, keeps the ``ConnectionTable``
+    and passes each handshake's ``Admission`` to the handler.
+
+    The handshake (TLS included) has ``connect_timeout``; a peer that closes before it
+    completes frees its place at once instead of at the deadline.
+    """
+
+    def __init__(self, handler: Callable[[WebSocketRequest, Admission], Awaitable[None]],
+                 table: ConnectionTable, listeners: Any, **kwargs: Any) -> None:
+        super().__init__(cast(Any, handler), listeners, **kwargs)
+        self._admission_handler = handler
+        self._table = table
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        ip = _peer_ip(stream)
+        self._table.opened(ip)
+        try:
+            await self._serve_connection(stream, ip)
+        except Exception as exc:
+            # Whatever one connection does must not reach the server's nursery.
+            _, rest = _split_disconnects(exc)
+            if rest is not None:
+                log.error("connection from %s failed", ip, exc_info=rest)
+        finally:
+            self._table.closed(ip)
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream, ip: str) -> None:
         async with trio.open_nursery() as nursery:
             connection = _Connection(stream, WSConnection(ConnectionType.SERVER),
                                      message_queue_size=self._message_queue_size,
                                      max_message_size=self._max_message_size,
                                      receive_buffer_size=self._receive_buffer_size)
-            nursery.start_soon(connection._reader_task)
+            connection.send_timeout_s = self._disconnect_timeout
+            request: WebSocketRequest | None = None
             with trio.move_on_after(self._connect_timeout) as connect_scope:
+                async def read() -> None:
+                    try:
+                        await connection._reader_task()
+                    finally:
+                        if request is None:  # gone before its request: stop waiting
+                            connect_scope.cancel()
+
+                nursery.start_soon(read)
                 request = await connection._get_request()
-            if connect_scope.cancelled_caught:
+            if request is None:
                 nursery.cancel_scope.cancel()
-                await stream.aclose()
                 return
             try:
-                await self._handler(request)
+                with contextlib.suppress(*_DISCONNECTS):
+                    await self._admission_handler(request, self._table.admit(ip))
             finally:
-                with trio.move_on_after(self._disconnect_timeout):
-                    await connection.aclose()
+                await connection.aclose()  # bounded: see _Connection.aclose
+                nursery.cancel_scope.cancel()
+
+
+_DISCONNECTS = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _split_disconnects(exc: Exception) -> tuple[Any, BaseException | None]:
+    """(the peer-went-away part, the rest) of ``exc``, which may be an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_DISCONNECTS)
+    return (exc, None) if isinstance(exc, _DISCONNECTS) else (None, exc)
+
+
+def _socket_of(stream: Any) -> socket.socket | None:
+    """The socket under a trio stream (a SocketStream, possibly wrapped in TLS)."""
+    for _ in range(4):  # SSLStream -> SocketStream
+        if stream is None or hasattr(stream, "socket"):
+            break
+        stream = getattr(stream, "transport_stream", None)
+    sock = getattr(stream, "socket", None)
+    return cast(socket.socket, sock) if sock is not None else None
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    """The client's address ("?" when the socket is already gone)."""
+    sock = _socket_of(stream)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else "?"
+    except OSError:
+        return "?"
 
 
 def _web_origins(cfg: GatewayConfig) -> list[str]:
