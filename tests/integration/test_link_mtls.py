@@ -11,6 +11,7 @@ refused by the gateway. The bearer token: the right one works on ``/v1/recognize
 
 from __future__ import annotations
 
+import functools
 import re
 import ssl
 from pathlib import Path
@@ -29,7 +30,11 @@ from gateway.asrlink import (
     FailoverPolicy,
     client_ssl_context,
 )
+from gateway.client import stream_audio
 from gateway.config import GatewayConfig
+from gateway.server import serve
+from gateway.vadservice import VadService
+from stages.vad import VadModel
 from tests import speech
 from tests.certs import Pki, make_pki
 from tests.standin import StandInEngine, start_asr
@@ -266,3 +271,55 @@ def test_client_context_is_tls12_or_newer_and_verifies(pki: Pki) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.get_ca_certs()[0]["subject"] == ((("commonName", "voxgate test ca"),),)
 
+
+
+# -- the whole gateway: its settings reach the link ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vad_model() -> VadModel:
+    return VadModel()
+
+
+async def _gateway(nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, url: str,
+                   **settings: object) -> str:
+    """``gateway.server.serve`` on loopback with ASR settings; its WebSocket URL."""
+    cfg = GatewayConfig.load(env={}, overrides={
+        "port": 0, "http_port": 0, "archive_dir": str(tmp_path / "records"),
+        "archive_fallback_dir": str(tmp_path / "fallback"), "asr_urls": url,
+        "flush_idle_s": 1.0, **settings})
+    ws_port, _ = await nursery.start(functools.partial(
+        serve, cfg, vad=VadService(vad_model)))
+    return f"ws://127.0.0.1:{ws_port}/ws/stream"
+
+
+async def test_gateway_recognizes_over_mtls_with_the_token(
+    nursery: trio.Nursery, pki: Pki, vad_model: VadModel, tmp_path: Path
+) -> None:
+    """ASR_TLS_* and ASR_TOKEN from the gateway's settings reach every request: a
+    session's utterance is recognized by a service that requires both."""
+    url = await _asr(nursery, pki, client_ca=pki.ca_cert, token=TOKEN)
+    ws = await _gateway(nursery, vad_model, tmp_path, url, asr_token=TOKEN, **_mtls(pki))
+    audio = np.concatenate([np.zeros(16000, np.int16), AUDIO, np.zeros(16000, np.int16)])
+    r = await stream_audio(ws, audio, realtime=False, start={"flowId": "mtls-e2e"})
+    (final,) = r.of("asr_final")
+    # The stand-in says how much audio it heard: the utterance, well over a second.
+    heard = re.fullmatch(r"(\d+\.\d\d)s rms=\d\.\d{3}", final["text"])
+    assert heard is not None and float(heard[1]) > 1.0, final
+    assert not r.of("error") and r.of("end")[0]["reason"] == "flush"
+
+
+async def test_gateway_session_without_an_accepted_certificate_is_a_coded_error(
+    nursery: trio.Nursery, pki: Pki, vad_model: VadModel, tmp_path: Path
+) -> None:
+    """The gateway's client certificate is refused: the session says ASR_UNAVAILABLE
+    (after the channel's 10 s retry budget), keeps its recording and ends normally."""
+    url = await _asr(nursery, pki, client_ca=pki.rogue_ca_cert)
+    ws = await _gateway(nursery, vad_model, tmp_path, url, **_mtls(pki))
+    audio = np.concatenate([np.zeros(16000, np.int16), AUDIO, np.zeros(16000, np.int16)])
+    r = await stream_audio(ws, audio, realtime=False, start={"flowId": "refused"})
+    assert not r.of("asr_final")
+    errors = r.of("error")
+    assert errors and {e["code"] for e in errors} == {"ASR_UNAVAILABLE"}, errors
+    assert not any(e["fatal"] for e in errors)
+    assert r.of("record_url") and r.of("end")[0]["reason"] == "flush"
