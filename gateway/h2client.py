@@ -209,8 +209,8 @@ class H2Connection:
 
         Only a peer that answered SETTINGS is an HTTP/2 server that accepted us. With
         TLS 1.3 the server judges our client certificate after the handshake has
-        completed on our side; its refusal (an alert) arrives here, so a refused
-        certificate is a connect error naming the alert, not a stream lost later.
+        completed on our side; its refusal (an alert, or just a close) arrives here, so
+        a refused certificate is a connect error that says so, not a stream lost later.
         """
         try:
             with trio.fail_after(timeout_s):
@@ -547,7 +547,6 @@ async def connect(
             nursery.cancel_scope.cancel()
     if problem is not None:
         raise problem
-
 
 
 def _reason(exc: BaseException) -> str:
