@@ -213,6 +213,8 @@ async def serve(
         hc = _hypercorn_config(Config(), cfg.host, cfg.http_port)
         if tls is not None:
             hc.certfile, hc.keyfile = cfg.tls_cert_file, cfg.tls_key_file
+            # as the WebSocket port: a socket that never completes TLS goes (60 s default)
+            hc.ssl_handshake_timeout = cfg.start_timeout_s
         http_app = GatewayHttpApp(store=store, metrics=metrics.render,
                                   ready=lambda: ready["ok"], web_origins=_web_origins(cfg),
                                   signer=signer, serve_metrics=cfg.metrics_port is None)
