@@ -259,7 +259,8 @@ async def serve(
             ws_port = ports.ws = server.port
             http_app.ws_port = ws_port  # the page at / streams here by default
             if cfg.metrics_port is not None:
-                ports.metrics = await _serve_metrics(nursery, cfg, metrics, http_trigger)
+                ports.metrics = await _serve_metrics(nursery, cfg.host, cfg.metrics_port,
+                                                     metrics, http_trigger)
             log.info("gateway listening: %s://%s:%d%s, %s://%s:%d, metrics on port %d",
                      "wss" if tls else "ws", cfg.host, ws_port, WS_PATH, scheme, cfg.host,
                      http_port, ports.metrics if ports.metrics is not None else http_port)
@@ -278,16 +279,16 @@ async def serve(
         nursery.cancel_scope.cancel()
 
 
-async def _serve_metrics(nursery: trio.Nursery, cfg: GatewayConfig, metrics: GatewayMetrics,
-                         trigger: Callable[[], Awaitable[None]]) -> int:
+async def _serve_metrics(nursery: trio.Nursery, host: str, port: int,
+                         metrics: GatewayMetrics, trigger: Callable[[], Awaitable[None]]
+                         ) -> int:
     """A second hypercorn with ``/metrics`` (and ``/healthz``) alone on METRICS_PORT, so
     that the port that serves recordings to the world does not also serve metrics. Plain
     HTTP even with TLS_CERT_FILE: it is for the cluster's scraper, not for the public."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hyper_serve
 
-    assert cfg.metrics_port is not None
-    mc = _hypercorn_config(Config(), cfg.host, cfg.metrics_port)
+    mc = _hypercorn_config(Config(), host, port)
     binds = await nursery.start(functools.partial(
         hyper_serve, cast(Any, metrics_app(metrics.render)), mc, shutdown_trigger=trigger))
     return _bound_port(binds)
@@ -432,8 +433,10 @@ class _Server(WebSocketServer):
     """``WebSocketServer`` that makes ``_Connection``s, keeps the ``ConnectionTable``
     and passes each handshake's ``Admission`` to the handler.
 
-    The handshake (TLS included) has ``connect_timeout``; a peer that closes before it
-    completes frees its place at once instead of at the deadline.
+    The handshake (TLS included) has ``connect_timeout`` (START_TIMEOUT_S); a peer that
+    closes before it completes frees its place at once instead of at the deadline. The
+    session's own START_TIMEOUT_S for ``start`` runs after it, so a connection that does
+    nothing is gone within twice that, plus SEND_TIMEOUT_S for its refusal and close.
     """
 
     def __init__(self, handler: Callable[[WebSocketRequest, Admission], Awaitable[None]],

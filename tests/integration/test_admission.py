@@ -213,8 +213,19 @@ async def test_over_max_connections_is_refused_at_the_handshake(
 
 async def test_over_max_sessions_per_ip_gets_rate_limited(
         nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
-    gw = await start(nursery, vad_model, tmp_path, asr_url, max_sessions_per_ip=2)
+    gw = await start(nursery, vad_model, tmp_path, asr_url, max_sessions_per_ip=2,
+                     send_timeout_s=1.0)
     held = [(await raw_upgrade(gw.ws_port))[0] for _ in range(2)]
+    # One that never answers the close: told, then dropped after SEND_TIMEOUT_S.
+    mute, status, _ = await raw_upgrade(gw.ws_port)
+    assert status == 101
+    t0 = time.monotonic()
+    with trio.fail_after(3):
+        (text_op, payload), (close_op, close) = frames(await read_to_eof(mute))
+    assert 0.8 <= time.monotonic() - t0 <= 2.0
+    assert (text_op, close_op, struct.unpack(">H", close[:2])[0]) == (0x1, 0x8, 1008)
+    assert json.loads(payload)["code"] == "RATE_LIMITED"
+    await mute.aclose()
     async with connect(gw.ws_url) as ws:
         with trio.fail_after(5):
             event = json.loads(await ws.get_message())
@@ -231,7 +242,7 @@ async def test_over_max_sessions_per_ip_gets_rate_limited(
     assert [e["type"] for e in r.events][-1] == "end" and not r.of("error")
     async with httpx.AsyncClient() as client:
         metrics = (await client.get(f"http://127.0.0.1:{gw.http_port}/metrics")).text
-    assert "ws_connections_rate_limited_total 1.0" in metrics
+    assert "ws_connections_rate_limited_total 2.0" in metrics
     for s in held:
         await s.aclose()
     gw.shutdown.set()
