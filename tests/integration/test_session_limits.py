@@ -22,7 +22,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
 from gateway.client import connect, stream_audio
 from gateway.records import record_key
@@ -387,6 +387,45 @@ async def test_a_client_that_does_not_read_is_dropped_after_the_send_deadline(
             closed = True
         await stream.aclose()
     assert closed
+    g.shutdown.set()
+
+
+async def test_a_resumable_session_aborted_for_a_slow_reader_can_resume(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
+    """The send deadline treats the client as gone; a seq_header session then waits for
+    its resume as after any disconnect."""
+    g = await gateway(nursery, vad_model, tmp_path, asr_url, send_timeout_s=0.5,
+                      max_messages_per_s=100000, resume_window_s=10.0)
+    port = int(g.ws_url.rsplit(":", 1)[1].split("/")[0])
+    frames = _frames(AUDIO, seq=True)
+    start = {"type": "start", "flowId": "slow-reader", "features": ["seq_header"]}
+    events: list[dict[str, Any]] = []
+    with trio.fail_after(40):
+        stream, ws = await _raw_ws(port)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stream.send_all(ws.send(TextMessage(data=json.dumps(start))))
+        for f in frames[:40]:
+            await stream.send_all(ws.send(BytesMessage(data=f)))
+        ping = ws.send(TextMessage(data=json.dumps({"type": "ping", "id": "x" * 100})))
+        with trio.move_on_after(4), contextlib.suppress(trio.BrokenResourceError):
+            while True:
+                await stream.send_all(ping * 50)
+                await trio.sleep(0)
+        await stream.aclose()
+        async with connect(g.ws_url) as again:
+            await again.send_message(json.dumps(start))
+            while True:
+                ack = json.loads(await again.get_message())
+                if ack["type"] == "ack":
+                    break
+            for f in frames[ack["session"]["next_seq"]:]:
+                await again.send_message(f)
+            await again.send_message(json.dumps({"type": "flush"}))
+            await events_until_end(again, events)
+    assert ack["session"]["resumed"] is True and ack["session"]["next_seq"] == 40
+    assert events[-1]["type"] == "end" and events[-1]["reason"] == "flush"
+    m = next(e for e in events if e["type"] == "metrics")
+    assert m["audio_ms"] == len(AUDIO) // 16
     g.shutdown.set()
 
 
