@@ -98,21 +98,38 @@ class ConnectionTable:
     completed the handshake or was admitted as a session: a socket costs the gateway the
     same either way, and the handshake and ``start`` deadlines bound how long one that does
     nothing can hold its place.
+
+    With a per-address cap (MAX_SESSIONS_PER_IP), the cap on open connections counts at
+    most that many of each address, so one address's surplus (refused anyway) cannot
+    push other clients over MAX_CONNECTIONS; and an address with twice its cap open gets
+    further sockets closed at the accept, so it cannot hold an unbounded number of them
+    by never finishing the handshake.
     """
 
     max_connections: int
     max_per_ip: int = 0  # 0: no cap
     open: int = 0
     per_ip: dict[str, int] = field(default_factory=dict)
+    counted: int = 0  # what MAX_CONNECTIONS is checked against: sum of min(n, max_per_ip)
     refused_full: int = 0  # 503s for MAX_CONNECTIONS
     refused_rate_limited: int = 0  # RATE_LIMITED for MAX_SESSIONS_PER_IP
+    dropped: int = 0  # closed at the accept: twice MAX_SESSIONS_PER_IP open already
 
-    def opened(self, ip: str) -> None:
+    def opened(self, ip: str) -> bool:
+        """Count a new connection of ``ip``; False (and not counted) when it must be
+        closed at once, without a handshake."""
+        n = self.per_ip.get(ip, 0)
+        if self.max_per_ip and n >= 2 * self.max_per_ip:
+            self.dropped += 1
+            return False
+        self.per_ip[ip] = n + 1
         self.open += 1
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        if not self.max_per_ip or n + 1 <= self.max_per_ip:
+            self.counted += 1
+        return True
 
     def closed(self, ip: str) -> None:
-        """Forget one connection of ``ip``.
+        """Forget one connection of ``ip`` (one that ``opened`` counted).
 
         Raises:
             ValueError: ``ip`` has no open connection (a bookkeeping bug).
@@ -125,11 +142,13 @@ class ConnectionTable:
         else:
             self.per_ip[ip] = n - 1
         self.open -= 1
+        if not self.max_per_ip or n <= self.max_per_ip:
+            self.counted -= 1
 
     def admit(self, ip: str) -> Admission:
         """Decide for a connection of ``ip`` that is already counted (the cap on open
         connections first: past it, nobody gets in, whatever their address)."""
-        if self.open > self.max_connections:
+        if self.counted > self.max_connections:
             self.refused_full += 1
             return Admission.FULL
         if self.max_per_ip and self.per_ip.get(ip, 0) > self.max_per_ip:
@@ -320,6 +339,9 @@ def _register_metrics(metrics: GatewayMetrics, vad: VadService, pools: AsrPools,
                        "with 503 for MAX_CONNECTIONS", lambda: float(table.refused_full))
     metrics.counter_fn("ws_connections_rate_limited", "connections answered RATE_LIMITED "
                        "for MAX_SESSIONS_PER_IP", lambda: float(table.refused_rate_limited))
+    metrics.counter_fn("ws_connections_dropped", "connections closed at the accept, "
+                       "without a handshake: their address had twice MAX_SESSIONS_PER_IP "
+                       "open", lambda: float(table.dropped))
     for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),
                       ("ping_timeouts", "ASR connections failed for an unanswered PING"),
                       ("breaker_opened", "ASR endpoint circuit breakers opened"),
@@ -447,7 +469,9 @@ class _Server(WebSocketServer):
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         ip = _peer_ip(stream)
-        self._table.opened(ip)
+        if not self._table.opened(ip):
+            await trio.aclose_forcefully(stream)
+            return
         try:
             await self._serve_connection(stream, ip)
         except Exception as exc:

@@ -9,6 +9,7 @@ clients are trio-websocket. Everything runs on 127.0.0.1, port 0, with an ASR se
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -248,6 +249,42 @@ async def test_over_max_sessions_per_ip_gets_rate_limited(
     gw.shutdown.set()
 
 
+async def test_one_address_cannot_fill_the_gateway(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
+    """With MAX_SESSIONS_PER_IP, an address that opens many sockets and never upgrades
+    holds at most twice its cap (the rest are closed at the accept) and does not count
+    against MAX_CONNECTIONS beyond its cap: a client at another address still gets in."""
+    gw = await start(nursery, vad_model, tmp_path, asr_url, max_connections=4,
+                     max_sessions_per_ip=2, start_timeout_s=2.0)
+    attacker = [await trio.open_tcp_stream("127.0.0.1", gw.ws_port,
+                                           local_address="127.0.0.2") for _ in range(10)]
+    with trio.fail_after(2):
+        while await open_connections(gw) != 4:
+            await trio.sleep(0.02)
+    # 6 of them were closed at once, before any deadline
+    eof: list[bool] = []
+
+    async def closed_soon(s: trio.SocketStream) -> None:
+        with trio.move_on_after(0.5), contextlib.suppress(trio.BrokenResourceError):
+            if await s.receive_some(10) == b"":
+                eof.append(True)
+
+    async with trio.open_nursery() as n:
+        for s in attacker:
+            n.start_soon(closed_soon, s)
+    assert len(eof) == 6
+    # counted: 2 of the attacker's 4, this one, and the client's session: 4, not over
+    held = [(await raw_upgrade(gw.ws_port))[0]]
+    r = await stream_audio(gw.ws_url, SILENCE, realtime=False, timeout_s=20)
+    assert [e["type"] for e in r.events][-1] == "end" and not r.of("error")
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"http://127.0.0.1:{gw.http_port}/metrics")).text
+    assert "ws_connections_dropped_total 6.0" in metrics
+    for s in attacker + held:
+        await s.aclose()
+    gw.shutdown.set()
+
+
 async def test_tcp_that_never_upgrades_is_dropped(
         nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
     """Silent sockets and a half-sent request are closed at the handshake deadline (they
@@ -329,14 +366,26 @@ async def test_metrics_port_serves_metrics_alone(
 def test_connection_table_counts_and_decides() -> None:
     t = ConnectionTable(max_connections=3, max_per_ip=2)
     for ip in ("a", "a", "b"):
-        t.opened(ip)
+        assert t.opened(ip)
     assert [t.admit("a"), t.admit("b")] == [Admission.OK] * 2
-    t.opened("a")
-    assert t.admit("a") is Admission.FULL  # the global cap comes first
-    t.closed("b")
-    assert t.admit("a") is Admission.RATE_LIMITED and t.admit("c") is Admission.OK
-    for _ in range(3):
+    assert t.opened("c")
+    assert t.admit("c") is Admission.FULL  # the global cap comes first
+    t.closed("c")
+    assert t.opened("a")  # a's third: over its cap, and not counted against the others
+    assert (t.open, t.counted) == (4, 3)
+    assert t.admit("a") is Admission.RATE_LIMITED and t.admit("b") is Admission.OK
+    assert t.opened("a") and not t.opened("a")  # twice the cap: closed at the accept
+    assert (t.open, t.counted, t.dropped) == (5, 3, 1)
+    for _ in range(4):
         t.closed("a")
-    assert (t.open, t.per_ip, t.refused_full, t.refused_rate_limited) == (0, {}, 1, 1)
+    t.closed("b")
+    assert (t.open, t.counted, t.per_ip) == (0, 0, {})
+    assert (t.refused_full, t.refused_rate_limited) == (1, 1)
     with pytest.raises(ValueError, match="none open"):
         t.closed("a")
+
+
+def test_connection_table_without_a_per_address_cap() -> None:
+    t = ConnectionTable(max_connections=2)
+    assert all(t.opened("a") for _ in range(3))
+    assert t.admit("a") is Admission.FULL and (t.open, t.counted) == (3, 3)
