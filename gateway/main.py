@@ -6,13 +6,16 @@ import functools
 import logging
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .auth import Authenticator, exposure_problem, is_loopback
 from .config import GatewayConfig
 from .logs import setup as setup_logs
+
+if TYPE_CHECKING:
+    from .server import GatewayPorts
 
 log = logging.getLogger("voxgate")
 
@@ -33,20 +36,32 @@ async def _until_signal(shutdown: trio.Event, signals: Any) -> None:
 async def run_gateway(cfg: GatewayConfig) -> None:
     from asr import tracing
 
-    from .server import serve
+    from .server import GatewayPorts, serve
 
     tracing.setup("voxgate-gateway")  # only if the OTEL_* variables ask for it
 
     shutdown = trio.Event()
     with _signals() as signals:
         async with trio.open_nursery() as nursery:
-            ws_port, http_port = await nursery.start(functools.partial(serve, cfg,
-                                                                       shutdown=shutdown))
-            s = "s" if cfg.tls_cert_file else ""  # TLS_CERT_FILE: wss:// and https://
-            print(f"voxgate gateway: http{s}://{cfg.host}:{http_port} (records, metrics)",
-                  flush=True)
-            print(f"ws{s}://{cfg.host}:{ws_port}/ws/stream", flush=True)
+            ports = GatewayPorts()
+            await nursery.start(functools.partial(serve, cfg, shutdown=shutdown,
+                                                  ports=ports))
+            print(f"voxgate gateway: {_http_line(cfg, ports)}", flush=True)
+            print(_ws_url(cfg, ports), flush=True)
             await _until_signal(shutdown, signals)
+
+
+def _ws_url(cfg: GatewayConfig, ports: GatewayPorts) -> str:
+    return f"ws{'s' if ports.tls else ''}://{cfg.host}:{ports.ws}/ws/stream"
+
+
+def _http_line(cfg: GatewayConfig, ports: GatewayPorts) -> str:
+    """Where recordings and metrics are: https:// with TLS_CERT_FILE; metrics on their
+    own plain-HTTP port with METRICS_PORT."""
+    http = f"http{'s' if ports.tls else ''}://{cfg.host}:{ports.http}"
+    if ports.metrics is None:
+        return f"{http} (records, metrics)"
+    return f"{http} (records), metrics on http://{cfg.host}:{ports.metrics}/metrics"
 
 
 async def run_serve(cfg: GatewayConfig) -> None:
@@ -61,7 +76,7 @@ async def run_serve(cfg: GatewayConfig) -> None:
     from asr.server import serve as serve_asr
     from asr.workers import ProcessBackend, WorkerConfig
 
-    from .server import serve
+    from .server import GatewayPorts, serve
 
     tracing.setup("voxgate")  # gateway and ASR spans, one process
     print("voxgate serve: loading and warming the models (first run exports them)...",
@@ -80,13 +95,12 @@ async def run_serve(cfg: GatewayConfig) -> None:
             # service), so the ASR service stops only after the gateway.
             with _signals() as signals:
                 async with trio.open_nursery() as gateway:
-                    ws_port, http_port = await gateway.start(functools.partial(
-                        serve, cfg, shutdown=gw_shutdown))
-                    s = "s" if cfg.tls_cert_file else ""
-                    print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, recordings "
-                          f"and metrics on http{s}://{cfg.host}:{http_port}",
-                          file=sys.stderr, flush=True)
-                    print(f"ws{s}://{cfg.host}:{ws_port}/ws/stream", flush=True)
+                    ports = GatewayPorts()
+                    await gateway.start(functools.partial(serve, cfg, shutdown=gw_shutdown,
+                                                          ports=ports))
+                    print(f"voxgate serve: ASR on http://127.0.0.1:{asr_port}, gateway "
+                          f"{_http_line(cfg, ports)}", file=sys.stderr, flush=True)
+                    print(_ws_url(cfg, ports), flush=True)
                     gateway.start_soon(_until_signal, gw_shutdown, signals)
             asr_shutdown.set()
     finally:

@@ -11,17 +11,21 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import ecdsa
+import httpx
 import pytest
 import trio
 
 from gateway.client import stream_audio
 from stages.vad import VadModel
+from tests.certs import make_pki
 from tests.integration.test_gateway import SILENCE, checked, start_gateway
 from tests.standin import StandInEngine, start_asr
 from tests.unit.test_auth import _rsa_key, ec_jwk, forge, hmac_signer, sign, write_jwks
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # script having been installed in this environment.
 CLI = [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())"]
 MESSAGE = "without authentication: set AUTH_JWT_SECRET or AUTH_JWT_KEYS_FILE"
-WS_LINE = re.compile(rb"ws://[^\s]+:(\d+)/ws/stream")
+WS_LINE = re.compile(rb"wss?://[^\s]+:(\d+)/ws/stream")
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -57,9 +61,11 @@ async def _refused(tmp_path: Path, *args: str, **env: str) -> str:
     return str(done.stderr.decode())
 
 
-async def _starts(tmp_path: Path, *args: str, **env: str) -> str:
+async def _starts(tmp_path: Path, *args: str,
+                  check: Callable[[str], Awaitable[None]] | None = None, **env: str) -> str:
     """Run the command until it prints its WebSocket URL, check that the port takes
-    connections, stop it with SIGTERM, and return what it logged."""
+    connections (and run ``check`` on what it printed), stop it with SIGTERM, and return
+    what it logged."""
     log_path = tmp_path / "stderr.log"
     with open(log_path, "wb") as log_file:
         proc = await trio.lowlevel.open_process(
@@ -77,6 +83,9 @@ async def _starts(tmp_path: Path, *args: str, **env: str) -> str:
         assert match is not None
         with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5):
             pass
+        if check is not None:
+            with trio.fail_after(30):
+                await check(out.decode())
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             code = await proc.wait()
@@ -157,6 +166,38 @@ async def test_auth_disabled_next_to_a_secret_is_reported_as_ignored(
                            AUTH_JWT_SECRET="s" * 32)
     assert "AUTH_DISABLED=true is ignored" in stderr
     assert "s" * 32 not in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_printed_urls_follow_tls_and_metrics_port(tmp_path: Path) -> None:
+    """With TLS_CERT_FILE the command prints wss:// and https://; with METRICS_PORT it
+    prints the metrics port, which answers plain HTTP."""
+    pki = make_pki(tmp_path / "pki")
+
+    async def check(stdout: str) -> None:
+        head, ws = stdout.splitlines()[:2]
+        assert ws.startswith("wss://127.0.0.1:") and ws.endswith("/ws/stream"), stdout
+        m = re.fullmatch(r"voxgate gateway: https://127\.0\.0\.1:(\d+) \(records\), "
+                         r"metrics on http://127\.0\.0\.1:(\d+)/metrics", head)
+        assert m, head
+        ca = ssl.create_default_context(cafile=str(pki.ca_cert))
+        async with httpx.AsyncClient(verify=ca) as client:
+            ok = await client.get(f"https://127.0.0.1:{m.group(1)}/healthz")
+            assert ok.status_code == 200
+            scraped = await client.get(f"http://127.0.0.1:{m.group(2)}/metrics")
+            assert scraped.status_code == 200
+            assert "orchestrator_active_sessions" in scraped.text
+
+    await _starts(tmp_path, "gateway", check=check, TLS_CERT_FILE=str(pki.server_cert),
+                  TLS_KEY_FILE=str(pki.server_key), METRICS_PORT="0")
+
+    async def plain(stdout: str) -> None:
+        head, ws = stdout.splitlines()[:2]
+        assert ws.startswith("ws://127.0.0.1:")
+        assert re.fullmatch(r"voxgate gateway: http://127\.0\.0\.1:\d+ \(records, "
+                            r"metrics\)", head), head
+
+    await _starts(tmp_path, "gateway", check=plain)
 
 
 # --- tokens through a real gateway ----------------------------------------------------
