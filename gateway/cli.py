@@ -51,7 +51,9 @@ def _asr(args: argparse.Namespace) -> int:
     return main(args.config, args.host, args.port, workers=args.workers,
                 worker_threads=args.worker_threads, standby_workers=args.standby_workers,
                 job_timeout_s=args.job_timeout_s, log_level=args.log_level,
-                log_format=args.log_format)
+                log_format=args.log_format,
+                server={"certfile": args.tls_cert_file, "keyfile": args.tls_key_file,
+                        "client_ca_file": args.client_ca_file})
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -130,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a batch's deadline is S plus job_timeout_per_audio_s "
                      f"({wdef.job_timeout_per_audio_s:g}) per second of its audio; past it "
                      f"the worker is killed and replaced (default {wdef.job_timeout_s:g})")
+    asr.add_argument("--tls-cert-file", metavar="PEM",
+                     help="serve TLS (ALPN h2) with this certificate chain "
+                     "([server] certfile)")
+    asr.add_argument("--tls-key-file", metavar="PEM",
+                     help="private key of --tls-cert-file ([server] keyfile)")
+    asr.add_argument("--client-ca-file", metavar="PEM",
+                     help="require client certificates signed by this CA: mTLS "
+                     "([server] client_ca_file). The bearer token alternative is the "
+                     "ASR_TOKEN environment variable (no flag: ps would show it)")
     asr.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="log level of the service and its workers (default info)")
