@@ -157,6 +157,7 @@ class Session:
         self._fresh_samples = 0  # new audio since the idle timer was last reset
         self._deferrals = 0  # idle checks put off since then (see _ingest_loop)
         self.rate = MessageRate(self.cfg.max_messages_per_s)
+        self._dropped_events = 0  # events the client was too far behind to be sent
         self.reason = "flush"
         self.close_code = 1000  # 1009 after a message over the WebSocket limit
         self.reframer = Reframer(max_chunk_bytes=self.cfg.max_frame_bytes)
@@ -627,11 +628,13 @@ class Session:
                     f"{self.rate.abuse_s:g} s; the session ends with what it accepted"),
                     True)
                 return "error"
+            if not verdict.accepted and not _is_flush(message):
+                # Refused unread: a flood of bad messages must not cost an error event
+                # each. A flush is never refused (it ends the session).
+                self._refused(verdict, message)
+                continue
             if isinstance(message, bytes):
-                if verdict.accepted:
-                    await self._audio(message)
-                else:
-                    self._refused(verdict, message)
+                await self._audio(message)
                 continue
             try:
                 msg = parse_text(message)
@@ -639,9 +642,6 @@ class Session:
                 self._error(exc.code, exc.message, exc.fatal)
                 if exc.fatal:
                     return "error"
-                continue
-            if not verdict.accepted and not isinstance(msg, Flush):
-                self._refused(verdict, message)  # a flush always ends the session
                 continue
             if isinstance(msg, Flush):
                 return "flush"
@@ -1342,9 +1342,12 @@ class Session:
             self._events_in.send_nowait(event)
         except trio.WouldBlock:
             # The client has not read 1024 events: it is not reading at all. What it
-            # would miss it could not have read anyway; say so in the log.
-            log.warning("%s: client is not reading; dropped a %s event", self.flow_id,
-                        event["type"])
+            # would miss it could not have read anyway; say so in the log (the 1st,
+            # 2nd, 4th, 8th... drop: a flood must not flood the log too).
+            self._dropped_events += 1
+            if self._dropped_events & (self._dropped_events - 1) == 0:
+                log.warning("%s: client is not reading; dropped a %s event (%d so far)",
+                            self.flow_id, event["type"], self._dropped_events)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -1462,6 +1465,15 @@ async def _abort(ws: WebSocketConnection) -> None:
     if abort is not None:
         with contextlib.suppress(Exception):
             await abort()
+
+
+def _is_flush(message: str | bytes) -> bool:
+    if not isinstance(message, str):
+        return False
+    try:
+        return isinstance(parse_text(message), Flush)
+    except ProtocolError:
+        return False
 
 
 def _lid_answer(answer: Any) -> tuple[str, float, list[tuple[str, float]]] | None:
