@@ -486,6 +486,8 @@ class H2Connection:
 
     async def aclose(self) -> None:
         """Say GOAWAY if the peer can still hear it, then close the socket, always."""
+        if self._error is None:
+            self._error = H2ClientError(f"connection to {self.authority} closed")
         self.closed = True
         self._closed_event.set()
         try:

@@ -441,6 +441,32 @@ async def test_an_exception_in_dispatch_fails_only_that_connection(
     assert await _events(pools) == EVENTS  # a new connection, the pools alive
 
 
+async def test_a_failing_connection_task_stays_in_its_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task that holds a connection lives in the pools' nursery, beside every other
+    connection: an exception in it (here its keepalive) ends that connection only."""
+    port = await _raw_server(nursery, Answer(body=link.encode_many(list(EVENTS))))
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)},
+                         breaker_open_s=0.05)
+    calls = []
+
+    async def broken(self: AsrPools, ep: Any, conn: H2Connection) -> None:
+        calls.append(conn)
+        raise RuntimeError("boom in keepalive")
+
+    monkeypatch.setattr(AsrPools, "_keepalive", broken)
+    with contextlib.suppress(AsrUnavailable):  # the stream may beat the failure
+        await _events(pools)
+    with trio.fail_after(5):
+        await calls[0].wait_closed()
+    await trio.sleep(0.1)  # the holder's handler runs after the close; the breaker waits
+    assert "boom in keepalive" in caplog.text
+    monkeypatch.undo()
+    assert await _events(pools) == EVENTS  # the pools live on, with a new connection
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(("body", "problem"), [
     (b"[" * 16384, "not JSON"), (b"not json", "not JSON"), (b"[1]", "not a JSON object"),
     (b'{"score": 0.9}', "lang"), (b'{"lang": 5, "score": 0.9}', "lang"),
