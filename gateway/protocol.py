@@ -176,7 +176,19 @@ def _get(obj: dict[str, Any], key: str, kind: type, default: Any) -> Any:
         return value
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _bad(f"{key} must be a {kind.__name__}")
+    if kind is str and not _unicode(value):
+        raise _bad(f"{key} must be valid Unicode (a lone surrogate escape is not)")
     return value
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8. JSON may escape a lone surrogate ("\\ud800");
+    such a string would fail later, on the ASR link or in a log line, not here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_text(text: str | bytes) -> ClientMessage:
@@ -197,7 +209,9 @@ def parse_text(text: str | bytes) -> ClientMessage:
         raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer of more than
+        # 4300 digits (Python's int-from-string limit).
         raise ProtocolError(ErrorCode.BAD_JSON, f"not JSON: {str(exc)[:120]}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "a message must be a JSON object")
@@ -210,7 +224,12 @@ def parse_text(text: str | bytes) -> ClientMessage:
         return Finalize()
     if kind == "ping":
         ident = obj.get("id")
-        return Ping(None if ident is None else str(ident)[:128])
+        if ident is not None and not isinstance(ident, (str, int, float)):
+            raise _bad("ping id must be a string or a number")
+        text = None if ident is None else str(ident)[:128]
+        if text is not None and not _unicode(text):
+            raise _bad("ping id must be valid Unicode")
+        return Ping(text)
     if not isinstance(kind, str):
         raise _bad("a message needs a string 'type'")
     raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {kind[:40]!r}")
@@ -275,15 +294,15 @@ def _parse_start(obj: dict[str, Any]) -> Start:
     if returns_list is None:
         returns = RETURNABLE
     else:
-        unknown = [r for r in returns_list if r not in RETURNABLE]
+        unknown = [r for r in returns_list if not isinstance(r, str) or r not in RETURNABLE]
         if unknown:
-            raise _bad(f"return has unknown items {unknown[:5]}")
+            raise _bad(f"return has unknown items: {printable(str(unknown), 80)}")
         returns = frozenset(returns_list)
 
     hints_obj = _get(obj, "hints", dict, {})
     hotwords = _get(hints_obj, "hotwords", list, [])
     if len(hotwords) > MAX_HOTWORDS or not all(
-        isinstance(w, str) and 0 < len(w) <= 64 for w in hotwords
+        isinstance(w, str) and 0 < len(w) <= 64 and _unicode(w) for w in hotwords
     ):
         raise _bad(f"hints.hotwords must be at most {MAX_HOTWORDS} strings of 1-64 chars")
     pref = _get(hints_obj, "user_lang_pref", str, "auto")
@@ -301,7 +320,7 @@ def _parse_start(obj: dict[str, Any]) -> Start:
     auth = _get(obj, "auth", dict, {})
     features_list = _get(obj, "features", list, [])
     # Unknown features are ignored, not refused: newer clients may offer more.
-    features = frozenset(f for f in features_list if f in FEATURES)
+    features = frozenset(f for f in features_list if isinstance(f, str) and f in FEATURES)
     return Start(
         flow_id=flow_id,
         audio=audio,

@@ -33,6 +33,11 @@ FULL_START = {
 }
 
 
+def test_unhashable_features_are_ignored_like_unknown_ones() -> None:
+    msg = parse_text('{"type":"start","features":[[], {"seq_header":1}, "seq_header"]}')
+    assert isinstance(msg, Start) and msg.features == frozenset({"seq_header"})
+
+
 def test_full_start() -> None:
     check_client_message(FULL_START)
     msg = parse_text(json.dumps(FULL_START))
@@ -73,6 +78,14 @@ def test_commands(text: str, message: object) -> None:
         ('{"type":"start","hints":{"hotwords":[""]}}', ErrorCode.BAD_REQUEST, False),
         ('{"type":"start","audio":{"chunk_ms":true}}', ErrorCode.BAD_REQUEST, False),
         ('{"type":"ping","pad":"' + "x" * 20000 + '"}', ErrorCode.FRAME_TOO_LARGE, False),
+        # found by the fuzz harness: each raised something other than ProtocolError
+        ('{"type":"start","audio":{"sr":' + "1" * 5000 + "}}", ErrorCode.BAD_JSON, False),
+        ('{"type":"start","return":[{}]}', ErrorCode.BAD_REQUEST, False),
+        ('{"type":"start","return":[["asr"]]}', ErrorCode.BAD_REQUEST, False),
+        ('{"type":"start","hints":{"hotwords":["\\ud800"]}}', ErrorCode.BAD_REQUEST, False),
+        ('{"type":"start","hints":{"domain":"a\\udfffb"}}', ErrorCode.BAD_REQUEST, False),
+        ('{"type":"ping","id":"\\ud800"}', ErrorCode.BAD_REQUEST, False),
+        ('{"type":"ping","id":{"a":1}}', ErrorCode.BAD_REQUEST, False),
     ],
 )
 def test_errors(text: str, code: ErrorCode, fatal: bool) -> None:
