@@ -176,7 +176,7 @@ def _get(obj: dict[str, Any], key: str, kind: type, default: Any) -> Any:
         return value
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _bad(f"{key} must be a {kind.__name__}")
-    if kind is str and not _unicode(value):
+    if isinstance(value, str) and not _unicode(value):
         raise _bad(f"{key} must be valid Unicode (a lone surrogate escape is not)")
     return value
 
@@ -226,10 +226,10 @@ def parse_text(text: str | bytes) -> ClientMessage:
         ident = obj.get("id")
         if ident is not None and not isinstance(ident, (str, int, float)):
             raise _bad("ping id must be a string or a number")
-        text = None if ident is None else str(ident)[:128]
-        if text is not None and not _unicode(text):
+        ping_id = None if ident is None else str(ident)[:128]
+        if ping_id is not None and not _unicode(ping_id):
             raise _bad("ping id must be valid Unicode")
-        return Ping(text)
+        return Ping(ping_id)
     if not isinstance(kind, str):
         raise _bad("a message needs a string 'type'")
     raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {kind[:40]!r}")
