@@ -124,6 +124,11 @@ class Start:
                             f"and {MAX_ID_CHARS} characters)")
         if len(self.traceparent) > MAX_TRACEPARENT_CHARS:
             problems.append(f"traceparent is longer than {MAX_TRACEPARENT_CHARS} characters")
+        texts = (self.flow_id, self.lang_hint, self.domain, self.traceparent, *self.hotwords)
+        if not all(_utf8(t) for t in texts):
+            # A lone surrogate passes json.loads but not the tokenizer, the logs or a
+            # re-encoding: refuse it here, for this stream only.
+            problems.append("a text field is not valid Unicode (lone surrogate)")
         if problems:
             raise LinkProtocolError(ErrorCode.BAD_START, "; ".join(problems), fatal=True)
 
@@ -269,7 +274,7 @@ class AsrEvent:
                 fatal=bool(obj.get("fatal", False)),
                 extra={k: v for k, v in obj.items() if k not in known},
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise LinkProtocolError(
                 ErrorCode.BAD_FRAME, f"not an AsrEvent: {exc}", fatal=True
             ) from exc
@@ -287,6 +292,14 @@ def _frame(kind: FrameType, payload: bytes) -> bytes:
 
 def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode(frame: Frame) -> bytes:
@@ -424,7 +437,9 @@ class FrameDecoder:
             return End()
         try:
             obj = json.loads(payload) if payload else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # ValueError: JSONDecodeError, and also integers past Python's digit limit;
+            # RecursionError: arrays nested thousands deep.
             code = ErrorCode.BAD_START if ftype is FrameType.START else ErrorCode.BAD_FRAME
             raise LinkProtocolError(code, f"{ftype.name} is not JSON: {exc}", fatal=True) from exc
         if not isinstance(obj, dict):

@@ -81,7 +81,8 @@ async def run_serve(cfg: GatewayConfig) -> None:
     tracing.setup("voxgate")  # gateway and ASR spans, one process
     print("voxgate serve: loading and warming the models (first run exports them)...",
           file=sys.stderr, flush=True)
-    asr_cfg = AsrServerConfig(host="127.0.0.1", port=0)
+    # The embedded service asks for the token the gateway sends, when one is set.
+    asr_cfg = AsrServerConfig(host="127.0.0.1", port=0, auth_token=cfg.asr_token or None)
     backend, scheduler = build_backend(dict(DEFAULT_POOLS), DEFAULT_POOL, WorkerConfig(),
                                        asr_cfg, log_level=logging.WARNING)
     try:
