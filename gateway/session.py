@@ -587,8 +587,10 @@ class Session:
         while True:
             if self._paused:
                 # Held (flow PAUSE from anywhere, e.g. the ASR said BEHIND while we
-                # waited for a frame): a held client is not idle.
-                await self._resume.wait()
+                # waited for a frame): a held client is not idle. MAX_SESSION_S still
+                # holds.
+                with trio.move_on_at(_trio_deadline(self._deadline)):
+                    await self._resume.wait()
                 self._last_audio = time.monotonic()
             deadline = min(self._last_audio + self.cfg.flush_idle_s, self._deadline)
             message: str | bytes | OversizedMessage | None = None
