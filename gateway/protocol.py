@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 PROTOCOL_VERSION = 1
 FLOW_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 RETURNABLE = frozenset({"lid", "asr", "record_url", "metrics"})
@@ -203,16 +205,21 @@ def parse_text(text: str | bytes) -> ClientMessage:
     if len(text) > MAX_TEXT_FRAME_BYTES:
         raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
                             f"text frame longer than {MAX_TEXT_FRAME_BYTES} bytes")
-    if _too_deep(text):
-        # json.loads recurses once per level: a run of "[" raises RecursionError (and
-        # deep nesting costs stack on every parse). No v1 message nests past 3.
-        raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         obj = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer of more than
-        # 4300 digits (Python's int-from-string limit).
+    except RecursionError as exc:
+        # json.loads recurses once per level: a run of "[" used to end the session.
+        raise ProtocolError(ErrorCode.BAD_JSON, "JSON nested too deep") from exc
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and an integer of more than 4300 digits
+        # (Python's int-from-string limit).
         raise ProtocolError(ErrorCode.BAD_JSON, f"not JSON: {str(exc)[:120]}") from exc
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if (data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH
+            and _json_depth(data) > MAX_JSON_DEPTH):
+        # Parsed, but whatever later walks it recursively (repr in an error message,
+        # a log) would hit the recursion limit in turn. No v1 message nests past 3.
+        raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH}")
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "a message must be a JSON object")
     kind = obj.get("type")
@@ -235,31 +242,19 @@ def parse_text(text: str | bytes) -> ClientMessage:
     raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {kind[:40]!r}")
 
 
-def _too_deep(text: str | bytes) -> bool:
-    """Whether the brackets in ``text`` nest deeper than ``MAX_JSON_DEPTH`` (counted
-    outside strings, in one pass without recursion; the frame is at most 16 KiB)."""
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
-        return False
-    depth = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return True
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return False
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _json_depth(data: bytes) -> int:
+    """How deep the arrays and objects of *valid* JSON ``data`` nest, in C-speed passes
+    (no Python loop per byte: a 16 KiB frame of ``[]`` costs ~0.1 ms, not 1 ms). The
+    strings go first (on valid JSON the pattern is linear: every string ends)."""
+    steps = _JSON_STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKETS)
+    if not steps:
+        return 0
+    return int(np.cumsum(np.frombuffer(steps, dtype=np.int8), dtype=np.int32).max())
 
 
 def _parse_start(obj: dict[str, Any]) -> Start:
