@@ -109,6 +109,39 @@ async def test_sockets_waiting_for_start_hold_no_slot(
     g.shutdown.set()
 
 
+@pytest.mark.timeout(60)
+async def test_201_silent_sockets_lock_no_one_out_and_are_closed(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
+    """Finding 2, as the review found it: 201 sockets that open the WebSocket, send no
+    start and never answer the closing handshake. A real client is still admitted, and
+    each of them is dropped after START_TIMEOUT_S plus SEND_TIMEOUT_S."""
+    g = await gateway(nursery, vad_model, tmp_path, asr_url, max_sessions=200,
+                      start_timeout_s=2.0, send_timeout_s=0.5)
+    port = int(g.ws_url.rsplit(":", 1)[1].split("/")[0])
+    silent: list[trio.SocketStream] = []
+    with trio.fail_after(45):
+        for _ in range(201):
+            stream, _ws = await _raw_ws(port)
+            silent.append(stream)
+        t0 = time.monotonic()
+        r = checked(await stream_audio(g.ws_url, AUDIO[:16000], realtime=False))
+        assert r.of("ack") and not r.of("error")
+
+        async def until_closed(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await stream.receive_some(65536):  # the START_TIMEOUT error
+                    pass
+
+        async with trio.open_nursery() as n:
+            for stream in silent:
+                n.start_soon(until_closed, stream)
+        elapsed = time.monotonic() - t0
+        for stream in silent:
+            await stream.aclose()
+    assert elapsed <= 2.0 + 0.5 + 5.0
+    g.shutdown.set()
+
+
 async def test_no_start_within_the_deadline_is_start_timeout(
         nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
     g = await gateway(nursery, vad_model, tmp_path, asr_url, start_timeout_s=0.5)
