@@ -629,3 +629,31 @@ async def test_a_failing_vad_tick_fails_its_session_not_the_gateway(
     assert not after.of("error") and len(after.of("asr_final")) == 1
     assert vad.stats.failed_ticks == 1
     shutdown.set()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_vad_service_survives_a_failing_tick(vad_model: VadModel, threaded: bool
+                                                   ) -> None:
+    """The tick loop itself: the failed tick's client gets ``VadFailed`` and is dropped,
+    the loop goes on, and a client registered afterwards gets its decisions."""
+    from gateway.vadservice import VadFailed
+
+    vad = VadService(_FailingVad(vad_model, fail_at=1), gate_dbfs=None,  # type: ignore[arg-type]
+                     threaded=threaded)
+    speechy = GOFORWARD[16000:16000 + 2048]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            await n.start(vad.run)
+            send1, recv1 = trio.open_memory_channel[Any](8)
+            hit = vad.register(send1)
+            hit.stream.feed(speechy)
+            vad.poke()
+            assert isinstance(await recv1.receive(), VadFailed)
+            assert hit.closed and vad.stats.failed_ticks == 1
+            send2, recv2 = trio.open_memory_channel[Any](8)
+            ok = vad.register(send2)
+            ok.stream.feed(speechy)
+            vad.poke()
+            windows = await recv2.receive()
+            assert len(windows) == 4 and not isinstance(windows, VadFailed)
+            n.cancel_scope.cancel()
