@@ -105,6 +105,8 @@ class Service:
     proc: subprocess.Popen[str]
     line: str
     log: Path
+    log_fh: Any = None
+    drain: threading.Thread | None = None
 
     def problems(self) -> list[str]:
         """Log lines that show a crash: tracebacks and error-level records."""
@@ -131,25 +133,39 @@ def spawn(name: str, argv: list[str], ready: str, env: dict[str, str],
     while time.monotonic() < deadline:
         line = out.readline()
         if not line:
+            proc.wait()
+            out.close()
+            fh.close()
             raise RuntimeError(f"{name} exited early: {log.read_text()[-2000:]}")
         if line.startswith(ready):
-            threading.Thread(target=lambda: [None for _ in out], daemon=True).start()
-            return Service(name, proc, line.strip(), log)
+            # Keep reading stdout: a pipe nobody reads would block the service.
+            drain = threading.Thread(target=lambda: [None for _ in out], daemon=True)
+            drain.start()
+            return Service(name, proc, line.strip(), log, fh, drain)
     proc.kill()
+    proc.wait()
+    out.close()
+    fh.close()
     raise TimeoutError(f"{name} not ready after {timeout_s} s")
 
 
 def stop(svc: Service) -> int | None:
     """SIGINT, then kill after 20 s; returns the exit code (None: it had to be killed)."""
-    if svc.proc.poll() is not None:
-        return svc.proc.returncode
-    svc.proc.send_signal(signal.SIGINT)
-    try:
-        return svc.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        svc.proc.kill()
-        svc.proc.wait(5)
-        return None
+    code: int | None = svc.proc.poll()
+    if code is None:
+        svc.proc.send_signal(signal.SIGINT)
+        try:
+            code = svc.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            svc.proc.kill()
+            svc.proc.wait(5)
+    if svc.drain is not None:
+        svc.drain.join(5)
+    if svc.proc.stdout is not None:
+        svc.proc.stdout.close()
+    if svc.log_fh is not None:
+        svc.log_fh.close()
+    return code
 
 
 # -- bookkeeping -----------------------------------------------------------------------
@@ -411,6 +427,8 @@ class WsClient:
         self.aborted = False  # this client dropped the connection itself
         self.phase = "start"  # what the client was doing: start, sending, flush, close
         self.last_sent: list[str] = []  # labels of the latest frames sent
+        self.saw_end = self.saw_fatal = False
+        self.sent_bad_utf8 = False
         self.events: list[dict[str, Any]] = []
 
     @classmethod
@@ -471,8 +489,16 @@ class WsClient:
                     data = b""
                 if not data:
                     if self.close_code is None and not self.aborted and stats is not None:
-                        stats.ws_closes[f"no_close_frame@{self.phase}"] += 1
-                        stats.sample(f"no_close_frame@{self.phase}", self.context())
+                        # After "end" (or a fatal error) the session has said everything;
+                        # a missing Close frame then is most likely lost to the reset a
+                        # server's close sends while our frames are still arriving.
+                        # Without either, the client never learnt why: a silent drop.
+                        said = self.saw_end or self.saw_fatal
+                        key = f"no_close_frame@{self.phase}/{'after_end' if said else 'silent'}"
+                        if not said and self.sent_bad_utf8:
+                            key += "_after_bad_utf8"
+                        stats.ws_closes[key] += 1
+                        stats.sample(key, self.context())
                     return
                 try:
                     self.ws.receive_data(data)
@@ -510,6 +536,8 @@ class WsClient:
             if stats is not None:
                 stats.undecodable.append(f"ws event {text[:100]!r}: {exc!r}"[:300])
             return
+        self.saw_end = self.saw_end or kind == "end"
+        self.saw_fatal = self.saw_fatal or (kind == "error" and ev.get("fatal") is True)
         self.events.append(ev if kind != "error" or len(self.events) < 50 else {"type": kind})
         if len(self.events) > 200:
             del self.events[:100]
@@ -666,6 +694,7 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
             if rng.random() < 0.5:
                 label, payload = text_frame(rng)
                 if isinstance(payload, bytes):
+                    ws.sent_bad_utf8 = True
                     batch.append(_ws_frame(0x1, payload, rng))
                 else:
                     # A lone surrogate goes out as its JSON escape (valid UTF-8 text).
@@ -1267,25 +1296,31 @@ def main(argv: list[str] | None = None) -> int:
         archive.cleanup()
     stats: Stats = result["stats"]
     log_problems = {svc.name: svc.problems() for svc in (asr, gw) if svc is not None}
-    failures = []
-    if stats.crashes:
-        failures.append(f"{len(stats.crashes)} crash signs")
-    if stats.hangs:
-        failures.append(f"{len(stats.hangs)} requests never finished by the server")
-    if stats.undecodable:
-        failures.append(f"{len(stats.undecodable)} undecodable server outputs")
-    for name, lines in log_problems.items():
-        if lines:
-            failures.append(f"{len(lines)} traceback/error lines in the {name} log")
-    for tag in ("normal_before", "normal_after"):
-        if not result[tag]["ok"]:
-            failures.append(f"{tag} produced no final or no end: {result[tag]}")
-    for svc in ("gateway", "asr"):
-        if result["ratios"][f"{svc}_rss_idle_over_warm"] > a.max_rss_ratio:
-            failures.append(f"{svc} RSS after idle is "
-                            f"{result['ratios'][f'{svc}_rss_idle_over_warm']}x warm-up")
-    if stats.total < args.frames:
-        failures.append(f"only {stats.total} of {args.frames} frames sent")
+    drops = sum(v for k, v in stats.ws_closes.items()
+                if k.startswith("no_close_frame") and "/silent" in k)
+    checks = {  # name -> the problem, or "" when the check passed
+        "no_crash": f"{len(stats.crashes)} crash signs" if stats.crashes else "",
+        "no_hang": (f"{len(stats.hangs)} requests never finished by the server"
+                    if stats.hangs else ""),
+        "decodable": (f"{len(stats.undecodable)} undecodable server outputs"
+                      if stats.undecodable else ""),
+        "clean_logs": "; ".join(f"{len(lines)} traceback/error lines in the {name} log"
+                                for name, lines in log_problems.items() if lines),
+        "normal_sessions": "; ".join(f"{tag} produced no final or no end: {result[tag]}"
+                                     for tag in ("normal_before", "normal_after")
+                                     if not result[tag]["ok"]),
+        "rss_back": "; ".join(
+            f"{svc} RSS after idle is {result['ratios'][f'{svc}_rss_idle_over_warm']}x warm-up"
+            for svc in ("gateway", "asr")
+            if result["ratios"][f"{svc}_rss_idle_over_warm"] > a.max_rss_ratio),
+        "all_sent": (f"only {stats.total} of {args.frames} frames sent"
+                     if stats.total < args.frames else ""),
+        # RFC 6455 7.1.7: a failed connection gets a Close frame (1007 for bad UTF-8, ...)
+        # first; a dropped socket also loses the session's record_url, metrics and end.
+        "close_frames": (f"{drops} WebSocket connections dropped without a close frame, "
+                         "an end or a fatal error" if drops else ""),
+    }
+    failures = [problem for problem in checks.values() if problem]
 
     data = {
         "meta": {"cpu": cpu_model(), "cores": os.cpu_count(),
@@ -1317,6 +1352,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": stats.samples,
         "normal_before": result["normal_before"],
         "normal_after": result["normal_after"],
+        "checks": checks,
         "failures": failures,
         "timeline": stats.timeline,
     }

@@ -9,16 +9,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_fuzz_bench_quick_finds_no_crash(tmp_path: Path) -> None:
-    name = f"fuzz_test_{tmp_path.name}"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, int]:
+    name = f"fuzz_test_{tmp_path_factory.mktemp('fuzz').name}"
     out = ROOT / "bench" / "results" / f"{name}.json"
     try:
         proc = subprocess.run(
@@ -28,13 +28,74 @@ def test_fuzz_bench_quick_finds_no_crash(tmp_path: Path) -> None:
     finally:
         for suffix in (".json", ".png"):
             (ROOT / "bench" / "results" / f"{name}{suffix}").unlink(missing_ok=True)
-    report = proc.stdout[-4000:] + proc.stderr[-2000:]
+    return data, proc.stdout[-4000:] + proc.stderr[-2000:], proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fuzz_bench_quick_finds_no_crash(quick_run: tuple[dict[str, Any], str, int]) -> None:
+    data, report, _ = quick_run
     assert data["frames_sent"] >= 10_000, report
     # The servers answered with coded errors: every kind of malformed input was seen.
     assert {"BAD_JSON", "ODD_BYTE_COUNT", "BAD_SEQ_HEADER"} <= set(data["ws"]["errors_by_code"])
     assert {"BAD_FRAME", "DUPLICATE_START"} <= set(data["link"]["errors_by_code"])
-    assert data["normal_before"]["ok"] and data["normal_after"]["ok"], report
-    assert data["crash_count"] == 0 and data["hang_count"] == 0, report
-    assert data["undecodable"] == [], report
-    assert data["log_problem_counts"] == {"asr": 0, "gateway": 0}, report
-    assert data["failures"] == [] and proc.returncode == 0, report
+    for check in ("no_crash", "no_hang", "decodable", "clean_logs", "normal_sessions",
+                  "rss_back", "all_sent"):
+        assert data["checks"][check] == "", report
+    assert data["crash_count"] == 0 and data["log_problem_counts"] == {"asr": 0, "gateway": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fuzz_bench_quick_every_connection_ends_with_a_close_frame(
+        quick_run: tuple[dict[str, Any], str, int]) -> None:
+    data, report, returncode = quick_run
+    assert data["checks"]["close_frames"] == "", data["samples"]
+    assert data["failures"] == [] and returncode == 0, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_invalid_utf8_text_frame_gets_close_1007_after_the_session_ends(
+        tmp_path: Path) -> None:
+    """The minimal case behind most of the bench's dropped connections: one text frame
+    that is not UTF-8, after ``start`` and some audio. RFC 6455 (8.1) wants the
+    connection failed with a Close frame 1007; the session's ``end`` should come first,
+    as for any other fatal client error, so the audio already accepted is not lost."""
+    import trio
+
+    sys.path.insert(0, str(ROOT))
+    from bench import fuzz
+
+    asr = fuzz.spawn("asr", [sys.executable, str(ROOT / "bench" / "fuzz.py"),
+                             "--asr-standin"], "asr http://", {})
+    gw = None
+    try:
+        gw = fuzz.spawn("gateway", [fuzz.VOXGATE, "gateway", "--host", "127.0.0.1",
+                                    "--port", "0", "--http-port", "0"], "ws://",
+                        {"ASR_URLS": asr.line.split(" ", 1)[1], "ARCHIVE_DIR": str(tmp_path),
+                         "PUBLIC_BASE": "", "ENABLE_DENOISE": "false"})
+        port = int(gw.line.rsplit(":", 1)[1].split("/")[0])
+        ws = await fuzz.WsClient.connect("127.0.0.1", port, None)
+        assert ws is not None
+        rng = fuzz.random.Random(0)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ws.reader, None)
+                await ws.send_text(fuzz.valid_start("utf8-probe", False, "en"))
+                while not ws.events:
+                    await trio.sleep(0.05)
+                for _ in range(25):
+                    await ws.send_raw(fuzz._ws_frame(0x2, bytes(640), rng))
+                await ws.send_raw(fuzz._ws_frame(0x1, b'{"type":"ping","id":"\xff"}', rng))
+                await ws.closed.wait()
+                nursery.cancel_scope.cancel()
+        await ws.aclose()
+        kinds = [e.get("type") for e in ws.events]
+        assert kinds[0] == "ack"
+        assert ws.close_code == 1007, f"closed without a close frame; events {kinds}"
+        assert "end" in kinds
+    finally:
+        if gw is not None:
+            fuzz.stop(gw)
+        fuzz.stop(asr)
