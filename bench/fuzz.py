@@ -213,7 +213,7 @@ class Stats:
 
 # -- mutation --------------------------------------------------------------------------
 
-VALID = {
+VALID: dict[str, dict[str, Any]] = {
     "start": {
         "type": "start", "flowId": "fuzz",
         "audio": {"codec": "pcm_s16le", "sr": 16000, "channels": 1, "chunk_ms": 20},

@@ -62,23 +62,26 @@ async def test_invalid_utf8_text_frame_gets_close_1007_after_the_session_ends(
     that is not UTF-8, after ``start`` and some audio. RFC 6455 (8.1) wants the
     connection failed with a Close frame 1007; the session's ``end`` should come first,
     as for any other fatal client error, so the audio already accepted is not lost."""
+    import random
+
     import trio
 
     sys.path.insert(0, str(ROOT))
     from bench import fuzz
+    from bench.common import VOXGATE
 
     asr = fuzz.spawn("asr", [sys.executable, str(ROOT / "bench" / "fuzz.py"),
                              "--asr-standin"], "asr http://", {})
     gw = None
     try:
-        gw = fuzz.spawn("gateway", [fuzz.VOXGATE, "gateway", "--host", "127.0.0.1",
+        gw = fuzz.spawn("gateway", [VOXGATE, "gateway", "--host", "127.0.0.1",
                                     "--port", "0", "--http-port", "0"], "ws://",
                         {"ASR_URLS": asr.line.split(" ", 1)[1], "ARCHIVE_DIR": str(tmp_path),
                          "PUBLIC_BASE": "", "ENABLE_DENOISE": "false"})
         port = int(gw.line.rsplit(":", 1)[1].split("/")[0])
         ws = await fuzz.WsClient.connect("127.0.0.1", port, None)
         assert ws is not None
-        rng = fuzz.random.Random(0)
+        rng = random.Random(0)
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ws.reader, None)

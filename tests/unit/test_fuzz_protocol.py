@@ -109,7 +109,7 @@ def parse_checked(text: str | bytes) -> object:
 def mutated_messages(draw: st.DrawFn) -> dict[str, Any]:
     """A valid message with fields replaced, removed or added at the top level or in
     start's nested objects."""
-    msg = json.loads(json.dumps(VALID[draw(st.sampled_from(sorted(VALID)))]))
+    msg: dict[str, Any] = json.loads(json.dumps(VALID[draw(st.sampled_from(sorted(VALID)))]))
     for _ in range(draw(st.integers(1, 4))):
         place: dict[str, Any] = msg
         for key in draw(st.sampled_from(PLACES)):
