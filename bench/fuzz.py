@@ -401,19 +401,49 @@ def valid_start(flow_id: str, seq_header: bool, lang: str, **hints: Any) -> str:
 _MASKS = random.Random(0)
 
 
-def _ws_frame(opcode: int, payload: bytes, rng: random.Random) -> bytes:
-    """One masked client frame (FIN set), built by hand so that any payload goes out."""
-    mask = rng.randbytes(4)
+def _ws_frame(opcode: int, payload: bytes, rng: random.Random, *, first: int | None = None,
+              masked: bool = True) -> bytes:
+    """One client frame built by hand, so that any payload goes out: masked, FIN set,
+    unless ``first`` gives the whole first byte (FIN, RSV bits, opcode)."""
     n = len(payload)
+    b0 = 0x80 | opcode if first is None else first
+    m = 0x80 if masked else 0
     if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        head = struct.pack("!BB", b0, m | n)
     elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        head = struct.pack("!BBH", b0, m | 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        head = struct.pack("!BBQ", b0, m | 127, n)
+    if not masked:
+        return head + payload
+    mask = rng.randbytes(4)
     arr = np.frombuffer(payload, np.uint8)
     key = np.frombuffer(mask * (n // 4 + 1), np.uint8)[:n]
     return head + mask + (arr ^ key).tobytes()
+
+
+def ws_level_frame(rng: random.Random) -> tuple[str, bytes, bool]:
+    """A frame that tests the WebSocket layer itself: (label, bytes, whether it breaks
+    RFC 6455, which must fail the connection with a Close frame)."""
+    ping = b'{"type":"ping","id":"frag"}'
+    choices: list[tuple[str, bytes, bool]] = [
+        ("ws_ping", _ws_frame(0x9, rng.randbytes(rng.randrange(0, 126)), rng), False),
+        ("ws_pong", _ws_frame(0xA, b"unsolicited", rng), False),
+        ("ws_fragmented_text", _ws_frame(0x1, ping[:7], rng, first=0x01)
+         + _ws_frame(0x0, ping[7:], rng, first=0x80), False),
+        ("ws_ping_inside_fragments", _ws_frame(0x1, ping[:7], rng, first=0x01)
+         + _ws_frame(0x9, b"p", rng) + _ws_frame(0x0, ping[7:], rng, first=0x80), False),
+        ("ws_reserved_opcode", _ws_frame(rng.choice([3, 4, 7, 0xB, 0xF]), b"x", rng), True),
+        ("ws_rsv_bits", _ws_frame(0x1, ping, rng, first=0x80 | rng.choice([0x40, 0x20, 0x10])
+                                  | 0x1), True),
+        ("ws_unmasked", _ws_frame(0x1, ping, rng, masked=False), True),
+        ("ws_lone_continuation", _ws_frame(0x0, b"abc", rng), True),
+        ("ws_long_ping", _ws_frame(0x9, b"x" * 200, rng), True),
+        ("ws_fragmented_ping", _ws_frame(0x9, b"x", rng, first=0x09), True),
+        ("ws_interleaved_messages", _ws_frame(0x1, b'{"ty', rng, first=0x01)
+         + _ws_frame(0x2, b"ab", rng), True),
+    ]
+    return rng.choice(choices)
 
 
 class WsClient:
@@ -428,7 +458,8 @@ class WsClient:
         self.phase = "start"  # what the client was doing: start, sending, flush, close
         self.last_sent: list[str] = []  # labels of the latest frames sent
         self.saw_end = self.saw_fatal = False
-        self.sent_bad_utf8 = False
+        self.sent_bad_frame = False  # invalid UTF-8 text, or a frame breaking RFC 6455
+        self.reply_close = True  # answer the server's Close frame at once
         self.events: list[dict[str, Any]] = []
 
     @classmethod
@@ -495,8 +526,8 @@ class WsClient:
                         # Without either, the client never learnt why: a silent drop.
                         said = self.saw_end or self.saw_fatal
                         key = f"no_close_frame@{self.phase}/{'after_end' if said else 'silent'}"
-                        if not said and self.sent_bad_utf8:
-                            key += "_after_bad_utf8"
+                        if not said and self.sent_bad_frame:
+                            key += "_after_bad_frame"
                         stats.ws_closes[key] += 1
                         stats.sample(key, self.context())
                     return
@@ -520,8 +551,9 @@ class WsClient:
                         if stats is not None:
                             stats.ws_closes[f"{ev.code}@{self.phase}"] += 1
                             stats.sample(f"{ev.code}@{self.phase}", self.context())
-                        with contextlib.suppress(Exception):
-                            await self.send_raw(self.ws.send(ev.response()))
+                        if self.reply_close:
+                            with contextlib.suppress(Exception):
+                                await self.send_raw(self.ws.send(ev.response()))
                         return
                     elif isinstance(ev, BytesMessage) and stats is not None:
                         stats.undecodable.append("ws: a binary message downstream")
@@ -691,10 +723,15 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
             break
         batch = []
         for _ in range(n):
-            if rng.random() < 0.5:
+            r = rng.random()
+            if r < 0.01:
+                label, raw, breaks = ws_level_frame(rng)
+                ws.sent_bad_frame = ws.sent_bad_frame or breaks
+                batch.append(raw)
+            elif r < 0.5:
                 label, payload = text_frame(rng)
                 if isinstance(payload, bytes):
-                    ws.sent_bad_utf8 = True
+                    ws.sent_bad_frame = True
                     batch.append(_ws_frame(0x1, payload, rng))
                 else:
                     # A lone surrogate goes out as its JSON escape (valid UTF-8 text).

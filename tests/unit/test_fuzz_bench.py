@@ -6,6 +6,7 @@ final. (The full 1,000,000-frame run is done by hand; see bench/README.md.)"""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,61 @@ async def test_invalid_utf8_text_frame_gets_close_1007_after_the_session_ends(
         assert kinds[0] == "ack"
         assert ws.close_code == 1007, f"closed without a close frame; events {kinds}"
         assert "end" in kinds
+    finally:
+        if gw is not None:
+            fuzz.stop(gw)
+        fuzz.stop(asr)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_websocket_ping_during_the_close_handshake_is_no_error(tmp_path: Path) -> None:
+    """The bench's other finding, minimal: after ``flush`` the server sends ``end`` and a
+    Close frame; a ping that arrives before the client's Close reply made trio-websocket
+    send a pong in state LOCAL_CLOSING, and the LocalProtocolError ended the connection
+    handler with a traceback in the log ("connection from ... failed")."""
+    import random
+
+    import trio
+
+    sys.path.insert(0, str(ROOT))
+    from bench import fuzz
+    from bench.common import VOXGATE
+
+    asr = fuzz.spawn("asr", [sys.executable, str(ROOT / "bench" / "fuzz.py"),
+                             "--asr-standin"], "asr http://", {})
+    gw = None
+    try:
+        gw = fuzz.spawn("gateway", [VOXGATE, "gateway", "--host", "127.0.0.1",
+                                    "--port", "0", "--http-port", "0"], "ws://",
+                        {"ASR_URLS": asr.line.split(" ", 1)[1], "ARCHIVE_DIR": str(tmp_path),
+                         "PUBLIC_BASE": "", "ENABLE_DENOISE": "false"})
+        port = int(gw.line.rsplit(":", 1)[1].split("/")[0])
+        rng = random.Random(0)
+        for attempt in range(3):
+            ws = await fuzz.WsClient.connect("127.0.0.1", port, None)
+            assert ws is not None
+            ws.reply_close = False  # hold the Close reply back while pinging
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ws.reader, None)
+                    await ws.send_text(fuzz.valid_start(f"ping-close-{attempt}", False, "en"))
+                    for _ in range(10):
+                        await ws.send_raw(fuzz._ws_frame(0x2, bytes(640), rng))
+                    await ws.send_text('{"type":"flush"}')
+                    await ws.closed.wait()  # the server's Close came (not answered yet)
+                    ws.closed = trio.Event()  # let send_raw write on
+                    for _ in range(20):
+                        await ws.send_raw(fuzz._ws_frame(0x9, b"p", rng))
+                        await trio.sleep(0.005)
+                    await ws.send_raw(fuzz._ws_frame(0x8, struct.pack("!H", 1000), rng))
+                    await trio.sleep(0.3)
+                    nursery.cancel_scope.cancel()
+            await ws.aclose()
+            assert ws.close_code == 1000
+        await trio.sleep(0.5)
+        problems = gw.problems()
+        assert problems == [], problems[0][:2000]
     finally:
         if gw is not None:
             fuzz.stop(gw)
