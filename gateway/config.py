@@ -309,7 +309,8 @@ class GatewayConfig:
         "(0: no cap)", _range(0, 1000000)))
     max_messages_per_s: float = field(default=1000.0, metadata=_key(
         "MAX_MESSAGES_PER_S", "WebSocket messages a session may send per second "
-        "(averaged over 2 s); more get RATE_LIMITED", _range(1, 1000000)))
+        "(averaged over 2 s); a faster client is read at this rate (TCP backpressure, "
+        "nothing dropped) and told with a non-fatal RATE_LIMITED", _range(1, 1000000)))
     max_session_s: float = field(default=14400.0, metadata=_key(
         "MAX_SESSION_S", "a session is ended (reason max_duration) after this long, s",
         _range(1, 7 * 24 * 3600)))

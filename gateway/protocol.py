@@ -334,63 +334,53 @@ def _parse_start(obj: dict[str, Any]) -> Start:
 class RateVerdict:
     """What ``MessageRate.take`` decided about one client message."""
 
-    accepted: bool
-    notify: bool = False  # refused, and time to say so (at most once per notice_s)
-    refused: int = 0  # messages refused since the last notice (this one included)
-    fatal: bool = False  # the client has kept far over the limit: end the session
+    wait_s: float = 0.0  # sleep this long before handling it (and reading the next)
+    notify: bool = False  # paced, and time to say so (at most once per notice_s)
+    paced: int = 0  # messages paced since the last notice (this one included)
 
 
 class MessageRate:
     """MAX_MESSAGES_PER_S for one session, sans-IO (the caller passes the time).
 
     A token bucket holding ``burst_s`` seconds of messages: a client may send in bursts
-    while its 2 s average stays under ``per_s``. Past it, messages are refused (their
-    audio is not accepted). A client that goes on sending at more than ``abuse_factor``
-    times the limit through ``abuse_s`` whole seconds, refusals notwithstanding, is
-    ended: refusing costs the server little, but not nothing.
+    while its 2 s average stays under ``per_s``. Past it the client is paced, not
+    refused: the session waits ``wait_s`` before it handles the message and reads the
+    next one, so TCP pushes back on the client. Nothing it sent is dropped (a file
+    uploaded faster than real time in small frames loses no audio), and a flood of tiny
+    messages costs the server at most ``per_s`` messages a second, however fast it is
+    sent.
     """
 
-    def __init__(self, per_s: float, *, burst_s: float = 2.0, notice_s: float = 1.0,
-                 abuse_factor: float = 2.0, abuse_s: float = 10.0) -> None:
+    def __init__(self, per_s: float, *, burst_s: float = 2.0, notice_s: float = 1.0
+                 ) -> None:
         if per_s <= 0 or burst_s <= 0:
             raise ValueError("per_s and burst_s must be positive")
         self.per_s = per_s
         self.capacity = max(1.0, per_s * burst_s)
         self.notice_s = notice_s
-        self.abuse_factor = abuse_factor
-        self.abuse_s = abuse_s
         self._tokens = self.capacity
-        self._at: float | None = None
+        self._at: float | None = None  # when _tokens was last right
         self._last_notice = -math.inf
-        self._refused = 0
-        self._second: float | None = None  # start of the current one-second window
-        self._in_second = 0  # messages in it
-        self._abusive = 0  # whole seconds in a row over abuse_factor * per_s
+        self._paced = 0
 
     def take(self, now: float) -> RateVerdict:
         """Count one message arriving at ``now`` (seconds, any monotonic clock)."""
-        if self._at is not None:
+        if self._at is not None and now > self._at:
             self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.per_s)
-        self._at = now
-        if self._second is None:
-            self._second = now
-        elif now - self._second >= 1.0:
-            over = self._in_second > self.abuse_factor * self.per_s
-            gap = now - self._second >= 2.0  # a quiet second in between
-            self._abusive = self._abusive + 1 if over and not gap else 0
-            self._second, self._in_second = now, 0
-        self._in_second += 1
-        if self._abusive >= self.abuse_s:
-            return RateVerdict(False, fatal=True)
+        self._at = max(now, self._at or now)
         if self._tokens >= 1.0:
             self._tokens -= 1.0
-            return RateVerdict(True)
-        self._refused += 1
+            return RateVerdict()
+        # Wait for the next token to drip in, and spend it on this message.
+        wait = (1.0 - self._tokens) / self.per_s
+        self._tokens = 0.0
+        self._at += wait
+        self._paced += 1
         if now - self._last_notice >= self.notice_s:
             self._last_notice = now
-            refused, self._refused = self._refused, 0
-            return RateVerdict(False, notify=True, refused=refused)
-        return RateVerdict(False)
+            paced, self._paced = self._paced, 0
+            return RateVerdict(wait, notify=True, paced=paced)
+        return RateVerdict(wait)
 
 
 @dataclass

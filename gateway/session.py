@@ -624,17 +624,11 @@ class Session:
                 self.close_code = 1009
                 return "error"
             verdict = self.rate.take(time.monotonic())
-            if verdict.fatal:
-                self._error(ErrorCode.RATE_LIMITED, (
-                    f"more than {2 * self.cfg.max_messages_per_s:g} messages a second for "
-                    f"{self.rate.abuse_s:g} s; the session ends with what it accepted"),
-                    True)
-                return "error"
-            if not verdict.accepted and not _is_flush(message):
-                # Refused unread: a flood of bad messages must not cost an error event
-                # each. A flush is never refused (it ends the session).
-                self._refused(verdict, message)
-                continue
+            if verdict.wait_s > 0:
+                # Paced, not refused: nothing the client sent is dropped, and until the
+                # wait is over the next message stays unread, so TCP slows the client.
+                self._paced(verdict)
+                await trio.sleep(verdict.wait_s)
             if isinstance(message, bytes):
                 await self._audio(message)
                 continue
@@ -654,22 +648,15 @@ class Session:
             elif isinstance(msg, Start):
                 self._error(ErrorCode.ALREADY_STARTED, "the session has started", False)
 
-    def _refused(self, verdict: Any, message: str | bytes) -> None:
-        """A message over MAX_MESSAGES_PER_S was dropped: at most one non-fatal
-        ``RATE_LIMITED`` a second, naming what was refused (audio is not accepted, so
-        the client knows to send it again, slower)."""
-        what = "a text message"
-        if isinstance(message, bytes):
-            what = f"audio of {len(message)} bytes"
-            if self.seqbuf is not None and len(message) >= 8:
-                seq, _pts, payload = SeqBuffer.parse(message)
-                what = f"audio of {len(payload)} bytes (seq {seq})"
-        self.stats["rate_refused"] = self.stats.get("rate_refused", 0) + 1
+    def _paced(self, verdict: Any) -> None:
+        """At most one non-fatal ``RATE_LIMITED`` a second tells a client that it is
+        over MAX_MESSAGES_PER_S and is being read more slowly."""
+        self.stats["rate_paced"] = self.stats.get("rate_paced", 0) + 1
         if verdict.notify:
             self._error(ErrorCode.RATE_LIMITED, (
-                f"over {self.cfg.max_messages_per_s:g} messages a second: refused "
-                f"{verdict.refused} message(s) since the last notice, the latest {what}; "
-                "refused audio was not accepted"), False)
+                f"over {self.cfg.max_messages_per_s:g} messages a second: this connection "
+                f"is read at that rate ({verdict.paced} message(s) waited since the last "
+                "notice); nothing was dropped. Send larger frames to go faster"), False)
 
     def _intake_waiting(self) -> bool:
         """Whether client data is waiting to be read or handled: a message in the
@@ -1088,8 +1075,13 @@ class Session:
             moved = await self._channel.move(pool, self._link_start())
         except AsrUnavailable as exc:
             self._route_pool, self._route_lang = old_pool, old_lang
+            # The cause names internal hosts and TLS details: the log gets it, the
+            # client a summary.
+            log.warning("could not move recognition to pool %s: %s", pool, exc,
+                        extra=fields(flowId=self.flow_id, stage="asr", lang=lang,
+                                     err_code="ASR_UNAVAILABLE"))
             self._error(ErrorCode.ASR_UNAVAILABLE, f"could not move recognition to pool "
-                        f"{pool!r} for {lang!r}, staying on {old_pool!r}: {exc}", False)
+                        f"{pool!r} for {lang!r}, staying on {old_pool!r}", False)
             return False
         log.info("recognition moved from pool %s to %s (%s), utterances %s replayed in "
                  "%.0f ms", old_pool, pool, lang, pending, (time.perf_counter() - t0) * 1000,
@@ -1135,9 +1127,15 @@ class Session:
                     elif ev.type == "flow":
                         self._on_asr_flow(ev.code)
                     elif ev.type == "error" and ev.code == UNAVAILABLE:
+                        # ev.message names ASR hosts, ports and TLS failures: for the
+                        # log, not for the client.
+                        log.warning("recognition unavailable: %s", ev.message,
+                                    extra=fields(flowId=self.flow_id, stage="asr",
+                                                 err_code="ASR_UNAVAILABLE"))
                         self._error(ErrorCode.ASR_UNAVAILABLE,
-                                    f"recognition is unavailable, recording only: "
-                                    f"{ev.message}", False)
+                                    "recognition is unavailable, recording only (the "
+                                    "gateway's log has the cause under this flowId)",
+                                    False)
                     elif ev.type == "error":
                         code = (ErrorCode.BUSY if ev.code == "BUSY" else
                                 ErrorCode.ASR_UNAVAILABLE if ev.fatal else ErrorCode.INTERNAL)
@@ -1467,15 +1465,6 @@ async def _abort(ws: WebSocketConnection) -> None:
     if abort is not None:
         with contextlib.suppress(Exception):
             await abort()
-
-
-def _is_flush(message: str | bytes) -> bool:
-    if not isinstance(message, str):
-        return False
-    try:
-        return isinstance(parse_text(message), Flush)
-    except ProtocolError:
-        return False
 
 
 def _lid_answer(answer: Any) -> tuple[str, float, list[tuple[str, float]]] | None:

@@ -84,7 +84,9 @@ async def test_store_failure_keeps_recognition_and_the_recording(
     _, port, _ = await start_asr(nursery, StandInEngine())
     store = FlakyStore(tmp_path / "records", fail_after_bytes)
     gw = await start_gateway(nursery, vad_model, tmp_path, f"http://127.0.0.1:{port}",
-                             store=store, archive_retry_interval_s=0.2)
+                             store=store, archive_retry_interval_s=0.2,
+                             # 90 s in 20 ms frames at once: not paced, this is no rate test
+                             max_messages_per_s=100000)
     # 90 s: past the ~82 s at which a stuck archive queue used to freeze the session.
     audio = np.concatenate([SILENCE, GOFORWARD, np.zeros(16000 * 80, np.int16), GOFORWARD,
                             SILENCE]).astype(np.int16)

@@ -287,53 +287,34 @@ async def test_record_url_is_signed_and_unsigned_is_refused(
 
 # -- limits in a session --------------------------------------------------------------
 
-async def test_messages_over_the_rate_are_refused_and_not_accepted(
+async def test_messages_over_the_rate_are_paced_and_none_is_lost(
         nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
-    g = await gateway(nursery, vad_model, tmp_path, asr_url, max_messages_per_s=5)
+    """A client far over MAX_MESSAGES_PER_S is read at that rate (TCP pushes back on
+    it), told so with a non-fatal RATE_LIMITED, and loses nothing."""
+    g = await gateway(nursery, vad_model, tmp_path, asr_url, max_messages_per_s=20)
     frames = _frames(AUDIO[:16000 * 2], seq=True)  # 100 frames of 20 ms, sent at once
     events: list[dict[str, Any]] = []
     with trio.fail_after(30):
         async with connect(g.ws_url) as ws:
             await ws.send_message(json.dumps({"type": "start", "features": ["seq_header"]}))
             events.append(json.loads(await ws.get_message()))
+            t0 = time.monotonic()
             for f in frames:
                 await ws.send_message(f)
             await ws.send_message(json.dumps({"type": "flush"}))
             await events_until_end(ws, events)
+            elapsed = time.monotonic() - t0
     for e in events:
         check_event(e)
     errors = [e for e in events if e["type"] == "error"]
     assert errors and all((e["code"], e["fatal"]) == ("RATE_LIMITED", False) for e in errors)
-    assert len(errors) <= 2  # at most one a second
-    assert "seq " in errors[0]["message"] and "640 bytes" in errors[0]["message"]
+    assert len(errors) <= 4  # at most one a second
+    assert "nothing was dropped" in errors[0]["message"]
     m = next(e for e in events if e["type"] == "metrics")
-    # the 2 s burst (10 messages, the start among them) was taken, the rest refused
-    assert 9 * 20 <= m["audio_ms"] <= 12 * 20
+    assert m["audio_ms"] == 2000  # every frame accepted
+    # the 2 s burst (40 messages, the start among them), then 20 a second
+    assert elapsed >= (101 - 40) / 20 - 0.3
     assert events[-1]["reason"] == "flush"
-    g.shutdown.set()
-
-
-@pytest.mark.timeout(60)
-async def test_a_flood_far_over_the_rate_is_ended(
-        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path, asr_url: str) -> None:
-    g = await gateway(nursery, vad_model, tmp_path, asr_url, max_messages_per_s=5,
-                      flush_idle_s=30.0)
-    events: list[dict[str, Any]] = []
-    chunk = AUDIO[:320].tobytes()
-    with trio.fail_after(30):
-        async with connect(g.ws_url) as ws, trio.open_nursery() as n:
-            n.start_soon(events_until_end, ws, events)
-            await ws.send_message(json.dumps({"type": "start"}))
-            t0 = time.monotonic()
-            with trio.move_on_after(20):
-                while not events or events[-1]["type"] != "end":
-                    await ws.send_message(chunk)  # 20 a second: 4x the limit
-                    await trio.sleep(0.05)
-            elapsed = time.monotonic() - t0
-    errors = [e for e in events if e["type"] == "error"]
-    assert errors[-1]["code"] == "RATE_LIMITED" and errors[-1]["fatal"] is True
-    assert events[-1]["type"] == "end" and events[-1]["reason"] == "error"
-    assert 9.5 <= elapsed <= 15
     g.shutdown.set()
 
 

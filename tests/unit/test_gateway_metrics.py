@@ -30,7 +30,7 @@ def test_process_collector_is_on_the_gateway_registry() -> None:
 def test_label_values_are_created_at_zero() -> None:
     s = _samples()
     rejected = s["orchestrator_rejected_sessions_total"]
-    assert {dict(k)["code"] for k in rejected} == {"UNAUTHORIZED", "BUSY", "BAD_REQUEST"}
+    assert {dict(k)["code"] for k in rejected} == {c.value for c in REJECT_CODES}
     assert {dict(k)["code"] for k in s["client_errors_total"]} == {c.value for c in ErrorCode}
     assert {dict(k)["type"] for k in s["egress_events_total"]} == set(EVENT_TYPES)
     for series in (rejected, s["client_errors_total"], s["egress_events_total"]):
