@@ -117,8 +117,19 @@ class Service:
             if ("traceback" in low or '"level": "error"' in low or '"level":"error"' in low
                     or '"levelname": "error"' in low or "exceptiongroup" in low
                     or "critical" in low):
-                out.append(line[:400])
+                out.append(_summary(line))
         return out
+
+
+def _summary(line: str) -> str:
+    """A log line cut to its message and the exception's last line (JSON logs), so the
+    report says what failed."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line[:400]
+    exc = [x for x in str(record.get("exc", "")).splitlines() if x.strip(" |+-")]
+    return f"{record.get('msg', '')[:200]} :: {exc[-1].strip(' |')[:300] if exc else ''}"
 
 
 def spawn(name: str, argv: list[str], ready: str, env: dict[str, str],
@@ -1383,7 +1394,7 @@ def main(argv: list[str] | None = None) -> int:
         "hangs": stats.hangs[:MAX_ERROR_SAMPLES],
         "hang_count": len(stats.hangs),
         "undecodable": stats.undecodable[:MAX_ERROR_SAMPLES],
-        "log_problems": {k: v[:MAX_ERROR_SAMPLES] for k, v in log_problems.items()},
+        "log_problems": {k: v[:200] for k, v in log_problems.items()},
         "log_problem_counts": {k: len(v) for k, v in log_problems.items()},
         "exit_codes": codes,
         "samples": stats.samples,
