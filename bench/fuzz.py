@@ -36,8 +36,11 @@ A frame is one WebSocket message, one link frame, or one ``/v1/lid`` request bod
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import functools
+import hashlib
+import hmac
 import json
 import os
 import platform
@@ -199,6 +202,7 @@ class Stats:
     crashes: list[str] = field(default_factory=list)
     hangs: list[str] = field(default_factory=list)  # requests the server never finished
     samples: dict[str, list[str]] = field(default_factory=dict)  # context of some outcomes
+    timing: Counter[str] = field(default_factory=Counter)  # where the workers' time went, s
     undecodable: list[str] = field(default_factory=list)  # server output we cannot read
     # (t_s, frames sent, gateway RSS MB, ASR RSS MB, gateway CPU s, ASR CPU s, bench CPU s)
     timeline: list[tuple[float, int, float, float, float, float, float]] = field(
@@ -330,13 +334,13 @@ def text_frame(rng: random.Random) -> tuple[str, str | bytes]:
     if r < 0.75:
         return "text_spliced", splice(rng, json.dumps(VALID[rng.choice(
             ["ping", "finalize", "start"])]))
-    if r < 0.82:
+    if r < 0.84:
         return "text_unicode", "".join(chr(rng.choice(
             [rng.randrange(32, 127), rng.randrange(0x80, 0xD800),
              rng.randrange(0xE000, 0x110000)])) for _ in range(rng.randrange(0, 60)))
-    if r < 0.90:
+    if r < 0.96:
         return "text_unknown_type", dumps_raw({"type": weird(rng), "x": weird(rng)})
-    if r < 0.97:
+    if r < 0.999:
         n = rng.choice([TEXT_LIMIT - 20, TEXT_LIMIT, TEXT_LIMIT + 1, 4000, 9000])
         return "text_huge", rng.choice([
             "[" * n, '{"type":"ping","id":"' + "a" * n + '"}',
@@ -399,11 +403,48 @@ def mutated_start(rng: random.Random) -> str:
     return mutate_message(rng, "start")
 
 
-def valid_start(flow_id: str, seq_header: bool, lang: str, **hints: Any) -> str:
+def valid_start(flow_id: str, seq_header: bool, lang: str, token: str = "",
+                **hints: Any) -> str:
     msg = dict(VALID["start"], flowId=flow_id,
                features=["seq_header"] if seq_header else [])
     msg["hints"] = dict(VALID["start"]["hints"], user_lang_pref=lang, **hints)
+    if token:
+        msg["auth"] = {"token": token}
     return json.dumps(msg)  # ASCII: a lone surrogate goes out as its escape
+
+
+# -- session tokens (--auth) -------------------------------------------------------------
+
+AUTH_SECRET: list[bytes] = []  # the gateway's AUTH_JWT_SECRET when --auth is on
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256_token(claims: dict[str, Any], key: bytes, header: dict[str, Any] | None = None
+                ) -> str:
+    head = (_b64(json.dumps(header or {"alg": "HS256", "typ": "JWT"}).encode()) + "."
+            + _b64(json.dumps(claims).encode()))
+    return head + "." + _b64(hmac.new(key, head.encode(), hashlib.sha256).digest())
+
+
+def session_token(rng: random.Random, tenant: str) -> tuple[str, str]:
+    """(label, token): valid for ``tenant`` mostly; expired, forged, ``alg: none``,
+    tenant-less or garbage now and then (those must get UNAUTHORIZED)."""
+    now = time.time()
+    good = {"sub": f"user-{tenant}", "tenant": tenant, "exp": now + 3600, "iat": now}
+    r = rng.random()
+    if r < 0.94:
+        return "token_valid", hs256_token(good, AUTH_SECRET[0])
+    return rng.choice([
+        ("token_expired", hs256_token({**good, "exp": now - 3600}, AUTH_SECRET[0])),
+        ("token_forged", hs256_token(good, b"f" * 32)),
+        ("token_alg_none", hs256_token(good, b"", {"alg": "none"}).rsplit(".", 1)[0] + "."),
+        ("token_no_tenant", hs256_token({"exp": now + 3600}, AUTH_SECRET[0])),
+        ("token_garbage", splice(rng, hs256_token(good, AUTH_SECRET[0]))),
+        ("token_missing", ""),
+    ])
 
 
 # -- WebSocket client ------------------------------------------------------------------
@@ -620,7 +661,11 @@ async def normal_session(host: str, port: int, audio: np.ndarray, tag: str
             return out
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ws.reader, None)
-            await ws.send_text(valid_start(f"normal-{tag}-{os.getpid()}", False, "en"))
+            token = ""
+            if AUTH_SECRET:
+                token = hs256_token({"sub": "normal", "exp": time.time() + 600},
+                                    AUTH_SECRET[0])
+            await ws.send_text(valid_start(f"normal-{tag}-{os.getpid()}", False, "en", token))
             pcm16 = audio.astype("<i2").tobytes()
             for i in range(0, len(pcm16), 640):
                 await ws.send_raw(_ws_frame(0x2, pcm16[i:i + 640], rng))
@@ -663,9 +708,13 @@ async def ws_worker(index: int, host: str, port: int, budget: Budget, stats: Sta
     async with trio.open_nursery() as nursery:
         while budget.left > 0:
             session += 1
+            t_limit = trio.current_time()
             await limit.acquire_on_behalf_of(session)
+            stats.timing["ws_wait_tail_slot_s"] += trio.current_time() - t_limit
+            t_connect = trio.current_time()
             try:
                 ws = await WsClient.connect(host, port, stats)
+                stats.timing["ws_connect_s"] += trio.current_time() - t_connect
             except (OSError, trio.TooSlowError) as exc:
                 stats.ws_session_ends[f"connect_failed:{type(exc).__name__}"] += 1
                 ws = None
@@ -676,7 +725,9 @@ async def ws_worker(index: int, host: str, port: int, budget: Budget, stats: Sta
             sending = trio.Event()
             nursery.start_soon(_ws_connection, ws, index, session, budget, stats,
                                random.Random(rng.random()), rate_per_s, sending, limit)
+            t_session = trio.current_time()
             await sending.wait()
+            stats.timing["ws_session_sending_s"] += trio.current_time() - t_session
 
 
 async def _ws_connection(ws: WsClient, index: int, session: int, budget: Budget,
@@ -720,9 +771,13 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
     hints: dict[str, Any] = {}
     if rng.random() < 0.03:
         hints = rng.choice([{"hotwords": ["\ud800"]}, {"domain": "a\udfff"}])
+    token = ""
+    if AUTH_SECRET:
+        token_label, token = session_token(rng, f"tenant-{index % 3}")
+        stats.ws_session_ends[f"start_with_{token_label}"] += 1
     await ws.send_text(valid_start(f"fz{index}-{session}-{rng.randrange(1 << 30)}",
                                    seq_header, rng.choice(["auto", "en", "en-US", "de"]),
-                                   **hints))
+                                   token, **hints))
     stats.frames["start_surrogate_hint" if hints else "start_valid"] += 1
     ws.phase = "sending"
     length = rng.choice([50, 200, 800, 2000])
@@ -735,7 +790,9 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
         batch = []
         for _ in range(n):
             r = rng.random()
-            if r < 0.01:
+            # Frames that break RFC 6455 end the connection: rare enough that most
+            # sessions live on to their flush.
+            if r < 0.002:
                 label, raw, breaks = ws_level_frame(rng)
                 ws.sent_bad_frame = ws.sent_bad_frame or breaks
                 batch.append(raw)
@@ -755,8 +812,10 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
             ws.last_sent.append(label)
         del ws.last_sent[:-5]
         sent += n
+        t_send = trio.current_time()
         if not await ws.send_raw(b"".join(batch)):
             break
+        stats.timing["ws_send_s"] += trio.current_time() - t_send
         # Absolute pacing below the gateway's MAX_MESSAGES_PER_S for one session.
         await trio.sleep_until(t0 + sent / rate_per_s)
     sending.set()
@@ -1304,6 +1363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=20.0,
                    help="quiet time before the RSS reading that must be back at baseline")
     p.add_argument("--seed", type=int, default=12)
+    p.add_argument("--auth", action="store_true",
+                   help="the gateway requires JWTs (AUTH_JWT_SECRET): sessions carry signed "
+                        "tokens, 6%% of them expired, forged, alg none, tenant-less or garbage")
     p.add_argument("--answer-timeout-s", type=float, default=15.0,
                    help="a flush, link stream or /v1/lid left unanswered this long is a hang")
     p.add_argument("--name", default=None, help="output stem (default fuzz or fuzz_quick)")
@@ -1320,12 +1382,17 @@ def main(argv: list[str] | None = None) -> int:
                 link_connections=a.link_connections, link_share=a.link_share,
                 ws_rate=a.ws_rate, link_rate=a.link_rate,
                 warmup_frames=max(200, min(20_000, a.frames // 50)), idle_s=a.idle_s,
-                seed=a.seed, name=a.name or ("fuzz_quick" if a.quick else "fuzz"))
+                seed=a.seed, name=a.name or (("fuzz_quick" if a.quick else "fuzz")
+                                             + ("_auth" if a.auth else "")))
 
     from tests import speech
 
     clip = speech.goforward()[: 16000 * 4]
     archive = tempfile.TemporaryDirectory(prefix="voxgate-fuzz-archive-")
+    gw_env = {"PUBLIC_BASE": "", "ENABLE_DENOISE": "false", "ARCHIVE_DIR": archive.name}
+    if a.auth:
+        AUTH_SECRET.append(os.urandom(32).hex().encode())
+        gw_env["AUTH_JWT_SECRET"] = AUTH_SECRET[0].decode()
     asr = spawn("asr", [sys.executable, str(Path(__file__).resolve()), "--asr-standin"],
                 "asr http://", {})
     gw: Service | None = None
@@ -1333,8 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gw = spawn("gateway", [VOXGATE, "gateway", "--host", "127.0.0.1", "--port", "0",
                                "--http-port", "0", "--log-level", "warning"], "ws://",
-                   {"ASR_URLS": asr.line.split(" ", 1)[1], "ARCHIVE_DIR": archive.name,
-                    "PUBLIC_BASE": "", "ENABLE_DENOISE": "false"})
+                   {"ASR_URLS": asr.line.split(" ", 1)[1], **gw_env})
         print(f"fuzzing {gw.line} and {asr.line} with {args.frames} frames", flush=True)
         result = trio.run(run, args, gw, asr, clip)
     finally:
@@ -1398,6 +1464,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_problem_counts": {k: len(v) for k, v in log_problems.items()},
         "exit_codes": codes,
         "samples": stats.samples,
+        "timing_s": {k: round(v, 2) for k, v in stats.timing.items()},
         "normal_before": result["normal_before"],
         "normal_after": result["normal_after"],
         "checks": checks,
