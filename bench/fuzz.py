@@ -692,6 +692,15 @@ class Budget:
     """Frames left to send, shared by the workers of one kind."""
 
     left: int
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        self.total = self.total or self.left
+
+    @property
+    def done(self) -> float:
+        """The part of the budget spent, 0..1."""
+        return 1.0 - self.left / self.total if self.total else 1.0
 
     def take(self, n: int) -> int:
         n = min(n, self.left)
@@ -1026,7 +1035,8 @@ def link_fatal_frame(rng: random.Random) -> tuple[str, bytes]:
 
 
 async def link_worker(index: int, host: str, port: int, budget: Budget, stats: Stats,
-                      rng: random.Random, opus: list[bytes], rate_per_s: float) -> None:
+                      rng: random.Random, opus: list[bytes], rate_per_s: float,
+                      pace: Budget | None = None) -> None:
     """HTTP/2 connections to the ASR service, each with up to ``LINK_IN_FLIGHT`` streams
     in flight (one sending, the others waiting for their response to end), so a stream
     the server never ends does not hold the others up."""
@@ -1045,6 +1055,10 @@ async def link_worker(index: int, host: str, port: int, budget: Budget, stats: S
             nursery.start_soon(client.reader)
             async with trio.open_nursery() as streams:
                 while budget.left > 0 and not client.dead:
+                    # Keep step with the WebSocket side, so that the ASR service is
+                    # fuzzed while it also serves the gateway's streams.
+                    while pace is not None and pace.left and budget.done > pace.done + 0.01:
+                        await trio.sleep(0.05)
                     n_stream += 1
                     await limit.acquire_on_behalf_of(n_stream)
                     sending = trio.Event()
@@ -1270,7 +1284,8 @@ async def run(args: Args, gw: Service, asr: Service, speech: np.ndarray) -> dict
                                        random.Random(rng.random()), args.ws_rate)
                 for i in range(args.link_connections):
                     workers.start_soon(link_worker, i, host, asr_port, link_budget, stats,
-                                       random.Random(rng.random()), opus, args.link_rate)
+                                       random.Random(rng.random()), opus, args.link_rate,
+                                       ws_budget if args.link_share < 1 else None)
                 while stats.total < args.warmup_frames and (ws_budget.left or
                                                             link_budget.left):
                     await trio.sleep(0.2)
