@@ -72,6 +72,9 @@ TEXT_LIMIT = 16 * 1024  # protocol.MAX_TEXT_FRAME_BYTES
 RECV_BYTES = 65536
 LINK_CT = "application/vnd.voxgate.asr-link.v2"
 MAX_ERROR_SAMPLES = 12  # distinct problem lines kept in the report
+# Frame kinds that are malformed whatever the dice said: each one must be answered with
+# an error event (odd PCM, a short seq header, a seq past the reorder limit, odd payload).
+MUST_ERROR = frozenset({"bin_odd", "seq_short_header", "seq_wild", "seq_odd_payload"})
 # How long a request may stay unanswered once the client has said all it will (a flush,
 # a link End or fatal frame, a /v1/lid body) before it counts as a hang, s.
 ANSWER_TIMEOUT_S = [15.0]
@@ -203,6 +206,7 @@ class Stats:
     hangs: list[str] = field(default_factory=list)  # requests the server never finished
     samples: dict[str, list[str]] = field(default_factory=dict)  # context of some outcomes
     timing: Counter[str] = field(default_factory=Counter)  # where the workers' time went, s
+    coded: Counter[str] = field(default_factory=Counter)  # malformed frames vs errors
     undecodable: list[str] = field(default_factory=list)  # server output we cannot read
     # (t_s, frames sent, gateway RSS MB, ASR RSS MB, gateway CPU s, ASR CPU s, bench CPU s)
     timeline: list[tuple[float, int, float, float, float, float, float]] = field(
@@ -512,6 +516,8 @@ class WsClient:
         self.saw_end = self.saw_fatal = False
         self.sent_bad_frame = False  # invalid UTF-8 text, or a frame breaking RFC 6455
         self.reply_close = True  # answer the server's Close frame at once
+        self.must_error = 0  # frames sent that must each get an error event
+        self.errors = 0  # error events received
         self.events: list[dict[str, Any]] = []
 
     @classmethod
@@ -621,6 +627,7 @@ class WsClient:
                 stats.undecodable.append(f"ws event {text[:100]!r}: {exc!r}"[:300])
             return
         self.saw_end = self.saw_end or kind == "end"
+        self.errors += kind == "error"
         self.saw_fatal = self.saw_fatal or (kind == "error" and ev.get("fatal") is True)
         self.events.append(ev if kind != "error" or len(self.events) < 50 else {"type": kind})
         if len(self.events) > 200:
@@ -819,6 +826,7 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
                 batch.append(_ws_frame(0x2, data, rng))
             stats.frames[label] += 1
             ws.last_sent.append(label)
+            ws.must_error += label in MUST_ERROR
         del ws.last_sent[:-5]
         sent += n
         t_send = trio.current_time()
@@ -840,6 +848,15 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
             await ws.closed.wait()
         if scope.cancelled_caught:
             stats.hang(f"no end/close within {ANSWER_TIMEOUT_S[0]:g} s of flush")
+        elif ws.saw_end and not ws.saw_fatal:
+            # Everything before the flush was read: each malformed frame owes an error.
+            stats.coded["sessions_checked"] += 1
+            stats.coded["malformed_frames"] += ws.must_error
+            stats.coded["error_events"] += ws.errors
+            if ws.errors < ws.must_error:
+                stats.coded["sessions_short"] += 1
+                stats.sample("fewer errors than malformed frames",
+                             f"{ws.must_error} malformed, {ws.errors} errors; {ws.context()}")
     elif end < 0.85:
         ws.phase = "close"
         await ws.send_raw(_ws_frame(0x8, struct.pack("!H", 1000), rng))
@@ -1444,6 +1461,10 @@ def main(argv: list[str] | None = None) -> int:
             if result["ratios"][f"{svc}_rss_idle_over_warm"] > a.max_rss_ratio),
         "all_sent": (f"only {stats.total} of {args.frames} frames sent"
                      if stats.total < args.frames else ""),
+        "coded_errors": (f"{stats.coded['sessions_short']} of "
+                         f"{stats.coded['sessions_checked']} flushed sessions got fewer error "
+                         "events than malformed frames" if stats.coded["sessions_short"]
+                         else ""),
         # RFC 6455 7.1.7: a failed connection gets a Close frame (1007 for bad UTF-8, ...)
         # first; a dropped socket also loses the session's record_url, metrics and end.
         "close_frames": (f"{drops} WebSocket connections dropped without a close frame, "
@@ -1480,6 +1501,7 @@ def main(argv: list[str] | None = None) -> int:
         "exit_codes": codes,
         "samples": stats.samples,
         "timing_s": {k: round(v, 2) for k, v in stats.timing.items()},
+        "coded_errors": dict(stats.coded),
         "normal_before": result["normal_before"],
         "normal_after": result["normal_after"],
         "checks": checks,
@@ -1499,7 +1521,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  by kind: {dict(stats.frames.most_common(12))}")
     print(f"WebSocket errors by code: {dict(stats.ws_errors.most_common())}")
     print(f"  fatal: {dict(stats.ws_fatal)}; server closes: {dict(stats.ws_closes)}")
-    print(f"  errors per 1000 WebSocket frames: {r['ws_errors_per_1000_ws_frames']}")
+    print(f"  errors per 1000 WebSocket frames: {r['ws_errors_per_1000_ws_frames']}; "
+          f"flushed sessions: {dict(stats.coded)}")
     print(f"link errors by code: {dict(stats.link_errors.most_common())}")
     print(f"  statuses: {dict(stats.link_status)}; /v1/lid: {dict(stats.lid_status)}; "
           f"streams: {dict(stats.link_streams)}")
