@@ -52,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,8 @@ class Stats:
     crashes: list[str] = field(default_factory=list)
     hangs: list[str] = field(default_factory=list)  # requests the server never finished
     samples: dict[str, list[str]] = field(default_factory=dict)  # context of some outcomes
-    timing: Counter[str] = field(default_factory=Counter)  # where the workers' time went, s
+    # where the workers' time went, s
+    timing: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     coded: Counter[str] = field(default_factory=Counter)  # malformed frames vs errors
     undecodable: list[str] = field(default_factory=list)  # server output we cannot read
     # (t_s, frames sent, gateway RSS MB, ASR RSS MB, gateway CPU s, ASR CPU s, bench CPU s)
@@ -1547,8 +1548,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ! {name}: {line[:300]}")
     print(f"wrote {out} and .png")
     if failures:
+        print(f"service logs: {asr.log} {gw.log if gw is not None else ''}")
         print("FAILED: " + "; ".join(failures))
         return 1
+    for svc in (asr, gw):
+        if svc is not None:
+            svc.log.unlink(missing_ok=True)
     print("OK: no crash, every service alive, RSS back to baseline, normal sessions fine")
     return 0
 

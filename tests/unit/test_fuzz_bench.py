@@ -108,9 +108,10 @@ async def test_invalid_utf8_text_frame_gets_close_1007_after_the_session_ends(
         assert ws.close_code == 1007, f"closed without a close frame; events {kinds}"
         assert "end" in kinds
     finally:
-        if gw is not None:
-            fuzz.stop(gw)
-        fuzz.stop(asr)
+        for svc in (gw, asr):
+            if svc is not None:
+                fuzz.stop(svc)
+                svc.log.unlink(missing_ok=True)
 
 
 @pytest.mark.slow
@@ -163,6 +164,7 @@ async def test_websocket_ping_during_the_close_handshake_is_no_error(tmp_path: P
         problems = gw.problems()
         assert problems == [], problems[0]
     finally:
-        if gw is not None:
-            fuzz.stop(gw)
-        fuzz.stop(asr)
+        for svc in (gw, asr):
+            if svc is not None:
+                fuzz.stop(svc)
+                svc.log.unlink(missing_ok=True)
