@@ -113,6 +113,15 @@ class Service:
     log: Path
     log_fh: Any = None
     drain: threading.Thread | None = None
+    stdout_lines: list[str] = field(default_factory=list)  # printed up to the ready line
+
+    def url(self, prefix: str) -> str | None:
+        """The first URL starting with ``prefix`` that the service printed."""
+        for line in self.stdout_lines:
+            for word in line.split():
+                if word.startswith(prefix):
+                    return word
+        return None
 
     def problems(self) -> list[str]:
         """Log lines that show a crash: tracebacks and error-level records."""
@@ -147,8 +156,10 @@ def spawn(name: str, argv: list[str], ready: str, env: dict[str, str],
     assert proc.stdout is not None
     out = proc.stdout
     deadline = time.monotonic() + timeout_s
+    before: list[str] = []
     while time.monotonic() < deadline:
         line = out.readline()
+        before.append(line.strip())
         if not line:
             proc.wait()
             out.close()
@@ -158,7 +169,7 @@ def spawn(name: str, argv: list[str], ready: str, env: dict[str, str],
             # Keep reading stdout: a pipe nobody reads would block the service.
             drain = threading.Thread(target=lambda: [None for _ in out], daemon=True)
             drain.start()
-            return Service(name, proc, line.strip(), log, fh, drain)
+            return Service(name, proc, line.strip(), log, fh, drain, before)
     proc.kill()
     proc.wait()
     out.close()
@@ -208,6 +219,8 @@ class Stats:
     # where the workers' time went, s
     timing: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     coded: Counter[str] = field(default_factory=Counter)  # malformed frames vs errors
+    record_urls: list[str] = field(default_factory=list)  # the latest signed record_urls
+    http_status: Counter[str] = field(default_factory=Counter)  # by request kind
     undecodable: list[str] = field(default_factory=list)  # server output we cannot read
     # (t_s, frames sent, gateway RSS MB, ASR RSS MB, gateway CPU s, ASR CPU s, bench CPU s)
     timeline: list[tuple[float, int, float, float, float, float, float]] = field(
@@ -216,6 +229,14 @@ class Stats:
     @property
     def total(self) -> int:
         return sum(self.frames.values())
+
+    def family(self, name: str) -> int:
+        """Frames sent of one family: ``ws``, ``link`` (incl. /v1/lid) or ``http``."""
+        def of(label: str) -> str:
+            if label.startswith(("link", "lid")):
+                return "link"
+            return "http" if label.startswith(("record_", "http_")) else "ws"
+        return sum(v for k, v in self.frames.items() if of(k) == name)
 
     def sample(self, key: str, what: str) -> None:
         got = self.samples.setdefault(key, [])
@@ -627,6 +648,10 @@ class WsClient:
             if stats is not None:
                 stats.undecodable.append(f"ws event {text[:100]!r}: {exc!r}"[:300])
             return
+        if kind == "record_url" and isinstance(ev.get("url"), str) and stats is not None:
+            urls = stats.record_urls
+            urls.append(ev["url"])
+            del urls[:-50]
         self.saw_end = self.saw_end or kind == "end"
         self.errors += kind == "error"
         self.saw_fatal = self.saw_fatal or (kind == "error" and ev.get("fatal") is True)
@@ -1215,6 +1240,114 @@ async def _link_stream(client: H2Client, index: int, n: int, budget: Budget, sta
     client.streams.pop(sid, None)
 
 
+# -- HTTP (records, metrics) fuzz worker ----------------------------------------------
+
+RANGES = ["bytes=0-", "bytes=0-0", "bytes=-500", "bytes=5-2", "bytes=abc", "bytes=0-0,5-10",
+          "bytes=99999999999999999999-", "bytes= 1-2", "bytes=-0", "bytes=0-" + "9" * 40,
+          "items=0-1", "bytes=1-1-1", "bytes=" + "0-1," * 500]
+PATHS = ["/records/../../etc/passwd", "/records/%2e%2e/%2e%2e/etc/passwd", "/records/",
+         "/records", "//records/x.ogg", "/records/t/acme/x.ogg", "/metrics", "/healthz",
+         "/readyz", "/", "/records/x.ogg?exp=1&sig=" + "A" * 43, "/records/\\x.ogg",
+         "/records/" + "a" * 8000 + ".ogg", "/records/%00.ogg", "/records/x.ogg?exp=&sig=",
+         "/ws/stream", "*"]
+
+
+def _mutate_url_path(rng: random.Random, target: str) -> tuple[str, str]:
+    """(label, target): a signed record URL changed in one place (must be refused)."""
+    path, _, query = target.partition("?")
+    r = rng.random()
+    if r < 0.25:
+        i = rng.randrange(len(path))
+        ch = rng.choice([c for c in "aZ0._-/" if c != path[i]])
+        return "record_path_changed", path[:i] + ch + path[i + 1:] + "?" + query
+    if r < 0.5:
+        return "record_sig_changed", path + "?" + query[:-1] + rng.choice(
+            [c for c in "AB_-" if c != query[-1:]])
+    if r < 0.65:
+        return "record_exp_changed", path + "?" + query.replace("exp=", "exp=1", 1)
+    if r < 0.8:
+        return "record_query_dup", target + "&" + query
+    return "record_unsigned", path
+
+
+async def http_request(host: str, port: int, raw: bytes) -> int | None:
+    """Send one raw HTTP/1.1 request; the status code, or None if the server answered
+    nothing (closed the connection)."""
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(raw)
+        buf = b""
+        with trio.move_on_after(ANSWER_TIMEOUT_S[0]):
+            while b"\r\n" not in buf and len(buf) < 4096:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                buf += data
+        line = buf.split(b"\r\n", 1)[0].split()
+        return int(line[1]) if len(line) >= 2 and line[1].isdigit() else None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+async def http_worker(host: str, port: int, budget: Budget, stats: Stats,
+                      rng: random.Random, pace: Budget) -> None:
+    """Requests to the gateway's HTTP port: signed record URLs (with odd Range headers),
+    the same URLs changed in one place, hostile paths and methods, malformed requests."""
+    while budget.take(1):
+        while pace.left and budget.done > pace.done + 0.01:
+            await trio.sleep(0.05)
+        method = rng.choice(["GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
+                             "FOO"])
+        headers = [f"Host: {host}:{port}"]
+        r = rng.random()
+        urls = stats.record_urls
+        if r < 0.35 and urls:
+            url = rng.choice(urls)
+            target = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+            label = "record_signed"
+            method = rng.choice(["GET", "HEAD"])
+            if rng.random() < 0.6:
+                headers.append(f"Range: {rng.choice(RANGES)}")
+                label = "record_signed_range"
+        elif r < 0.6 and urls:
+            url = rng.choice(urls)
+            target = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+            label, target = _mutate_url_path(rng, target)
+            method = rng.choice(["GET", "HEAD"])
+        elif r < 0.9:
+            label, target = "http_path", rng.choice(PATHS)
+        else:
+            which, raw = rng.choice(list(enumerate([
+                b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                b"GET /records/x.ogg HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+                b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n",
+                b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+                b"POST /records/x.ogg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                b"\r\n\r\nzz\r\n",
+                b"\x16\x03\x01\x00\x05hello"])))  # a TLS hello to a plain port
+            stats.frames["http_malformed"] += 1
+            status = await http_request(host, port, raw)
+            stats.http_status[f"http_malformed{which}:{status}"] += 1
+            if status is not None and status >= 500 and status != 503:
+                stats.crash(f"malformed HTTP request answered {status}: {raw[:60]!r}")
+            continue
+        request = (f"{method} {target} HTTP/1.1\r\n" + "\r\n".join(headers)
+                   + "\r\nConnection: close\r\n\r\n")
+        stats.frames[label] += 1
+        status = await http_request(host, port, request.encode("utf-8", "surrogateescape"))
+        stats.http_status[f"{label}:{status}"] += 1
+        if status is not None and status >= 500 and status != 503:
+            stats.crash(f"{method} {target[:80]} answered {status}")
+        if (label.startswith("record_") and status in (200, 206, 307)
+                and label not in ("record_signed", "record_signed_range")):
+            stats.crash(f"a changed record URL was served ({status}): {target[:120]}")
+        if label == "record_signed" and status not in (200, 307):
+            stats.sample("signed record URL not served", f"{method} {target[:120]} -> {status}")
+
+
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -1263,6 +1396,7 @@ class Args:
     ws_connections: int
     link_connections: int
     link_share: float
+    http_share: float
     ws_rate: float
     link_rate: float
     warmup_frames: int
@@ -1274,6 +1408,8 @@ class Args:
 async def run(args: Args, gw: Service, asr: Service, speech: np.ndarray) -> dict[str, Any]:
     host, ws_port = "127.0.0.1", int(gw.line.rsplit(":", 1)[1].split("/")[0])
     asr_port = int(asr.line.rsplit(":", 1)[1])
+    http_url = gw.url("http://")
+    http_port = int(http_url.rsplit(":", 1)[1].split("/")[0]) if http_url else 0
     stats = Stats()
     t0 = time.monotonic()
     rss: dict[str, dict[str, float]] = {}
@@ -1287,8 +1423,10 @@ async def run(args: Args, gw: Service, asr: Service, speech: np.ndarray) -> dict
     opus = opus_packets()
     rng = random.Random(args.seed)
     link_total = int(args.frames * args.link_share)
-    ws_budget = Budget(args.frames - link_total)
+    http_total = int(args.frames * args.http_share) if http_port else 0
+    ws_budget = Budget(args.frames - link_total - http_total)
     link_budget = Budget(link_total)
+    http_budget = Budget(http_total)
     fuzz_t: dict[str, float] = {}
 
     async with trio.open_nursery() as nursery:
@@ -1304,12 +1442,15 @@ async def run(args: Args, gw: Service, asr: Service, speech: np.ndarray) -> dict
                     workers.start_soon(link_worker, i, host, asr_port, link_budget, stats,
                                        random.Random(rng.random()), opus, args.link_rate,
                                        ws_budget if args.link_share < 1 else None)
+                if http_port:
+                    workers.start_soon(http_worker, host, http_port, http_budget, stats,
+                                       random.Random(rng.random()), ws_budget)
                 while stats.total < args.warmup_frames and (ws_budget.left or
                                                             link_budget.left):
                     await trio.sleep(0.2)
                 mark("warm")
                 last = time.monotonic()
-                while ws_budget.left or link_budget.left:
+                while ws_budget.left or link_budget.left or http_budget.left:
                     await trio.sleep(0.1)
                     if time.monotonic() - last > 30:
                         last = time.monotonic()
@@ -1334,9 +1475,9 @@ async def run(args: Args, gw: Service, asr: Service, speech: np.ndarray) -> dict
         "frames_per_s": round(stats.total / send_s, 1),
         "frames_per_s_incl_drain": round(stats.total / fuzz_s, 1),
         "ws_errors_per_1000_ws_frames": round(1000 * sum(stats.ws_errors.values()) / max(
-            1, sum(v for k, v in stats.frames.items() if not k.startswith(("link", "lid")))), 1),
+            1, stats.family("ws")), 1),
         "link_errors_per_1000_link_frames": round(1000 * sum(stats.link_errors.values()) / max(
-            1, sum(v for k, v in stats.frames.items() if k.startswith(("link", "lid")))), 1),
+            1, stats.family("link")), 1),
         "gateway_rss_end_over_warm": round(rss["end"]["gateway_mb"] / base["gateway_mb"], 3),
         "gateway_rss_idle_over_warm": round(rss["idle"]["gateway_mb"] / base["gateway_mb"], 3),
         "asr_rss_end_over_warm": round(rss["end"]["asr_mb"] / base["asr_mb"], 3),
@@ -1389,6 +1530,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-connections", type=int, default=2)
     p.add_argument("--link-share", type=float, default=0.3,
                    help="part of the frames sent on the link (the rest on WebSockets)")
+    p.add_argument("--http-share", type=float, default=0.02,
+                   help="part of the frames sent as HTTP requests to the gateway's HTTP port")
     p.add_argument("--ws-rate", type=float, default=600.0,
                    help="messages/s per WebSocket session (the gateway's "
                         "MAX_MESSAGES_PER_S is 1000)")
@@ -1409,10 +1552,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.frames, a.idle_s, a.answer_timeout_s = 10_000, 3.0, 8.0
     ANSWER_TIMEOUT_S[0] = a.answer_timeout_s
-    if a.frames < 100 or not 0 <= a.link_share <= 1:
-        p.error("--frames must be at least 100 and --link-share within 0..1")
+    if a.frames < 100 or not 0 <= a.link_share + a.http_share < 1 or min(
+            a.link_share, a.http_share) < 0:
+        p.error("--frames must be at least 100, and --link-share plus --http-share "
+                "within 0..1")
     args = Args(frames=a.frames, ws_connections=a.ws_connections,
                 link_connections=a.link_connections, link_share=a.link_share,
+                http_share=a.http_share,
                 ws_rate=a.ws_rate, link_rate=a.link_rate,
                 warmup_frames=max(200, min(20_000, a.frames // 50)), idle_s=a.idle_s,
                 seed=a.seed, name=a.name or (("fuzz_quick" if a.quick else "fuzz")
@@ -1483,12 +1629,14 @@ def main(argv: list[str] | None = None) -> int:
         "send_s": result["send_s"],
         "ratios": result["ratios"],
         "rss": result["rss"],
+        "frames_by_family": {f: stats.family(f) for f in ("ws", "link", "http")},
         "frames_by_kind": dict(stats.frames.most_common()),
         "ws": {"events": dict(stats.ws_events), "errors_by_code": dict(stats.ws_errors),
                "fatal_errors_by_code": dict(stats.ws_fatal),
                "server_closes_by_code": dict(stats.ws_closes),
                "session_ends": dict(stats.ws_session_ends),
                "handshakes": dict(stats.ws_handshake)},
+        "http": {"statuses_by_kind": dict(stats.http_status)},
         "link": {"errors_by_code": dict(stats.link_errors), "events": dict(stats.link_events),
                  "statuses": dict(stats.link_status), "streams": dict(stats.link_streams),
                  "lid_statuses": dict(stats.lid_status)},
@@ -1519,7 +1667,8 @@ def main(argv: list[str] | None = None) -> int:
     r = result["ratios"]
     print(f"frames sent: {stats.total} in {result['send_s']} s = {r['frames_per_s']} frames/s "
           f"(all answered or closed after {result['fuzz_s']} s)")
-    print(f"  by kind: {dict(stats.frames.most_common(12))}")
+    print(f"  by family: { {f: stats.family(f) for f in ('ws', 'link', 'http')} }; "
+          f"by kind: {dict(stats.frames.most_common(12))}")
     print(f"WebSocket errors by code: {dict(stats.ws_errors.most_common())}")
     print(f"  fatal: {dict(stats.ws_fatal)}; server closes: {dict(stats.ws_closes)}")
     print(f"  errors per 1000 WebSocket frames: {r['ws_errors_per_1000_ws_frames']}; "
@@ -1528,6 +1677,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  statuses: {dict(stats.link_status)}; /v1/lid: {dict(stats.lid_status)}; "
           f"streams: {dict(stats.link_streams)}")
     print(f"  errors per 1000 link frames: {r['link_errors_per_1000_link_frames']}")
+    print(f"HTTP statuses by request kind: {dict(sorted(stats.http_status.items()))}")
     for name, mark in result["rss"].items():
         print(f"RSS {name:>6}: gateway {mark['gateway_mb']:.1f} MB, asr {mark['asr_mb']:.1f} MB")
     print(f"RSS end/warm: gateway {r['gateway_rss_end_over_warm']}, "
