@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from asr import link
 from asr.engine import UnsupportedLanguage, normalize_language
@@ -257,3 +259,138 @@ HOSTILE_JSON: dict[str, bytes] = {
 def test_hostile_json_payload_gives_a_link_error(kind: link.FrameType, payload: bytes) -> None:
     frame = link.HEADER.pack(kind, len(payload)) + payload
     feed_all(link.FrameDecoder(), [frame])
+
+
+class LinkStreamClient(RuleBasedStateMachine):
+    """A gateway (or an impostor) driving the server's ``ServerStream`` with any order of
+    frames, cut at any byte. Checked against a model: Start first (else fatal NO_START),
+    one Start only (DUPLICATE_START, not fatal), audio in seq order with duplicates
+    dropped and gaps reported (``lost`` capped), any frame after End fatal, nothing at
+    all after a fatal error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = link.ServerStream()
+        self.pending = b""  # encoded frames not fed yet
+        self.expect: list[str] = []  # what the model says comes out, in order
+        self.got: list[str] = []
+        self.started = self.ended = self.broken = False
+        self.next_seq: int | None = None
+
+    def _model(self, kind: str, seq: int = 0) -> str | None:
+        if self.broken:
+            return None
+        if self.ended or (not self.started and kind != "start"):
+            self.broken = True
+            return "fatal:BAD_FRAME" if self.ended else "fatal:NO_START"
+        if kind == "start":
+            if self.started:
+                return "error:DUPLICATE_START"
+            self.started = True
+            return "start"
+        if kind == "end":
+            self.ended = True
+            return "end"
+        if kind == "finalize":
+            return "finalize"
+        if self.next_seq is not None and seq < self.next_seq:
+            return None  # a duplicate: dropped (counted), not an error
+        lost = 0 if self.next_seq is None else seq - self.next_seq
+        self.next_seq = seq + 1
+        return f"audio:{seq}:{min(lost, link.ServerStream.MAX_CONCEALED)}"
+
+    def _queue(self, frame: link.Frame, kind: str, seq: int = 0) -> None:
+        self.pending += link.encode(frame)
+        expected = self._model(kind, seq)
+        if expected is not None:
+            self.expect.append(expected)
+
+    @rule()
+    def start(self) -> None:
+        self._queue(link.Start("lf"), "start")
+
+    @rule(seq=st.integers(0, 40) | st.sampled_from([link.U32_MAX]))
+    def audio(self, seq: int) -> None:
+        self._queue(link.Audio(seq, min(seq * 20, link.U32_MAX), b"\x00" * 10), "audio", seq)
+
+    @rule()
+    def finalize(self) -> None:
+        self._queue(link.Finalize(), "finalize")
+
+    @rule()
+    def end(self) -> None:
+        self._queue(link.End(), "end")
+
+    @rule(cut=st.integers(0, 64))
+    def deliver(self, cut: int) -> None:
+        """Feed part of what is pending (frames cross chunk boundaries)."""
+        chunk, self.pending = self.pending[:cut], self.pending[cut:]
+        self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> None:
+        if self.got and self.got[-1].startswith("fatal:"):
+            return  # the service stops reading a stream after a fatal error
+        try:
+            items = self.server.receive(chunk)
+        except link.LinkProtocolError as exc:
+            _error_ok(exc)
+            # Frames decoded from this chunk before the fatal one are not returned: a
+            # known gap (test_frames_before_a_fatal_one_in_the_same_chunk_come_out);
+            # here the model drops them so the rest of the contract is still checked.
+            fatal = f"fatal:{exc.code.value}"
+            if fatal in self.expect[len(self.got):]:
+                del self.expect[len(self.got):self.expect.index(fatal, len(self.got))]
+            self.got.append(fatal)
+            return
+        for item in items:
+            if isinstance(item, link.Start):
+                self.got.append("start")
+            elif isinstance(item, link.AudioIn):
+                self.got.append(f"audio:{item.packet.seq}:{item.lost}")
+            elif isinstance(item, link.Finalize):
+                self.got.append("finalize")
+            elif isinstance(item, link.End):
+                self.got.append("end")
+            else:
+                assert isinstance(item, link.LinkProtocolError)
+                self.got.append(f"error:{item.code.value}")
+
+    @invariant()
+    def a_prefix_of_the_model(self) -> None:
+        assert self.got == self.expect[:len(self.got)], (self.got, self.expect)
+
+    def teardown(self) -> None:
+        self._feed(self.pending)
+        assert self.got == self.expect, (self.got, self.expect)
+
+
+TestLinkStreamClient = LinkStreamClient.TestCase
+TestLinkStreamClient.settings = settings(max_examples=150, stateful_step_count=25,
+                                         deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("bad", [
+    link.HEADER.pack(0x7F, 0),  # an unknown frame type
+    link.HEADER.pack(link.FrameType.AUDIO, 1 << 20),  # a length over the limit
+], ids=["unknown_type", "oversize"])
+def test_frames_before_a_fatal_one_in_the_same_chunk_come_out(bad: bytes) -> None:
+    """A gateway batches frames into one DATA frame: the audio before a broken frame was
+    sent in good faith and must be recognized, not dropped with the chunk."""
+    good = [link.Start("f"), link.Audio(0, 0, b"\x01" * 20), link.Audio(1, 20, b"\x02" * 20)]
+    server = link.ServerStream()
+    got: list[object] = []
+    with contextlib.suppress(link.LinkProtocolError):
+        got += server.receive(link.encode_many(list(good)) + bad)
+    got += _drain_after_fatal(server)
+    kinds = [type(g).__name__ for g in got]
+    assert kinds[:3] == ["Start", "AudioIn", "AudioIn"], kinds
+
+
+def _drain_after_fatal(server: link.ServerStream) -> list[object]:
+    """What a server gets on its next read (an implementation may report the frames
+    before a fatal error first and raise on the next call)."""
+    try:
+        return list(server.receive(b""))
+    except link.LinkProtocolError:
+        return []
