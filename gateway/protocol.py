@@ -107,6 +107,40 @@ class OversizedMessage:
         self.limit = limit
 
 
+CLOSE_PROTOCOL_ERROR = 1002  # RFC 6455 7.4.1: a frame that breaks the protocol
+CLOSE_INVALID_PAYLOAD = 1007  # RFC 6455 7.4.1: a text message that is not UTF-8
+
+
+@dataclass(frozen=True)
+class ProtocolViolation:
+    """Stands in the message queue for the frame at which the client broke RFC 6455
+    (a text message that is not UTF-8, reserved bits or opcodes, an unmasked frame, a
+    long or fragmented control frame, a lone continuation...). The WebSocket parser
+    stops there, so the connection must be failed; but as for any other fatal client
+    error, the session first finalizes and records the audio it accepted and sends
+    ``error`` and ``end``, then closes with ``close_code`` (RFC 6455 7.1.7, 8.1)."""
+
+    close_code: int  # the parser's verdict: 1007 (bad UTF-8) or 1002 (anything else)
+    reason: str  # the parser's words for it, e.g. "Invalid UTF-8 in text message"
+
+    @property
+    def error_code(self) -> ErrorCode:
+        """A text message that is not UTF-8 cannot be JSON (``BAD_JSON``); any other
+        broken frame is a malformed request (``BAD_REQUEST``). Fatal in both cases."""
+        if self.close_code == CLOSE_INVALID_PAYLOAD:
+            return ErrorCode.BAD_JSON
+        return ErrorCode.BAD_REQUEST
+
+    @property
+    def message(self) -> str:
+        """The error event's text: what was wrong, and that the session ended."""
+        what = ("a text message that is not valid UTF-8"
+                if self.close_code == CLOSE_INVALID_PAYLOAD
+                else "a WebSocket frame that breaks RFC 6455")
+        return (f"{what} ({printable(self.reason, 120)}); the connection is closed with "
+                f"{self.close_code} after the session ends with what it had")
+
+
 class ProtocolError(Exception):
     """The client broke protocol v1. ``fatal`` errors end the session after the event."""
 

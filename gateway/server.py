@@ -35,7 +35,8 @@ from trio_websocket import (
     WebSocketServer,
 )
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import BytesMessage, TextMessage
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 
 from asr.server import install_hypercorn_guard
 
@@ -44,7 +45,14 @@ from .auth import Authenticator
 from .config import GatewayConfig
 from .httpapp import GatewayHttpApp, metrics_app
 from .metrics import GatewayMetrics
-from .protocol import MAX_TEXT_FRAME_BYTES, ErrorCode, EventWriter, OversizedMessage, dumps
+from .protocol import (
+    MAX_TEXT_FRAME_BYTES,
+    ErrorCode,
+    EventWriter,
+    OversizedMessage,
+    ProtocolViolation,
+    dumps,
+)
 from .records import ArchiveRetrier, RecordStore, default_fallback_dir, store_from_config
 from .s3store import S3Store
 from .session import GatewayContext, Session
@@ -57,6 +65,7 @@ WS_PATH = "/ws/stream"
 SEQ_HEADER_BYTES = 8  # u32 seq | u32 pts_ms in front of each binary frame (seq_header)
 RETRY_AFTER_FULL_S = 5  # the retry-after of a 503 for MAX_CONNECTIONS, s
 CLOSE_POLICY = 1008  # WebSocket close code of a refusal (as the session's refusals)
+FAIL_LINGER_S = 1.0  # after the Close of a failed connection: reading on for the peer's, s
 
 
 def ws_message_limit(cfg: GatewayConfig) -> int:
@@ -394,12 +403,23 @@ async def _refuse_rate_limited(ws: WebSocketConnection, metrics: GatewayMetrics,
 
 
 class _Connection(WebSocketConnection):
-    """trio-websocket's connection, with two changes.
+    """trio-websocket's connection, with these changes.
 
     - A message over ``max_message_size``: its parts are dropped (never buffered) and one
       ``OversizedMessage`` is queued. This overrides a private method of trio-websocket
       0.12 (the library has no hook for it); ``test_oversized_frame_*`` fails if a
       release changes it.
+    - A frame that breaks RFC 6455 (invalid UTF-8 in a text message included): wsproto
+      stops parsing and reports a ``CloseConnection`` the peer never sent, on which the
+      library closed the socket at once, with no Close frame and no ``end`` for the
+      session. Instead one ``ProtocolViolation`` is queued, the rest of what the peer
+      sends is read and dropped (wsproto would buffer it without bound), and the close
+      the session makes after its ``end`` carries the parser's code (1007 or 1002); the
+      socket is closed when the peer closes it, or FAIL_LINGER_S after that Close frame.
+      ``tests/integration/test_ws_protocol_errors.py`` fails if a release changes this.
+    - A ping after the gateway sent its Close frame is not answered: wsproto refuses to
+      send a pong in that state, and the library's error ended the connection's task
+      with a traceback. RFC 6455 (5.5.2) asks no pong once closing.
     - Every ``send_message`` and ``aclose`` has a deadline (SEND_TIMEOUT_S): a peer that
       stops reading, or never answers the close handshake, gets its socket closed under
       it, so it cannot hold a connection slot (or a session) forever. A send that runs
@@ -408,6 +428,8 @@ class _Connection(WebSocketConnection):
 
     _dropping = False
     send_timeout_s = 10.0
+    _failure: ProtocolViolation | None = None  # the frame at which the peer broke RFC 6455
+    _discard_scope: trio.CancelScope | None = None  # reading on after the failure
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
         if self._dropping:
@@ -425,6 +447,62 @@ class _Connection(WebSocketConnection):
             await self._send_channel.send(
                 OversizedMessage(size, self._max_message_size))  # type: ignore[arg-type]
 
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state is not ConnectionState.OPEN or self._failure is not None:
+            # A Close the peer sent (wsproto moved on to REMOTE_CLOSING or CLOSED), or
+            # anything after our own Close: the library's handling is right.
+            await super()._handle_close_connection_event(event)
+            return
+        # Still OPEN: this Close comes from wsproto's parser, not from the peer.
+        self._failure = ProtocolViolation(int(event.code), event.reason or "")
+        self._message_parts, self._message_size, self._dropping = [], 0, False
+        log.info("WebSocket protocol violation by %s: %d %s", _peer_ip(self._stream),
+                 event.code, event.reason)
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            # The queue is typed for str | bytes; the session checks for this marker first.
+            await self._send_channel.send(self._failure)  # type: ignore[arg-type]
+        await self._discard_input()
+
+    async def _discard_input(self) -> None:
+        """Read and drop what the peer sends after its broken frame, until it closes the
+        connection or FAIL_LINGER_S after our Close frame went out (``_send`` sets that
+        deadline). Reading on keeps the peer's sends from blocking while the session
+        sends its last events, and keeps the socket's receive buffer empty, so that the
+        final close is a FIN that lets the peer read everything, not a reset."""
+        self._discard_scope = trio.CancelScope()
+        if self._wsproto.state is not ConnectionState.OPEN:  # the Close went out already
+            self._discard_scope.deadline = trio.current_time() + self._linger_s()
+        eof = False
+        with self._discard_scope:
+            while True:
+                try:
+                    data = await self._stream.receive_some(self._receive_buffer_size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    eof = True
+                    break
+        if eof and self._wsproto.state is ConnectionState.OPEN:
+            # Gone before the session's close: the session's sends fail as for any
+            # client that left (after it has taken the ProtocolViolation).
+            await self._abort_web_socket()
+        else:
+            self._reader_running = False
+            self._close_handshake.set()  # ``aclose`` closes the stream now
+
+    def _linger_s(self) -> float:
+        return min(FAIL_LINGER_S, self.send_timeout_s)
+
+    async def _send(self, event: Event) -> None:
+        await super()._send(event)
+        if (isinstance(event, CloseConnection) and self._discard_scope is not None
+                and self._failure is not None):
+            self._discard_scope.deadline = trio.current_time() + self._linger_s()
+
+    async def _handle_ping_event(self, event: Ping) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            await super()._handle_ping_event(event)
+
     async def send_message(self, message: str | bytes) -> None:
         with trio.move_on_after(self.send_timeout_s) as scope:
             await super().send_message(message)
@@ -433,6 +511,9 @@ class _Connection(WebSocketConnection):
             raise ConnectionClosed(CloseReason(1006, "send timed out"))
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        if self._failure is not None:
+            # The connection failed whatever the session says: the Close names why.
+            code, reason = self._failure.close_code, None
         with trio.move_on_after(self.send_timeout_s) as scope:
             await super().aclose(code, reason)
         if scope.cancelled_caught:

@@ -61,6 +61,7 @@ from .protocol import (
     OversizedMessage,
     Ping,
     ProtocolError,
+    ProtocolViolation,
     Start,
     dumps,
     parse_text,
@@ -159,7 +160,7 @@ class Session:
         self.rate = MessageRate(self.cfg.max_messages_per_s)
         self._dropped_events = 0  # events the client was too far behind to be sent
         self.reason = "flush"
-        self.close_code = 1000  # 1009 after a message over the WebSocket limit
+        self.close_code = 1000  # 1009 after a message over the limit, 1002/1007 (RFC 6455)
         self.reframer = Reframer(max_chunk_bytes=self.cfg.max_frame_bytes)
         self.seqbuf: SeqBuffer | None = None
         self.endpointer = Endpointer(EndpointConfig(
@@ -320,6 +321,11 @@ class Session:
                     await self._send_now(self.ew.error(
                         ErrorCode.FRAME_TOO_LARGE, _oversized(message), fatal=True))
                     await self._close(1009)
+                    return None
+                if isinstance(message, ProtocolViolation):
+                    await self._send_now(self.ew.error(
+                        message.error_code, message.message, fatal=True))
+                    await self._close(message.close_code)
                     return None
                 if isinstance(message, bytes):
                     await self._send_now(self.ew.error(
@@ -593,7 +599,7 @@ class Session:
                     await self._resume.wait()
                 self._last_audio = time.monotonic()
             deadline = min(self._last_audio + self.cfg.flush_idle_s, self._deadline)
-            message: str | bytes | OversizedMessage | None = None
+            message: str | bytes | OversizedMessage | ProtocolViolation | None = None
             with trio.move_on_at(_trio_deadline(deadline)) as idle:
                 try:
                     message = await self.ws.get_message()
@@ -622,6 +628,12 @@ class Session:
                 # Fatal, but the audio already accepted is finalized and recorded first.
                 self._error(ErrorCode.FRAME_TOO_LARGE, _oversized(message), True)
                 self.close_code = 1009
+                return "error"
+            if isinstance(message, ProtocolViolation):
+                # The WebSocket parser has stopped at a broken frame: nothing more can be
+                # read, but what was accepted is finalized and recorded before the close.
+                self._error(message.error_code, message.message, True)
+                self.close_code = message.close_code
                 return "error"
             verdict = self.rate.take(time.monotonic())
             if verdict.wait_s > 0:
