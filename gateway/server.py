@@ -9,6 +9,8 @@ Connection-level defences live here, before any session code runs: a deadline on
 WebSocket (and TLS) handshake, a cap on open connections (503 at the handshake), a cap per
 client address (``RATE_LIMITED``), the WebSocket library's message limit, and a deadline
 on every send and close, after which the socket is closed without waiting for the peer.
+A frame that breaks RFC 6455 is a fatal client error like any other: the session ends
+with what it had (``error``, finals, ``end``), then the Close carries 1007 or 1002.
 """
 
 from __future__ import annotations

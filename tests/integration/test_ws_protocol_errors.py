@@ -330,7 +330,8 @@ async def test_a_peer_that_floods_after_a_broken_frame_is_closed_in_time(
     assert client.close_code == 1002 and client.kinds()[-1] == "end"
     assert client.eof_at is not None and client.close_at is not None
     assert client.eof_at - client.close_at < FAIL_LINGER_S + 1.0
-    assert sent > 1_000_000  # the flood was read on, not left in our send buffer
+    # Read on and dropped: far more than the socket buffers on both sides could hold.
+    assert sent > 32 * 2**20
     await client.stream.aclose()
     with trio.fail_after(5):
         while await gw.open_connections():
