@@ -410,10 +410,13 @@ def binary_frame(rng: random.Random, seq: SeqState | None) -> tuple[str, bytes]:
         s, label = (rng.choice(seq.sent[-40:]) if seq.sent else 0), "seq_duplicate"
     elif r < 0.65:
         s, label = seq.next + rng.randrange(1, 12), "seq_ahead"
+    elif r < 0.72:
+        # Far past any reorder limit: refused whatever the server's next seq is.
+        s, label = rng.choice([U32_MAX, 2**31, seq.next + 10**6]), "seq_wild"
     elif r < 0.78:
-        s = rng.choice([U32_MAX, 2**31, seq.next + 257, seq.next + 10**6,
-                        rng.randrange(U32_MAX)])
-        label = "seq_wild"
+        # Just past the limit as the client counts (the server's next seq may be ahead
+        # of the client's after a window skip, so this one may be taken).
+        s, label = rng.choice([seq.next + 257, rng.randrange(U32_MAX)]), "seq_jump"
     elif r < 0.88:
         return "seq_short_header", rng.randbytes(rng.randrange(0, 8))
     else:
