@@ -306,7 +306,7 @@ async def test_a_peer_that_floods_after_a_broken_frame_is_closed_in_time(
         gw: Gw, caplog: pytest.LogCaptureFixture) -> None:
     """What follows the broken frame is read and dropped (wsproto would buffer it
     without bound) and the socket is closed FAIL_LINGER_S after the Close frame, though
-    the peer never answers it and keeps sending."""
+    the peer never answers it and sends on (64 MiB of junk)."""
     client = await started(gw, "flood")
     await send_audio(client, SILENCE)
     await client.send(frame(0x2, b"\x00\x00", rsv=2))
