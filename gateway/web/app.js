@@ -67,6 +67,9 @@ class Streamer {
     this.url = params.get("ws") || defaultWsUrl();
     this.lang = params.get("lang") || "auto";
     this.flowId = params.get("flow") || newFlowId();
+    // The JWT for a gateway with authentication. Typed into the page, never taken from
+    // the URL (which servers and proxies log); kept in memory only, for resumes.
+    this.token = $("token").value.trim();
     this.frames = []; // [seq, ArrayBuffer] of the last KEEP_FRAMES frames
     this.nextSeq = 0; // seq of the next captured frame
     this.sendSeq = 0; // seq of the next frame to send
@@ -187,6 +190,7 @@ class Streamer {
         audio: { codec: "pcm_s16le", sr: 16000, channels: 1, chunk_ms: FRAME_MS },
         return: ret, hints: { user_lang_pref: this.lang },
         features: ["seq_header"], client_version: "web-1",
+        ...(this.token ? { auth: { token: this.token } } : {}),
       }));
     };
     ws.onmessage = (m) => {

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -403,6 +404,44 @@ async def test_page_shows_fatal_error_and_does_not_retry(
     ((code, text),) = page["errors"]
     assert code == "UNAUTHORIZED" and len(text) > len("UNAUTHORIZED: ")
     assert page["retries"] == 0 and page["start"] is False
+
+
+async def test_page_sends_the_typed_token(nursery: trio.Nursery, vad_model: VadModel,
+                                          tmp_path: Path) -> None:
+    """The same gateway with auth on, and a token typed into the page's field: the session
+    is admitted (ack, then finals, record_url and end), the token went in
+    ``start.auth.token`` and nowhere into the page's URL."""
+    import jwt
+
+    secret = "s" * 32
+    ws_port, http_port = await start_gateway(nursery, vad_model, tmp_path,
+                                             auth_jwt_secret=secret)
+    token = jwt.encode({"sub": "browser-user", "exp": int(time.time()) + 600}, secret,
+                       algorithm="HS256")
+    wav = tmp_path / "mic.wav"
+    silence = np.zeros(16000, dtype=np.int16)
+    write_wav(wav, np.concatenate([silence, speech.goforward(), silence, silence]))
+    url = f"http://127.0.0.1:{http_port}/?ws=ws://127.0.0.1:{ws_port}/ws/stream"
+    async with open_browser(url, wav, tmp_path / "profile") as dt:
+        with trio.fail_after(40):
+            assert await dt.wait("() => document.body?.dataset.state === 'idle'")
+            await dt.js(f"document.getElementById('token').value = {json.dumps(token)}")
+            await dt.js("document.getElementById('start').click()")
+            assert await dt.wait("() => window.voxgate.events.some((e) => e.type === "
+                                 "'asr_final')")
+            await dt.js("document.getElementById('stop').click()")
+            assert await dt.wait("() => window.voxgate.events.some((e) => e.type === "
+                                 "'end')")
+            page = await dt.js("""({
+                types: window.voxgate.events.map((e) => e.type),
+                href: document.getElementById('record-link').href,
+                url: location.href,
+            })""")
+    assert page["types"][0] == "ack" and "error" not in page["types"]
+    assert page["types"][-1] == "end" and "record_url" in page["types"]
+    # the recording lies in the token's tenant (its sub), behind a signed link
+    assert "/records/browser-user/" in page["href"] and "sig=" in page["href"]
+    assert token not in page["url"]
 
 
 async def test_page_holds_frames_while_paused(gateway: tuple[int, int], nursery: trio.Nursery,
