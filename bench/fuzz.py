@@ -377,6 +377,16 @@ def text_frame(rng: random.Random) -> tuple[str, str | bytes]:
                                         b"\xed\xa0\x80", b"\x80" * 10])
 
 
+def _is_flush(text: str) -> bool:
+    """Whether a fuzzed text frame is still a valid ``flush`` (``{"type": "flush", ...}``
+    with any other fields): the session ends there, and later frames go unanswered."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and obj.get("type") == "flush"
+
+
 def pcm(rng: random.Random, n_bytes: int) -> bytes:
     if rng.random() < 0.5:
         return bytes(n_bytes)
@@ -542,6 +552,7 @@ class WsClient:
         self.sent_bad_frame = False  # invalid UTF-8 text, or a frame breaking RFC 6455
         self.reply_close = True  # answer the server's Close frame at once
         self.must_error = 0  # frames sent that must each get an error event
+        self.maybe_flushed = False  # a fuzzed text frame may have ended the session
         self.errors = 0  # error events received
         self.events: list[dict[str, Any]] = []
 
@@ -847,6 +858,8 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
                     ws.sent_bad_frame = True
                     batch.append(_ws_frame(0x1, payload, rng))
                 else:
+                    if '"flush"' in payload and _is_flush(payload):
+                        ws.maybe_flushed = True  # a mutation that is still a flush
                     # A lone surrogate goes out as its JSON escape (valid UTF-8 text).
                     batch.append(_ws_frame(0x1, payload.encode("utf-8", "backslashreplace"),
                                            rng))
@@ -877,6 +890,10 @@ async def _ws_session(ws: WsClient, index: int, session: int, budget: Budget, st
             await ws.closed.wait()
         if scope.cancelled_caught:
             stats.hang(f"no end/close within {ANSWER_TIMEOUT_S[0]:g} s of flush")
+        elif ws.saw_end and not ws.saw_fatal and ws.maybe_flushed:
+            # Not checked: the frames after that flush went unread. Counted to show it.
+            stats.coded["sessions_ended_by_a_fuzzed_flush"] += 1
+            stats.coded["of_which_with_fewer_errors"] += ws.errors < ws.must_error
         elif ws.saw_end and not ws.saw_fatal:
             # Everything before the flush was read: each malformed frame owes an error.
             stats.coded["sessions_checked"] += 1
