@@ -366,13 +366,33 @@ class FrameDecoder:
         back in-band as a non-fatal ``LinkProtocolError`` in place of that frame, so the
         frames around it are kept.
 
+        A fatal error poisons the decoder. The frames complete before it in the same
+        chunk are still returned (a peer batches frames, and the audio before a broken
+        frame was sent in good faith); the error is then raised by the next call, and
+        ``broken`` tells it at once.
+
         Raises:
-            LinkProtocolError: a fatal error; it poisons the decoder.
+            LinkProtocolError: a fatal error, with no frame decoded before it in this
+                call, or left from the previous call.
         """
         if self._broken is not None:
             raise self._broken
         self._buf += data
         out: list[Frame | LinkProtocolError] = []
+        try:
+            self._decode(out)
+        except LinkProtocolError:
+            if not out:
+                raise
+            # self._broken is set: the next call raises it.
+        return out
+
+    @property
+    def broken(self) -> LinkProtocolError | None:
+        """The fatal error that poisoned the decoder, if any."""
+        return self._broken
+
+    def _decode(self, out: list[Frame | LinkProtocolError]) -> None:
         while len(self._buf) >= HEADER.size:
             kind, length = HEADER.unpack_from(self._buf)
             if length > self._max:
@@ -407,7 +427,6 @@ class FrameDecoder:
                     self._broken = exc
                     raise
                 out.append(exc)
-        return out
 
     def close(self) -> None:
         """The byte stream ended.
@@ -528,7 +547,12 @@ class ServerStream:
             LinkProtocolError: a fatal error: the stream cannot go on.
         """
         out: list[Inbound] = []
-        for frame in self.decoder.feed(data):
+        frames = self.decoder.feed(data)
+        if self.decoder.broken is not None:
+            # Frames before a fatal one in the same chunk come out first; the error
+            # follows them in-band, last (the next call raises it).
+            frames = [*frames, self.decoder.broken]
+        for frame in frames:
             if isinstance(frame, LinkProtocolError):
                 out.append(frame)
                 continue

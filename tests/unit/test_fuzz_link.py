@@ -370,12 +370,6 @@ TestLinkStreamClient.settings = settings(max_examples=150, stateful_step_count=2
                                          suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "asr/link.py (owner: asr): FrameDecoder.feed raises on a fatal frame and drops the "
-    "frames it had already decoded from the same chunk (ServerStream.receive likewise): "
-    "Start + 2 Audio + an unknown type 0x7f, or an oversize length, in one chunk gives "
-    "nothing. Fix: return the frames decoded so far and raise on the next call (or "
-    "return the fatal error in-band last)."))
 @pytest.mark.parametrize("bad", [
     link.HEADER.pack(0x7F, 0),  # an unknown frame type
     link.HEADER.pack(link.FrameType.AUDIO, 1 << 20),  # a length over the limit
