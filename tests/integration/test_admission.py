@@ -223,7 +223,7 @@ async def test_over_max_sessions_per_ip_gets_rate_limited(
     t0 = time.monotonic()
     with trio.fail_after(3):
         (text_op, payload), (close_op, close) = frames(await read_to_eof(mute))
-    assert 0.8 <= time.monotonic() - t0 <= 2.0
+    assert 0.8 <= time.monotonic() - t0 <= 3.0  # SEND_TIMEOUT_S 1 s, slack for a busy CI
     assert (text_op, close_op, struct.unpack(">H", close[:2])[0]) == (0x1, 0x8, 1008)
     assert json.loads(payload)["code"] == "RATE_LIMITED"
     await mute.aclose()
@@ -299,13 +299,13 @@ async def test_tcp_that_never_upgrades_is_dropped(
             await trio.sleep(0.02)
     await quitter.aclose()
     t0 = time.monotonic()
-    with trio.fail_after(0.5):  # well before the 1 s deadline
+    with trio.fail_after(0.8):  # before the 1 s deadline
         while await open_connections(gw) != 2:
             await trio.sleep(0.02)
     with trio.fail_after(3):
         assert await read_to_eof(silent) == b""
         assert await read_to_eof(partial) == b""
-    assert time.monotonic() - t0 <= 1.5
+    assert time.monotonic() - t0 <= 2.5  # the 1 s deadline, slack for a busy CI
     assert await open_connections(gw) == 0
     for s in (silent, partial):
         await s.aclose()
