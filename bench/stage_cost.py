@@ -295,7 +295,7 @@ def lid_rows(audio: npt.NDArray[np.int16], repeats: int) -> tuple[list[dict[str,
     """One ``/v1/lid`` call on the first 3 s, 10 s window and 30 s window; empty (and why)
     when the exported model is not in the cache."""
     from asr.whisper import cache, weights
-    from asr.whisper.decoding import WhisperEngine
+    from asr.whisper.engine import WhisperEngine
     from asr.whisper.runtime import load_model
 
     try:

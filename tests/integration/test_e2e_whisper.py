@@ -14,7 +14,7 @@ import trio
 from asr import link
 from asr.engine import WhisperBackend
 from asr.server import AsrServerConfig, serve
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 from asr.whisper.normalize import word_errors
 from gateway.client import stream_audio
 from gateway.h2client import connect
