@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from asr.engine import DEFAULT_POOL, DEFAULT_POOLS, WhisperBackend  # noqa: E402
 from asr.scheduler import percentile  # noqa: E402
-from asr.whisper.decoding import read_audio_file  # noqa: E402
+from asr.whisper.audio import read_audio_file  # noqa: E402
 from asr.workers import ProcessBackend, WireJob, WorkerConfig  # noqa: E402
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")

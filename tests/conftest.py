@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from asr.whisper import cache
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 
 
 @pytest.fixture(scope="session")

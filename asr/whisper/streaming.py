@@ -26,12 +26,8 @@ from typing import Protocol
 import numpy as np
 
 from asr.whisper import mel as melmod
-from asr.whisper.decoding import (
-    DecodeOptions,
-    DecodeRequest,
-    DecodeResult,
-    WhisperEngine,
-)
+from asr.whisper.engine import WhisperEngine
+from asr.whisper.search import DecodeOptions, DecodeRequest, DecodeResult
 from asr.whisper.tokenizer import WhisperTokenizer
 
 SAMPLE_RATE = melmod.SAMPLE_RATE  # Hz
@@ -198,7 +194,7 @@ class PartialDecoder(Protocol):
 
 
 class EnginePartialDecoder:
-    """:class:`PartialDecoder` on a :class:`~asr.whisper.decoding.WhisperEngine`: jobs
+    """:class:`PartialDecoder` on a :class:`~asr.whisper.engine.WhisperEngine`: jobs
     with the same window run as one encoder batch and one decoder run per step.
 
     Args:

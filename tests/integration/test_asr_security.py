@@ -25,7 +25,7 @@ from asr.engine import PoolSpec, UnsupportedLanguage, WhisperBackend
 from asr.main import load_config
 from asr.scheduler import Job
 from asr.server import AsrApp, AsrServerConfig, serve
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 from asr.whisper.normalize import normalize_english
 from gateway.h2client import H2Connection, connect
 from tests import speech

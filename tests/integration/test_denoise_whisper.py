@@ -19,7 +19,7 @@ import trio
 
 from asr.engine import WhisperBackend
 from asr.server import AsrServerConfig, serve
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 from asr.whisper.normalize import WordErrors, word_errors
 from gateway.client import stream_audio
 from gateway.config import GatewayConfig

@@ -15,7 +15,7 @@ import trio
 import gateway.session
 from asr.engine import WhisperBackend
 from asr.server import AsrServerConfig, serve
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 from gateway.client import StreamResult, stream_audio
 from gateway.config import GatewayConfig
 from gateway.server import serve as serve_gateway

@@ -19,7 +19,7 @@ import pytest
 from asr.backend import Recognition
 from asr.engine import DEFAULT_POOLS, PoolSpec, WhisperBackend
 from asr.scheduler import Job
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 from asr.whisper.loops import repeated_ngrams
 from asr.whisper.normalize import normalize_english, word_errors
 from tests import speech

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from asr.backend import Recognition
 from asr.engine import PoolSpec, WhisperBackend
 from asr.scheduler import Job
-from asr.whisper.decoding import WhisperEngine
+from asr.whisper.engine import WhisperEngine
 from asr.whisper.normalize import normalize_english
 from asr.whisper.streaming import (
     LocalAgreement,
