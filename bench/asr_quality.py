@@ -73,8 +73,8 @@ from asr.engine import (  # noqa: E402
 from asr.whisper import export, weights  # noqa: E402
 from asr.whisper import mel as melmod  # noqa: E402
 from asr.whisper.engine import Transcript, Utterance, WhisperEngine  # noqa: E402
-from asr.whisper.search import token_budget  # noqa: E402
 from asr.whisper.normalize import WordErrors, normalize_english, word_errors  # noqa: E402
+from asr.whisper.search import token_budget  # noqa: E402
 from asr.whisper.streaming import trim_repetition  # noqa: E402
 from tests import speech  # noqa: E402
 

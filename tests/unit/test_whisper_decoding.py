@@ -12,17 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asr.whisper.decoding import (
-    DecodeOptions,
-    DecodeRequest,
-    Utterance,
-    WhisperDecoder,
-    WhisperEngine,
-    log_softmax,
-    read_audio_file,
-)
+from asr.whisper.audio import read_audio_file
+from asr.whisper.engine import Utterance, WhisperEngine
 from asr.whisper.model import CrossKV
 from asr.whisper.normalize import normalize_english, word_errors
+from asr.whisper.search import DecodeOptions, DecodeRequest, WhisperDecoder, log_softmax
 from tests.data import fake_whisper as fw
 
 
@@ -418,22 +412,23 @@ def test_batch_of_three_equals_individual_real(whisper_base: WhisperEngine) -> N
 def test_transcribe_file_with_fake_engine(
     fake: fw.ScriptedWhisper, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import asr.whisper.decoding as decoding
+    from asr.whisper import transcribe
 
     audio = (_tone(440, 1.0) * 32767).astype(np.int16)
     fake.add_audio(audio.astype(np.float32) / 32768.0, fw.Utt(fw.say("from file")))
     engine = WhisperEngine(fake)
-    monkeypatch.setattr(decoding, "get_engine", lambda *a, **k: engine)
+    # transcribe_file looks get_engine up in its own module's namespace.
+    monkeypatch.setattr(transcribe, "get_engine", lambda *a, **k: engine)
     raw = tmp_path / "clip.raw"
     raw.write_bytes(audio.tobytes())
-    tr = decoding.transcribe_file(raw, model="fake", beam=2)
+    tr = transcribe.transcribe_file(raw, model="fake", beam=2)
     assert tr.text == "from file" and tr.beam_size == 2
     assert json.loads(json.dumps(tr.to_dict()))["lang"] == "en"
 
 
 @pytest.mark.slow
 def test_transcribe_file_real() -> None:
-    from asr.whisper.decoding import transcribe_file
+    from asr.whisper.transcribe import transcribe_file
     from tests import speech
 
     tr = transcribe_file(speech.TESTDATA / "goforward.raw", model="tiny.en")
