@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="WebSocket port (default 8080)")
         p.add_argument("--http-port", type=int, help="HTTP port (default 8081)")
         p.add_argument("--config", help="TOML file with settings")
+        if name == "gateway":
+            p.add_argument("--workers", type=int, metavar="N",
+                           help="gateway processes serving the same ports, under a "
+                           "supervisor that restarts them (WORKERS; default 1: one "
+                           "process, no supervisor)")
         quiet = name == "serve"  # the embedded default is for a person at a terminal
         p.add_argument("--log-level", default="warning" if quiet else "info",
                        choices=["debug", "info", "warning", "error"],

@@ -172,6 +172,9 @@ class GatewayConfig:
         "CELT's cost is flat from 1 to 4 and jumps at 5)", _range(0, 10)))
     max_sessions: int = field(default=200, metadata=_key(
         "MAX_SESSIONS", "sessions past this are refused with BUSY", _range(1, 100000)))
+    workers: int = field(default=1, metadata=_key(
+        "WORKERS", "gateway processes serving the same ports (voxgate gateway; 1: one "
+        "process, no supervisor)", _range(1, 256)))
     max_frame_bytes: int = field(default=65536, metadata=_key(
         "MAX_FRAME_BYTES", "largest binary frame accepted from a client, bytes",
         _range(640, 16 * 1024 * 1024)))

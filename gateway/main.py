@@ -111,7 +111,8 @@ async def run_serve(cfg: GatewayConfig) -> None:
 
 def _config(args: Any) -> GatewayConfig:
     return GatewayConfig.load(file=args.config, overrides={
-        "host": args.host, "port": args.port, "http_port": args.http_port})
+        "host": args.host, "port": args.port, "http_port": args.http_port,
+        "workers": getattr(args, "workers", None)})
 
 
 def _logs(args: Any) -> None:
@@ -156,6 +157,11 @@ def gateway_main(args: Any) -> int:
     refused = check_exposure(cfg, "gateway")
     if refused is not None:
         return refused
+    if cfg.workers > 1:
+        from .supervisor import run_supervisor
+
+        return run_supervisor(cfg, log_level=getattr(logging, args.log_level.upper()),
+                              json_logs=args.log_format == "json")
     trio.run(run_gateway, cfg)
     return 0
 
@@ -168,6 +174,9 @@ def serve_main(args: Any) -> int:
     refused = check_exposure(cfg, "serve")
     if refused is not None:
         return refused
+    if cfg.workers > 1:
+        log.warning("WORKERS=%d is for voxgate gateway; voxgate serve runs one gateway "
+                    "process", cfg.workers)
     try:
         trio.run(run_serve, cfg)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import hmac
 import logging
 import socket
 import ssl
@@ -25,16 +26,19 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
     WebSocketConnection,
     WebSocketRequest,
     WebSocketServer,
+    connect_websocket,
 )
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -45,21 +49,27 @@ from asr.server import install_hypercorn_guard
 from .asrlink import AsrPools
 from .auth import Authenticator
 from .config import GatewayConfig
-from .httpapp import GatewayHttpApp, metrics_app
+from .httpapp import METRICS_TYPE, GatewayHttpApp, _reply, metrics_app
 from .metrics import GatewayMetrics
 from .protocol import (
     MAX_TEXT_FRAME_BYTES,
     ErrorCode,
     EventWriter,
     OversizedMessage,
+    ProtocolError,
     ProtocolViolation,
+    Start,
     dumps,
+    parse_text,
 )
 from .records import ArchiveRetrier, RecordStore, default_fallback_dir, store_from_config
 from .s3store import S3Store
 from .session import GatewayContext, Session
 from .signing import UrlSigner
 from .vadservice import VadService
+
+if TYPE_CHECKING:
+    from .supervisor import WorkerLink
 
 log = logging.getLogger("voxgate.gateway")
 
@@ -194,6 +204,7 @@ async def serve(
     vad: VadService | None = None,
     store: RecordStore | None = None,
     ports: GatewayPorts | None = None,
+    worker: WorkerLink | None = None,
     task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``shutdown`` is set; then drain the sessions.
@@ -201,6 +212,10 @@ async def serve(
     Args:
         ports: filled in with every bound port (metrics included) before ``task_status``
             reports ``(ws_port, http_port)``.
+        worker: run as one worker of ``voxgate gateway --workers N``: serve the sockets
+            the supervisor bound, keep flowIds in the instance's registry, relay a
+            connection whose flowId another worker holds, and answer ``/metrics`` for
+            the whole instance (see ``gateway.supervisor``).
 
     Raises:
         ValueError: a TLS certificate or key (public side or ASR link), or the JWT key
@@ -240,7 +255,8 @@ async def serve(
         async def http_trigger() -> None:
             await http_stop.wait()
 
-        hc = _hypercorn_config(Config(), cfg.host, cfg.http_port)
+        hc = _hypercorn_config(Config(), cfg.host, cfg.http_port,
+                               fd=worker.http_fd if worker is not None else None)
         if tls is not None:
             hc.certfile, hc.keyfile = cfg.tls_cert_file, cfg.tls_key_file
             # as the WebSocket port: a socket that never completes TLS goes (60 s default)
@@ -248,14 +264,21 @@ async def serve(
         http_app = GatewayHttpApp(store=store, metrics=metrics.render,
                                   ready=lambda: ready["ok"], web_origins=_web_origins(cfg),
                                   signer=signer, serve_metrics=cfg.metrics_port is None)
+        asgi: Any = http_app
+        if worker is not None and cfg.metrics_port is None:
+            asgi = _InstanceMetrics(http_app, worker, metrics)
         binds = await nursery.start(functools.partial(
-            hyper_serve, cast(Any, http_app), hc, shutdown_trigger=http_trigger))
+            hyper_serve, asgi, hc, shutdown_trigger=http_trigger))
         http_port = ports.http = _bound_port(binds)
         scheme = "https" if tls is not None else "http"
         public_base = cfg.public_base.rstrip("/") or f"{scheme}://{cfg.host}:{http_port}"
         ctx = GatewayContext(cfg, vad, pools, metrics, store, public_base,
                              fallback_dir=fallback_dir, archive_retrier=retrier,
                              auth=auth, signer=signer)
+        if worker is not None:
+            from .supervisor import SharedFlows
+
+            ctx.flows = SharedFlows(worker)
         if retrier is not None:
             await nursery.start(retrier.run)  # also stores what an earlier run left
             metrics.counter_fn("archive_fallback_stored", "recordings stored from the "
@@ -263,6 +286,7 @@ async def serve(
                                lambda: float(retrier.stored))
         _register_metrics(metrics, vad, pools, store, table)
 
+        relays = _Relays()
         async with trio.open_nursery() as sessions:
             async def handler(request: WebSocketRequest, admission: Admission) -> None:
                 ws: WebSocketConnection | None = None
@@ -273,10 +297,28 @@ async def serve(
                 if admission is Admission.RATE_LIMITED:
                     await _refuse_rate_limited(ws, metrics, cfg.max_sessions_per_ip)
                     return
+                conn = cast(_Connection, ws)
+                if worker is not None:
+                    conn.flow_owner = worker.owner_port
                 await Session(ctx, ws).run()
+                if conn.relay_to is not None:
+                    port, start = conn.relay_to
+                    conn.relay_to = None
+                    assert worker is not None
+                    with relays.one():
+                        relayed = await _relay(conn, port, start, worker.secret, cfg)
+                    if not relayed:  # the owner is gone: this worker decides
+                        conn.pushback.append(start)
+                        await Session(ctx, ws).run()
 
             listeners: list[Any]
-            if tls is not None:
+            if worker is not None:
+                listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(
+                    socket.socket(fileno=worker.ws_fd)))]
+                if tls is not None:
+                    listeners = [trio.SSLListener(listener, tls, https_compatible=True)
+                                 for listener in listeners]
+            elif tls is not None:
                 listeners = await trio.open_ssl_over_tcp_listeners(
                     cfg.port, tls, host=cfg.host, https_compatible=True)
             else:
@@ -288,9 +330,12 @@ async def serve(
             await nursery.start(server.run)
             ws_port = ports.ws = server.port
             http_app.ws_port = ws_port  # the page at / streams here by default
+            if worker is not None:
+                await _serve_private(nursery, sessions, worker, ctx, cfg)
             if cfg.metrics_port is not None:
-                ports.metrics = await _serve_metrics(nursery, cfg.host, cfg.metrics_port,
-                                                     metrics, http_trigger)
+                ports.metrics = await _serve_metrics(
+                    nursery, cfg.host, cfg.metrics_port, metrics, http_trigger,
+                    worker=worker)
             log.info("gateway listening: %s://%s:%d%s, %s://%s:%d, metrics on port %d",
                      "wss" if tls else "ws", cfg.host, ws_port, WS_PATH, scheme, cfg.host,
                      http_port, ports.metrics if ports.metrics is not None else http_port)
@@ -301,31 +346,38 @@ async def serve(
             ctx.shutting_down.set()
             for s in list(ctx.sessions):
                 s.stop_ingest()
-            if ctx.sessions:
-                with trio.move_on_after(cfg.shutdown_grace_s):
+            with trio.move_on_after(cfg.shutdown_grace_s):
+                if ctx.sessions:
                     await ctx.drained.wait()
+                # Connections relayed to a sibling carry its finals: they end with it.
+                await relays.idle()
             sessions.cancel_scope.cancel()
         http_stop.set()
         nursery.cancel_scope.cancel()
 
 
 async def _serve_metrics(nursery: trio.Nursery, host: str, port: int,
-                         metrics: GatewayMetrics, trigger: Callable[[], Awaitable[None]]
-                         ) -> int:
+                         metrics: GatewayMetrics, trigger: Callable[[], Awaitable[None]],
+                         worker: WorkerLink | None = None) -> int:
     """A second hypercorn with ``/metrics`` (and ``/healthz``) alone on METRICS_PORT, so
     that the port that serves recordings to the world does not also serve metrics. Plain
     HTTP even with TLS_CERT_FILE: it is for the cluster's scraper, not for the public."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hyper_serve
 
-    mc = _hypercorn_config(Config(), host, port)
+    mc = _hypercorn_config(Config(), host, port,
+                           fd=worker.metrics_fd if worker is not None else None)
+    app: Any = metrics_app(metrics.render)
+    if worker is not None:
+        app = _InstanceMetrics(app, worker, metrics)
     binds = await nursery.start(functools.partial(
-        hyper_serve, cast(Any, metrics_app(metrics.render)), mc, shutdown_trigger=trigger))
+        hyper_serve, app, mc, shutdown_trigger=trigger))
     return _bound_port(binds)
 
 
-def _hypercorn_config(hc: Any, host: str, port: int) -> Any:
-    hc.bind = [f"{host}:{port}"]
+def _hypercorn_config(hc: Any, host: str, port: int, fd: int | None = None) -> Any:
+    # fd: a socket the supervisor of ``--workers`` bound (hypercorn serves it as is)
+    hc.bind = [f"fd://{fd}"] if fd is not None else [f"{host}:{port}"]
     hc.accesslog = None
     hc.errorlog = log
     return hc
@@ -430,6 +482,11 @@ class _Connection(WebSocketConnection):
 
     _dropping = False
     send_timeout_s = 10.0
+    # With --workers: the private port of the sibling that holds a flowId (None: no
+    # sibling does); consulted for the first ``start`` read, then dropped.
+    flow_owner: Callable[[str], int | None] | None = None
+    relay_to: tuple[int, str] | None = None  # (owner's port, the start) to relay
+    pushback: list[str | bytes]  # messages to hand out again before reading on
     _failure: ProtocolViolation | None = None  # the frame at which the peer broke RFC 6455
     _discard_scope: trio.CancelScope | None = None  # reading on after the failure
 
@@ -505,6 +562,22 @@ class _Connection(WebSocketConnection):
         if self._wsproto.state is ConnectionState.OPEN:
             await super()._handle_ping_event(event)
 
+    async def get_message(self) -> str | bytes:
+        if self.pushback:
+            return self.pushback.pop(0)
+        message = await super().get_message()
+        if self.flow_owner is not None and isinstance(message, str):
+            flow_id = _start_flow_id(message)
+            if flow_id is not None:
+                owner, self.flow_owner = self.flow_owner, None
+                port = owner(flow_id)
+                if port is not None:
+                    # The session reading this sees a client that left before its start
+                    # and ends quietly; the handler then relays the connection.
+                    self.relay_to = (port, message)
+                    raise ConnectionClosed(CloseReason(1000, "relayed"))
+        return message
+
     async def send_message(self, message: str | bytes) -> None:
         with trio.move_on_after(self.send_timeout_s) as scope:
             await super().send_message(message)
@@ -573,6 +646,7 @@ class _Server(WebSocketServer):
                                      max_message_size=self._max_message_size,
                                      receive_buffer_size=self._receive_buffer_size)
             connection.send_timeout_s = self._disconnect_timeout
+            connection.pushback = []
             request: WebSocketRequest | None = None
             with trio.move_on_after(self._connect_timeout) as connect_scope:
                 async def read() -> None:
@@ -642,3 +716,182 @@ def _link_stat(pools: AsrPools, name: str) -> float:
 
 def _s3_stat(store: S3Store, name: str) -> float:
     return float(getattr(store.statistics(), name))
+
+
+# -- voxgate gateway --workers N: one worker among several (see gateway.supervisor) -----
+
+METRICS_FETCH_TIMEOUT_S = 2.0  # a sibling that does not answer a scrape in time is left out
+INTERNAL_MESSAGE_BYTES = 64 * 1024 * 1024  # a sibling's exposition, or its events
+
+
+def _start_flow_id(message: str) -> str | None:
+    """The flowId of ``message`` when it is a valid ``start``, else None."""
+    try:
+        msg = parse_text(message)
+    except ProtocolError:
+        return None
+    return msg.flow_id if isinstance(msg, Start) else None
+
+
+class _Relays:
+    """Connections this worker relays to a sibling; shutdown waits until they end (the
+    sibling drains their sessions and sends their finals through them)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def one(self) -> Any:
+        self.active += 1
+        self._idle = trio.Event()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
+def _secret_headers(secret: str) -> list[tuple[bytes, bytes]]:
+    from .supervisor import SECRET_HEADER
+
+    return [(SECRET_HEADER.encode(), secret.encode())]
+
+
+async def _relay(client: _Connection, port: int, start: str, secret: str,
+                 cfg: GatewayConfig) -> bool:
+    """Carry ``client``'s connection to the sibling worker listening on ``port``, which
+    holds the flowId of ``start``: the ``start`` first, then every message both ways,
+    and the sibling's close code. Returns False (nothing sent to the client) when the
+    sibling cannot be reached."""
+    async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(cfg.start_timeout_s):
+                up = await connect_websocket(
+                    nursery, "127.0.0.1", port, WS_PATH, use_ssl=False,
+                    extra_headers=_secret_headers(secret),
+                    max_message_size=INTERNAL_MESSAGE_BYTES)
+        except (OSError, HandshakeError, ConnectionRejected, trio.TooSlowError) as exc:
+            log.warning("could not relay a connection to the worker on port %d: %r",
+                        port, exc)
+            nursery.cancel_scope.cancel()
+            return False
+        close_code = 1000
+        try:
+            await up.send_message(start)
+            async with trio.open_nursery() as pump:
+                async def down() -> None:
+                    nonlocal close_code
+                    with contextlib.suppress(ConnectionClosed):
+                        while True:
+                            await client.send_message(await up.get_message())
+                    if up.closed is not None and up.closed.code is not None:
+                        close_code = int(up.closed.code)
+                    pump.cancel_scope.cancel()
+
+                async def upward() -> None:
+                    while True:
+                        try:
+                            message = await client.get_message()
+                        except ConnectionClosed:
+                            pump.cancel_scope.cancel()  # the client left: nothing to carry
+                            return
+                        if isinstance(message, ProtocolViolation):
+                            pump.cancel_scope.cancel()  # aclose sends the violation's code
+                            return
+                        if isinstance(message, OversizedMessage):
+                            # The sibling has the same limit: it answers FRAME_TOO_LARGE.
+                            message = bytes(message.limit + 1)
+                        try:
+                            await up.send_message(message)
+                        except ConnectionClosed:
+                            return  # the sibling closed: ``down`` delivers the rest
+
+                pump.start_soon(down)
+                pump.start_soon(upward)
+        except ConnectionClosed:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await up.aclose()
+                await client.aclose(close_code)
+            nursery.cancel_scope.cancel()
+    return True
+
+
+async def _serve_private(nursery: trio.Nursery, sessions: trio.Nursery, worker: WorkerLink,
+                         ctx: GatewayContext, cfg: GatewayConfig) -> None:
+    """The worker's private loopback listener (instance secret required): connections
+    that siblings relay here, and ``/internal/metrics`` for their scrapes."""
+    from .supervisor import INTERNAL_METRICS_PATH, SECRET_HEADER
+
+    secret = worker.secret.encode()
+
+    async def handler(request: WebSocketRequest, _admission: Admission) -> None:
+        given = dict(request.headers).get(SECRET_HEADER.encode(), b"")
+        if not hmac.compare_digest(given, secret):
+            await request.reject(403)
+            return
+        if request.path == INTERNAL_METRICS_PATH:
+            ws = await request.accept()
+            await ws.send_message(ctx.metrics.render())
+            return
+        conn = await _handshake(request, Admission.OK, ctx.shutting_down.is_set())
+        if conn is not None:
+            await Session(ctx, conn).run()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    server = _Server(handler, ConnectionTable(1 << 30), listeners, handler_nursery=sessions,
+                     max_message_size=ws_message_limit(cfg),
+                     connect_timeout=cfg.start_timeout_s,
+                     disconnect_timeout=cfg.send_timeout_s)
+    await nursery.start(server.run)
+    worker.publish(server.port)
+
+
+async def _instance_metrics(worker: WorkerLink, metrics: GatewayMetrics) -> bytes:
+    """Every worker's metrics, summed (a sibling that does not answer within
+    METRICS_FETCH_TIMEOUT_S is left out, and ``gateway_workers`` says how many are in)."""
+    from .supervisor import INTERNAL_METRICS_PATH, merge_expositions
+
+    texts = [metrics.render()]
+
+    async def fetch(port: int) -> None:
+        with trio.move_on_after(METRICS_FETCH_TIMEOUT_S):
+            try:
+                async with trio.open_nursery() as n:
+                    ws = await connect_websocket(
+                        n, "127.0.0.1", port, INTERNAL_METRICS_PATH, use_ssl=False,
+                        extra_headers=_secret_headers(worker.secret),
+                        max_message_size=INTERNAL_MESSAGE_BYTES)
+                    data = await ws.get_message()
+                    texts.append(data if isinstance(data, bytes) else data.encode())
+                    await ws.aclose()
+            except Exception as exc:  # a sibling that just died, or is shutting down
+                log.warning("metrics of the worker on port %d: %r", port, exc)
+
+    async with trio.open_nursery() as n:
+        for port in worker.siblings():
+            n.start_soon(fetch, port)
+    return merge_expositions(texts, workers_help="gateway worker processes whose "
+                             "metrics this scrape sums")
+
+
+class _InstanceMetrics:
+    """ASGI wrapper: ``/metrics`` answered for the whole instance; the rest as ``app``."""
+
+    def __init__(self, app: Any, worker: WorkerLink, metrics: GatewayMetrics) -> None:
+        self.app, self.worker, self.metrics = app, worker, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["path"] == "/metrics"
+                and scope["method"] in ("GET", "HEAD")):
+            body = await _instance_metrics(self.worker, self.metrics)
+            await _reply(send, 200, body, METRICS_TYPE, head=scope["method"] == "HEAD")
+            return
+        await self.app(scope, receive, send)
