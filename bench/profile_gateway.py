@@ -1,0 +1,244 @@
+"""Where the gateway's CPU goes at N real-time sessions: py-spy samples, by category.
+
+    .venv/bin/python bench/profile_gateway.py --sessions 100 --seconds 40
+    .venv/bin/python bench/profile_gateway.py --aggregate bench/out/profile_gw_100.raw
+
+Starts ``voxgate gateway`` record-only (its ASR unreachable: VAD, archive, framing), pinned
+to CPU 0, drives it with ``bench/load.py --url`` (pinned to CPU 1), and once every session
+streams records the gateway with ``py-spy record --format raw --native`` (idle stacks
+left out, so every sample is CPU spent). Each sample is charged to one category: the
+innermost frame that belongs to one (numpy under ``stages/vad.py`` is VAD; a
+``trio`` memory-channel send called from ``gateway/session.py`` is a channel hop). It
+also reports, per category, the share of samples with that category anywhere on the
+stack (inclusive), the ``gateway/session.py`` functions by self and inclusive share,
+and the top leaf frames.
+
+Writes ``bench/out/profile_gw_<N>.json``, ``.png`` and the raw py-spy file, plus
+the load run's ``bench/out/profile_gw_<N>_load.json``. py-spy pauses the process
+for each sample, so the load figures of a profiled run are not the gateway's cost:
+measure that with ``bench/load.py`` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import OUT  # noqa: E402
+
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))
+
+# (category, pattern on one frame "function (file:line)"), first match wins per frame.
+# Order matters only within one frame; across frames the innermost matching frame wins.
+RULES: list[tuple[str, str]] = [
+    ("gc", r"gc_collect_main|gc_collect_with_callback|collect_generations"),
+    ("vad", r"stages/vad\.py|gateway/vadservice\.py|onnxruntime|libonnx|Ort|MlasSgemm"
+            r"|MlasConv|MlasGemm|MlasCompute"),
+    ("archive", r"stages/archive\.py|native/opus|native/ogg|libopus|opus_|celt_|silk_"
+                r"|_opus\.abi3|_opusenc"),
+    ("asr_link", r"gateway/asrlink\.py|gateway/h2client\.py|/h2/|/hpack/"),
+    ("metrics", r"gateway/metrics\.py|prometheus_client"),
+    ("logging", r"/logging/|gateway/logs\.py"),
+    ("json_events", r"/json/|gateway/protocol\.py"),
+    ("reframe_seq", r"stages/reframe\.py"),
+    ("endpoint_gate", r"stages/endpoint\.py|stages/denoise\.py|stages/lid\.py"),
+    ("ws_receive", r"trio_websocket|wsproto"),
+    ("trio_channels_sync", r"trio/_channel\.py|trio/_sync\.py|trio/_core/_parking_lot\.py"),
+    ("trio_socket_io", r"trio/_highlevel_socket\.py|trio/_socket\.py|trio/_core/_io_epoll"
+                       r"|epoll_wait|__libc_recv|__libc_send|recvfrom|sendto|__send|__recv"),
+    ("trio_scheduler", r"trio/_core/|trio/_timeouts\.py|outcome/"),
+    ("session_py", r"gateway/session\.py"),
+    ("ws_server", r"gateway/server\.py"),
+    ("gateway_other", r"gateway/(?!cli\.py|main\.py)"),
+    ("stages_other", r"stages/"),
+]
+_COMPILED = [(name, re.compile(pat)) for name, pat in RULES]
+CATEGORIES = [name for name, _ in RULES] + ["other"]
+# the trio run loop and its channels are charged to their caller in the "owner" view
+_LOOP = {"trio_scheduler", "trio_channels_sync", "trio_socket_io", "gc"}
+# A thread parked on a lock or condition (trio's thread cache, onnxruntime's pool) is not
+# CPU: with --native py-spy cannot always tell, so such stacks are dropped here.
+_IDLE = re.compile(r"PyThread_acquire_lock_timed|pthread_cond_(timed)?wait|sem_(timed)?wait"
+                   r"|futex_wait|__futex")
+_LINE = re.compile(r"^(.*) (\d+)$")
+_SESSION_FN = re.compile(r"^(\S+) \(.*gateway/session\.py(?::\d+)?\)$")
+
+
+def classify(frame: str) -> str | None:
+    for name, pat in _COMPILED:
+        if pat.search(frame):
+            return name
+    return None
+
+
+def aggregate(raw: Path) -> dict[str, Any]:
+    """A py-spy ``raw`` (collapsed stacks, root first) file, as shares by category."""
+    self_c: Counter[str] = Counter()
+    incl_c: Counter[str] = Counter()
+    sess_self: Counter[str] = Counter()
+    sess_incl: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    owner_c: dict[str, Counter[str]] = {}
+    total = idle = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        m = _LINE.match(line.strip())
+        if not m:
+            continue
+        frames = m.group(1).split(";")
+        n = int(m.group(2))
+        if any(_IDLE.search(f) for f in frames[-3:]):
+            idle += n
+            continue
+        total += n
+        cats = [classify(f) for f in frames]
+        leaf_cat = next((c for c in reversed(cats) if c is not None), "other")
+        self_c[leaf_cat] += n
+        owner = next((c for c in reversed(cats) if c is not None and c not in _LOOP),
+                     "trio_run_loop")
+        owner_c.setdefault(owner, Counter())[leaf_cat] += n
+        for c in set(cats) - {None}:
+            incl_c[str(c)] += n
+        leaves[frames[-1][:120]] += n
+        fns = [fm.group(1) for f in frames if (fm := _SESSION_FN.match(f))]
+        for fn in set(fns):
+            sess_incl[fn] += n
+        # the innermost session.py function, charged with the samples under it that
+        # are not another category's (its own Python work)
+        if leaf_cat == "session_py" and fns:
+            sess_self[fns[-1]] += n
+
+    def share(c: Counter[str]) -> dict[str, float]:
+        return {k: round(100.0 * v / total, 2) for k, v in c.most_common() if total}
+
+    return {
+        "samples": total,
+        "idle_samples_dropped": idle,
+        "self_pct": {k: round(100.0 * self_c[k] / total, 2) if total else 0.0
+                     for k in CATEGORIES},
+        "inclusive_pct": share(incl_c),
+        "session_py_self_pct": share(sess_self),
+        "session_py_inclusive_pct": dict(list(share(sess_incl).items())[:25]),
+        "top_leaves_pct": dict(list(share(leaves).items())[:40]),
+        # per owning code (innermost frame that is not trio's loop/channels or gc): its
+        # share in all, and what that share was spent in
+        "owner_pct": {o: {"total": round(100.0 * sum(c.values()) / total, 2),
+                          **share(c)}
+                      for o, c in sorted(owner_c.items(), key=lambda kv: -sum(kv[1].values()))}
+        if total else {},
+    }
+
+
+def plot(agg: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(agg["self_pct"].items(), key=lambda kv: kv[1])
+    ms = agg.get("ms_per_session_s")
+    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    ax.barh([k for k, _ in items], [v for _, v in items])
+    for i, (k, v) in enumerate(items):
+        label = f"{v:.1f}%" + (f"  {ms[k]:.2f} ms" if ms and k in ms else "")
+        ax.text(v, i, " " + label, va="center", fontsize=8)
+    ax.set_xlabel("share of gateway CPU samples (innermost category)")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_profile(args: argparse.Namespace) -> Path:
+    from bench.common import stop
+    from bench.load import set_affinity, spawn_gateway
+
+    tmp = tempfile.TemporaryDirectory(prefix="voxgate-profile-")
+    stem = OUT / f"{args.name}"
+    raw = stem.with_suffix(".raw")
+    proc, line = spawn_gateway(False, tmp.name, max(200, args.sessions + 10))
+    url = line.split()[0] if " " in line else line
+    load = None
+    try:
+        set_affinity(proc.pid, {0})
+        load = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "load.py"), "--url", url, "--pid",
+             str(proc.pid), "--sessions", str(args.sessions), "--seconds",
+             str(args.seconds), "--pin", "--name", f"{args.name}_load"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(args.delay_s)  # ramp and connect: profile the steady part only
+        cmd = [PY_SPY, "record", "--pid", str(proc.pid), "--format", "raw", "--rate",
+               str(args.rate), "--duration", str(args.duration_s), "--output", str(raw)]
+        if args.native:
+            cmd.append("--native")
+        spy = subprocess.run(["taskset", "-c", "1", *cmd], capture_output=True, text=True)
+        if spy.returncode != 0:
+            raise RuntimeError(f"py-spy failed: {spy.stderr[-2000:]}")
+        _, err = load.communicate(timeout=args.seconds + 180)
+        if load.returncode != 0:
+            print(err[-2000:], file=sys.stderr)
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+        stop(proc)
+        tmp.cleanup()
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sessions", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=40.0, help="audio per session, s")
+    p.add_argument("--delay-s", type=float, default=12.0,
+                   help="wait after starting the load before sampling (ramp + connect)")
+    p.add_argument("--duration-s", type=int, default=20, help="sampling time, s")
+    p.add_argument("--rate", type=int, default=100, help="samples per second")
+    p.add_argument("--no-native", dest="native", action="store_false",
+                   help="Python frames only")
+    p.add_argument("--ms-per-session-s", type=float, default=None,
+                   help="the gateway's measured CPU per session-second (bench/load.py "
+                        "without the profiler): shares are also given in ms")
+    p.add_argument("--aggregate", type=Path, default=None,
+                   help="only aggregate an existing py-spy raw file")
+    p.add_argument("--name", default=None, help="output stem (default profile_gw_<N>)")
+    args = p.parse_args(argv)
+    args.name = args.name or f"profile_gw_{args.sessions}"
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.aggregate is not None:
+        raw = args.aggregate
+        args.name = raw.stem
+    else:
+        raw = run_profile(args)
+    agg = aggregate(raw)
+    if args.ms_per_session_s:
+        agg["ms_per_session_s"] = {k: round(v * args.ms_per_session_s / 100, 2)
+                                   for k, v in agg["self_pct"].items()}
+    agg["meta"] = {"raw": str(raw), "sessions": args.sessions, "native": args.native,
+                   "rate": args.rate, "rules": RULES, "cores": os.cpu_count()}
+    out = OUT / f"{args.name}.json"
+    out.write_text(json.dumps(agg, indent=1))
+    plot(agg, OUT / f"{args.name}.png",
+         f"gateway CPU by category ({agg['samples']} samples, {args.sessions} sessions)")
+    for k, v in sorted(agg["self_pct"].items(), key=lambda kv: -kv[1]):
+        extra = f"  {agg['ms_per_session_s'][k]:6.2f} ms" if "ms_per_session_s" in agg else ""
+        print(f"{k:<20} {v:6.2f} %  (incl {agg['inclusive_pct'].get(k, 0.0):6.2f} %){extra}")
+    print("by owner:")
+    for o, d in agg["owner_pct"].items():
+        print(f"  {o:<18} {d['total']:6.2f} %  ", {k: v for k, v in d.items() if k != "total"})
+    print("session.py self:", agg["session_py_self_pct"])
+    print(f"wrote {out} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
