@@ -305,6 +305,8 @@ async def serve(
                     port, start = conn.relay_to
                     conn.relay_to = None
                     assert worker is not None
+                    log.info("relaying a connection to the worker on port %d, which "
+                             "holds its flowId", port)
                     with relays.one():
                         relayed = await _relay(conn, port, start, worker.secret, cfg)
                     if not relayed:  # the owner is gone: this worker decides
