@@ -90,7 +90,10 @@ class ArchiveEncoder:
         self._lookahead = self._enc.lookahead
         self._mux = OggOpusMuxer(SAMPLE_RATE, 1, pre_skip=self._lookahead,
                                  max_page_ms=_PAGE_MS)
-        self._pending = np.zeros(0, dtype=np.int16)
+        # the Opus frame being filled: 20 ms chunks are copied in, and it is encoded in
+        # place when full (no per-chunk arrays)
+        self._frame = np.zeros(_FRAME_SAMPLES, dtype=np.int16)
+        self._fill = 0
         self._encoded = 0  # samples given to the encoder, padding included
         self._started = False
         self._hash = hashlib.sha256()
@@ -115,22 +118,27 @@ class ArchiveEncoder:
         if not isinstance(samples, np.ndarray) or samples.dtype != np.int16 or samples.ndim != 1:
             raise ValueError("expected a 1-D int16 array")
         self._samples += len(samples)
-        pending = np.concatenate((self._pending, samples)) if len(self._pending) else samples
-        out = self._encode(pending)
-        return self._take(out)
+        return self._take(self._push(samples))
 
-    def _encode(self, pending: npt.NDArray[np.int16]) -> bytes:
-        """Encode the whole frames of ``pending``; keep the rest for later."""
+    def _push(self, samples: npt.NDArray[np.int16]) -> bytes:
+        """Copy ``samples`` into the Opus frame, encoding each one that fills; return the
+        Ogg bytes this completed (the headers first, the first time)."""
+        n = len(samples)
         out = b""
         if not self._started:
             self._started = True
             out = self._mux.headers()
-        n = len(pending) // _FRAME_SAMPLES * _FRAME_SAMPLES
-        for i in range(0, n, _FRAME_SAMPLES):
-            packet = self._enc.encode(np.ascontiguousarray(pending[i:i + _FRAME_SAMPLES]))
-            out += self._mux.packet(packet, _FRAME_SAMPLES)
-        self._encoded += n
-        self._pending = pending[n:].copy()  # never keep a view of the caller's buffer
+        frame, fill, pos = self._frame, self._fill, 0
+        while pos < n:
+            take = min(_FRAME_SAMPLES - fill, n - pos)
+            frame[fill:fill + take] = samples[pos:pos + take]
+            fill += take
+            pos += take
+            if fill == _FRAME_SAMPLES:
+                out += self._mux.packet(self._enc.encode(frame), _FRAME_SAMPLES)
+                self._encoded += _FRAME_SAMPLES
+                fill = 0
+        self._fill = fill
         return out
 
     def close(self) -> tuple[bytes, ArchiveResult]:
@@ -146,8 +154,8 @@ class ArchiveEncoder:
         try:
             # Pad with silence until the encoder's lookahead has let the last sample out.
             need = self._samples + self._lookahead - self._encoded
-            pad = max(0, -(-need // _FRAME_SAMPLES) * _FRAME_SAMPLES - len(self._pending))
-            out = self._encode(np.concatenate((self._pending, np.zeros(pad, np.int16))))
+            pad = max(0, -(-need // _FRAME_SAMPLES) * _FRAME_SAMPLES - self._fill)
+            out = self._push(np.zeros(pad, np.int16))
             tail = self._take(out + self._mux.finish(self._samples))
         finally:
             self._enc.close()
