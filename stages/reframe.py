@@ -30,6 +30,7 @@ DEFAULT_REORDER_WINDOW = 16  # packets held while waiting for a missing one
 # every later packet an old "duplicate", and concealing the gap would conjure up
 # silence by the gigabyte.
 DEFAULT_MAX_SEQ_AHEAD = 256
+_EMPTY = np.zeros(0, dtype=np.int16)
 
 
 class IngestError(Exception):
@@ -81,7 +82,7 @@ class Reframer:
             raise ValueError("max_chunk_bytes must be at least 2")
         self.frame_samples = frame_samples
         self.max_chunk_bytes = max_chunk_bytes
-        self._pending = np.zeros(0, dtype=np.int16)
+        self._pending = _EMPTY
         self._next_start = 0  # session sample index of the next frame out
         self._bytes_in = 0
         self._frames_out = 0
@@ -105,14 +106,25 @@ class Reframer:
             )
         self._bytes_in += len(data)
         samples = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)
-        buf = np.concatenate((self._pending, samples)) if len(self._pending) else samples
-        n_frames = len(buf) // self.frame_samples
-        out = []
-        for i in range(n_frames):
-            chunk = buf[i * self.frame_samples:(i + 1) * self.frame_samples].copy()
-            out.append(PcmFrame(self._next_start, chunk))
-            self._next_start += self.frame_samples
-        self._pending = buf[n_frames * self.frame_samples:].copy()
+        fs = self.frame_samples
+        pending = self._pending
+        if len(pending):
+            buf = np.concatenate((pending, samples))
+        elif len(samples) == fs:  # the common case: one client chunk is one frame
+            self._frames_out += 1
+            start = self._next_start
+            self._next_start = start + fs
+            return [PcmFrame(start, samples.copy())]
+        else:
+            buf = samples
+        n_frames = len(buf) // fs
+        whole = n_frames * fs
+        # one copy for all the frames (each a view of it), one for the remainder
+        frames = buf[:whole].copy() if buf is samples else buf[:whole]
+        start = self._next_start
+        out = [PcmFrame(start + i * fs, frames[i * fs:(i + 1) * fs]) for i in range(n_frames)]
+        self._next_start = start + whole
+        self._pending = buf[whole:].copy() if len(buf) > whole else _EMPTY
         self._frames_out += n_frames
         return out
 
@@ -126,7 +138,7 @@ class Reframer:
             return []
         frame = np.zeros(self.frame_samples, dtype=np.int16)
         frame[: len(self._pending)] = self._pending
-        self._pending = np.zeros(0, dtype=np.int16)
+        self._pending = _EMPTY
         out = PcmFrame(self._next_start, frame)
         self._next_start += self.frame_samples
         self._frames_out += 1
