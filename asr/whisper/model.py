@@ -1,4 +1,4 @@
-"""The contract between the ONNX runtime (``runtime.py``) and decoding (``decoding.py``).
+"""The contract between the ONNX runtime (``runtime.py``) and decoding (``search.py``).
 
 Shapes use these letters:
 
