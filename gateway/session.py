@@ -1,15 +1,18 @@
-"""One client session: a Trio nursery that owns every task of the session.
+"""One client session: the Trio shell around ``gateway.core.SessionCore``.
 
-    ingest ──frames──> pipeline (VAD decisions, endpointer, speech gate) ──> asr sender
-       │                    ^                                                   │
-       ├──> VAD service ────┘ (batched across sessions)            ASR link stream
-       └──> archive (Ogg Opus, the whole session)                           │
-    writer <── events (ack, asr_partial throttled, asr_final, ...) <── asr receiver
+    client socket ──> ingest ──> SessionCore ──> writer ──> client socket
+    VAD service ───> vad task ──┘  │  │  └──> link sender ──> AsrChannel (ASR link)
+    AsrChannel events ──> receiver ┘  └──> LID task (/v1/lid) and archive task (store)
 
-The stages are sans-IO (``stages/``); this module only moves data between them, keeps
-time, and talks to sockets. Ingest never waits on recognition: a slow ASR delays events,
-never the intake of audio (past a high-water mark the client is told to PAUSE, and TCP
-back-pressure does the rest).
+The core decides everything (ingest, reorder, pacing, flow control, endpointing, early
+start, language ID and its hold, routing, what the client is told); it is sans-IO and
+tested synchronously. This module reads sockets and the clock, calls the core, and
+performs the actions it returns: sends events, feeds VAD and the archive encoder, drives
+the ASR channel, asks LID, stores the recording, keeps the timers. Every action is
+performed without waiting, so one client message is one core call and one hand-off
+for its frames. Ingest never waits on recognition: a slow ASR delays events, never the
+intake of audio (past a high-water mark the client is told to PAUSE, and TCP
+back-pressure does the rest). Time is Trio's clock, so the shell runs on a MockClock.
 """
 
 from __future__ import annotations
@@ -34,30 +37,36 @@ from asr import link
 from native.errors import RNNoiseUnavailableError
 from stages.archive import CONTENT_TYPE, ArchiveEncoder
 from stages.denoise import DenoiseStage
-from stages.endpoint import (
-    EndpointConfig,
-    Endpointer,
-    SendFrame,
-    SpeechGate,
-    UtteranceCancelled,
-    UtteranceEnded,
-    UtteranceStarted,
-    UtteranceTentative,
-)
-from stages.lid import LidDecision, LidPlanner, LidRequest
-from stages.reframe import IngestError, PcmFrame, Reframer, SeqBuffer
+from stages.endpoint import UtteranceCancelled, UtteranceEnded, UtteranceStarted
+from stages.lid import LidRequest
+from stages.reframe import PcmFrame, SeqBuffer
 
-from .asrlink import UNAVAILABLE, AsrChannel, AsrPools, AsrUnavailable, FailoverPolicy
+from . import core as session_core
+from .asrlink import AsrChannel, AsrPools, AsrUnavailable, FailoverPolicy
 from .config import GatewayConfig
+from .core import (
+    AcceptAudio,
+    AskLid,
+    Boundary,
+    CoreConfig,
+    LinkAudio,
+    LinkBegin,
+    LinkCancel,
+    LinkConfirm,
+    LinkEnd,
+    LinkFinalize,
+    LinkMove,
+    SendEvent,
+    SessionCore,
+    StopIngest,
+    lid_answer,
+    oversized,
+)
 from .logs import fields
 from .metrics import GatewayMetrics
 from .protocol import (
-    WHISPER_LANGUAGES,
     ErrorCode,
     EventWriter,
-    Finalize,
-    Flush,
-    MessageRate,
     OversizedMessage,
     Ping,
     ProtocolError,
@@ -83,18 +92,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("voxgate.gateway.session")
 
 FINAL_TIMEOUT_S = 15.0  # after flush, the longest we wait for the last finals
-HIGH_WATER_S = 5.0  # audio not yet through VAD before the client is told to PAUSE
-LOW_WATER_S = 1.0
-IDLE_RECHECK_S = 0.5  # a starved loop's idle timer looks again after this long
-# ... at most this many times in a row without new audio: a client that keeps a message
-# always waiting (duplicates, pings) is not thereby active.
-MAX_IDLE_DEFERRALS = 10
 SALVAGE_S = 5.0  # a cancelled session's recording gets this long to be committed
-ASR_QUEUE_HIGH_FRAMES = 250  # 5 s of frames waiting for the ASR link: PAUSE
-ASR_QUEUE_LOW_FRAMES = 50
-SAMPLE_RATE = 16000
-LID_HOLD_S = 2.0  # an utterance's final waits at most this long for a pending LID answer
-LID_ROUTE_MIN_SCORE = 0.4  # a decision less sure than this is reported but not routed on
+SAMPLE_RATE = session_core.SAMPLE_RATE
+HIGH_WATER_S = session_core.HIGH_WATER_S
+LOW_WATER_S = session_core.LOW_WATER_S
+MAX_IDLE_DEFERRALS = session_core.MAX_IDLE_DEFERRALS
+LID_HOLD_S = session_core.LID_HOLD_S  # read when a session starts (tests may patch it)
+_lid_answer = lid_answer  # the name tests import
 
 
 @dataclass
@@ -130,15 +134,27 @@ class GatewayContext:
             self.auth = Authenticator.from_config(self.cfg)
 
 
-@dataclass
-class _Utt:
-    index: int
-    start_sample: int
-    end_sample: int | None = None
-
-
 class _Closed(Exception):
     """The client is gone."""
+
+
+class _TimedDenoise:
+    """Denoise for the core, timed into the session's stats and the metrics."""
+
+    def __init__(self, stage: DenoiseStage, session: Session) -> None:
+        self.stage = stage
+        self.session = session
+
+    def feed(self, frame: PcmFrame) -> list[PcmFrame]:
+        t0 = time.perf_counter()
+        out = self.stage.feed(frame)
+        ms = (time.perf_counter() - t0) * 1000
+        self.session.stats["denoise_ms"] += ms
+        self.session.ctx.metrics.dn_latency.observe(ms)
+        return out
+
+    def flush(self) -> list[PcmFrame]:
+        return self.stage.flush()
 
 
 class Session:
@@ -151,40 +167,26 @@ class Session:
         self.flow_id = ""
         self.tenant = ""  # who owns the flowId and recording (from the token)
         self.record_key = ""  # the recording's store key, scoped by tenant
+        self.core: SessionCore | None = None  # once admitted
         self._admitted = False  # holds a session slot (counted toward MAX_SESSIONS)
-        self._deadline = math.inf  # time.monotonic() at which MAX_SESSION_S ends it
         self._stop_reason: str | None = None  # why ingest was stopped from elsewhere
-        self._vad_failed = False
-        self._fresh_samples = 0  # new audio since the idle timer was last reset
-        self._deferrals = 0  # idle checks put off since then (see _ingest_loop)
-        self.rate = MessageRate(self.cfg.max_messages_per_s)
-        self._dropped_events = 0  # events the client was too far behind to be sent
         self.reason = "flush"
-        self.close_code = 1000  # 1009 after a message over the limit, 1002/1007 (RFC 6455)
-        self.reframer = Reframer(max_chunk_bytes=self.cfg.max_frame_bytes)
-        self.seqbuf: SeqBuffer | None = None
-        self.endpointer = Endpointer(EndpointConfig(
-            threshold=self.cfg.vad_threshold,
-            neg_threshold=max(0.05, self.cfg.vad_threshold - 0.15),
-            min_speech_ms=self.cfg.vad_min_speech_ms,
-            endpoint_silence_ms=self.cfg.endpoint_silence_ms,
-            preroll_ms=self.cfg.preroll_ms,
-            max_utterance_s=self.cfg.max_utterance_s,
-            early_start=self.cfg.early_start,
-        ))
-        self.gate = SpeechGate(self.cfg.preroll_ms)
+        self._close_code = 1000
         self._events_in, self._events_out = trio.open_memory_channel[dict[str, Any]](1024)
-        self._pipe_in, self._pipe_out = trio.open_memory_channel[Any](4096)
-        self._asr_in, self._asr_out = trio.open_memory_channel[Any](4096)
+        # Lists of link commands, in order, for the link sender (bounded by the core's
+        # flow control on the frames waiting for the link).
+        self._link_in, self._link_out = trio.open_memory_channel[list[Any]](math.inf)
+        # VAD decisions, as ("vad", windows) or ("vad", VadFailed), one item a tick.
+        self._vad_in, self._vad_out = trio.open_memory_channel[Any](4096)
         # Ogg page bytes (about one a second) and a final None, for the archive task.
-        self._archive_in, self._archive_out = trio.open_memory_channel[bytes | None](4096)
-        # The encoder runs inline in ingest (no I/O, ~26 us a frame): a channel hop per
-        # frame to a task of its own cost more than the encoding.
+        self._archive_in, self._archive_out = trio.open_memory_channel[bytes | None](
+            math.inf)
+        # The encoder runs inline (no I/O, ~26 us a frame): a channel hop per frame to a
+        # task of its own cost more than the encoding.
         self._archive_enc: ArchiveEncoder | None = None
         self._page_ms = 0.0  # encode time since the last page left
-        self._vad_client = ctx.vad.register(self._pipe_in, tag="vad")
-        self._vad_fed = 0  # samples given to VAD
-        self._drained = trio.Event()  # the pipeline handled flush and told ASR to end
+        self._vad_client = ctx.vad.register(self._vad_in, tag="vad")
+        self._drained = trio.Event()  # the core told ASR to end
         self._asr_done = trio.Event()
         self._writer_done = trio.Event()
         self._archive_result: dict[str, Any] | None = None
@@ -195,35 +197,41 @@ class Session:
         self.resumes = 0
         self._archive_done = trio.Event()
         self._channel: AsrChannel | None = None
-        self._ended_at: dict[int, float] = {}  # utterance -> when it ended, until its final
-        self._open_utt: _Utt | None = None
-        self._skip_utterance = False  # ASR refused this utterance: record only
-        self._paused = False
-        self._resume = trio.Event()
-        self._asr_behind = False  # the ASR service said flow BEHIND (until OK)
-        self._tentative = False  # an early-started utterance is open, not yet confirmed
-        self._lid_hold: list[Any] | None = None  # its frames, for LID once confirmed
+        self._link_pool = "default"  # the route the ASR channel is on
+        self._link_lang = ""
+        self._resume = trio.Event()  # set when the core lets the client go on
+        self._lid_decided = trio.Event()
+        self._timer_wake = trio.Event()
+        self._timer_at = math.inf
         self._ingest_scope = trio.CancelScope()
-        self._last_audio = time.monotonic()
-        self._first_speech_sent: float | None = None
-        self.first_partial_ms: float | None = None
-        self.stats: dict[str, Any] = {"bytes_in": 0, "speech_samples": 0, "utterances": 0,
-                                      "compress_ms": 0.0, "pcm_to_opus_fail": 0,
-                                      "link_bytes": 0, "false_starts": 0}
-        self._lang = ""
+        self._dropped_events = 0
+        self._stats: dict[str, Any] = {}
         self.trace: SessionTrace | None = None  # its spans, once admitted
         self.denoise: DenoiseStage | None = None
-        self.lid: LidPlanner | None = None
-        self._lid_route = False  # LID may move recognition (user_lang_pref is auto)
-        self._lid_decided = trio.Event()
-        self._lid_answered = trio.Event()  # set at every answer (or failure)
-        self._lid_target: str | None = None  # the language LID routes to, once decided
-        self._lid_settled = False  # no move can come any more: stop keeping packets
         self._lid_in, self._lid_out = trio.open_memory_channel[LidRequest](8)
-        self._route_lang = ""  # lang_hint of the recognition stream
-        self._route_pool = "default"
-        self.stats["denoise_ms"] = 0.0
-        self.stats["lid_ms"] = 0.0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats if self.core is not None else self._stats
+
+    @property
+    def close_code(self) -> int:
+        """1009 after a message over the limit, 1002/1007 (RFC 6455)."""
+        return self.core.close_code if self.core is not None else self._close_code
+
+    @close_code.setter
+    def close_code(self, code: int) -> None:
+        if self.core is not None:
+            self.core.close_code = code
+        self._close_code = code
+
+    @property
+    def seqbuf(self) -> SeqBuffer | None:
+        return self.core.seqbuf if self.core is not None else None
+
+    @property
+    def first_partial_ms(self) -> float | None:
+        return self.core.first_partial_ms if self.core is not None else None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -289,13 +297,15 @@ class Session:
             self.trace.detach(token)
 
     async def _run_admitted(self) -> None:
+        assert self.core is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             self._ack()
-            nursery.start_soon(self._pipeline)
-            if self.lid is not None:
-                nursery.start_soon(self._lid_task, nursery)
-            nursery.start_soon(self._asr_sender, nursery)
+            nursery.start_soon(self._vad_task)
+            if self.core.lid is not None:
+                nursery.start_soon(self._lid_task)
+            nursery.start_soon(self._link_sender, nursery)
+            nursery.start_soon(self._timer_task)
             if self.cfg.enable_compress and self.ctx.store is not None:
                 self._archive_enc = ArchiveEncoder(
                     complexity=self.cfg.archive_opus_complexity)
@@ -319,7 +329,7 @@ class Session:
                     return None
                 if isinstance(message, OversizedMessage):
                     await self._send_now(self.ew.error(
-                        ErrorCode.FRAME_TOO_LARGE, _oversized(message), fatal=True))
+                        ErrorCode.FRAME_TOO_LARGE, oversized(message), fatal=True))
                     await self._close(1009)
                     return None
                 if isinstance(message, ProtocolViolation):
@@ -414,14 +424,11 @@ class Session:
         self.ctx.flows[self.flow_id] = self
         self.ctx.metrics.active_sessions.inc()
         self.ctx.metrics.sessions.inc()
-        self._deadline = time.monotonic() + self.cfg.max_session_s
         self.trace = SessionTrace(self.flow_id, self.start.trace_id,
                                   tenant_id=self.tenant or self.start.tenant_id)
         log.info("session started", extra=fields(
             flowId=self.flow_id, stage="session", sr=SAMPLE_RATE,
             asr_link_codec=self.cfg.asr_link_codec))
-        if "seq_header" in self.start.features:
-            self.seqbuf = SeqBuffer(conceal=True)
         return True
 
     def _capacity_problem(self) -> tuple[ErrorCode, str] | None:
@@ -462,32 +469,34 @@ class Session:
         return None
 
     def _setup_stages(self) -> None:
-        """Denoise, language ID and the starting route, from the config and ``start``."""
+        """Denoise and the core (language ID, the starting route), from the config and
+        ``start``."""
         assert self.start is not None
         if self.cfg.enable_denoise:
             try:
                 self.denoise = DenoiseStage()
             except RNNoiseUnavailableError as exc:
                 log.warning("denoise is off: %s", exc)
-        pref = self.start.hints.user_lang_pref
-        auto = pref in ("", "auto")
-        self._route_lang = self.cfg.asr_default_lang if auto else pref
-        self._route_pool = self.cfg.route(self._route_lang)
-        self._lid_route = auto and "asr" in self._returns()
-        if self._lid_route or "lid" in self._returns():
-            self.lid = LidPlanner(self.cfg.lid_first_n_s, self.cfg.lid_min_score)
-        else:
+        self.core = SessionCore(
+            CoreConfig.from_gateway(self.cfg, lid_hold_s=LID_HOLD_S), self.start,
+            trio.current_time(), ew=self.ew,
+            denoise=_TimedDenoise(self.denoise, self) if self.denoise is not None else None,
+            metrics=self.ctx.metrics)
+        self.core.close_code = self._close_code
+        self._link_pool, self._link_lang = self.core.route_pool, self.core.route_lang
+        if self.core.lid_decided:
             self._lid_decided.set()
 
     def _ack(self) -> None:
         self._emit(self._ack_event())
 
     def _ack_event(self, *, resumed: bool = False) -> dict[str, Any]:
-        assert self.start is not None
+        assert self.start is not None and self.core is not None
         c = self.cfg
+        seqbuf = self.core.seqbuf
         extra: dict[str, Any] = {}
-        if resumed and self.seqbuf is not None:
-            extra = {"resumed": True, "next_seq": self.seqbuf.next_seq}
+        if resumed and seqbuf is not None:
+            extra = {"resumed": True, "next_seq": seqbuf.next_seq}
         return self.ew.ack(
             session={
                 **extra,
@@ -498,7 +507,7 @@ class Session:
                 "endpoint_silence_ms": c.endpoint_silence_ms,
                 "flush_idle_ms": int(c.flush_idle_s * 1000),
                 "denoise": self.denoise is not None,
-                "lid": self.lid is not None, "asr_pool": self._route_pool,
+                "lid": self.core.lid is not None, "asr_pool": self.core.route_pool,
                 "record": c.enable_compress and self.ctx.store is not None,
                 "lang_pref": self.start.hints.user_lang_pref,
                 "flowId_generated": self.start.flow_id_generated,
@@ -509,8 +518,8 @@ class Session:
                 "max_frame_bytes": c.max_frame_bytes,
                 "max_text_frame_bytes": 16 * 1024,
                 "max_utterance_ms": int(c.max_utterance_s * 1000),
-                "reorder_window": self.seqbuf.window if self.seqbuf else 0,
-                "max_seq_ahead": self.seqbuf.max_ahead if self.seqbuf else 0,
+                "reorder_window": seqbuf.window if seqbuf else 0,
+                "max_seq_ahead": seqbuf.max_ahead if seqbuf else 0,
                 "max_messages_per_s": c.max_messages_per_s,
                 "max_session_ms": int(c.max_session_s * 1000),
             },
@@ -526,6 +535,7 @@ class Session:
         """The client went away: wait ``resume_window_s`` for it to reconnect with the
         same flowId and ``seq_header``. Everything else goes on meanwhile (finals are
         queued for the new socket). Returns whether it came back."""
+        assert self.core is not None
         ws = self.ws
         self.ctx.parked[self.flow_id] = self
         log.info("client disconnected; waiting %.0f s for it to resume",
@@ -543,7 +553,7 @@ class Session:
                 self._ws_changed.set()
         if self.ws is ws:
             return False
-        self._last_audio = time.monotonic()
+        self.core.touch(trio.current_time())
         return True
 
     async def adopt(self, ws: WebSocketConnection) -> None:
@@ -568,6 +578,70 @@ class Session:
             await self._ws_changed.wait()
         return self.ws is not ws
 
+    # -- performing the core's actions ----------------------------------------------
+
+    def _perform(self) -> None:
+        """Do what the core decided, in order and without waiting (so no other task
+        can get between a call to the core and its actions)."""
+        core = self.core
+        assert core is not None
+        link: list[Any] = []
+        for a in core.drain():
+            if isinstance(a, SendEvent):
+                self._emit(a.event)
+            elif isinstance(a, AcceptAudio):
+                self._accept(a.frames)
+            elif isinstance(a, Boundary):
+                self._boundary(a.event)
+            elif isinstance(a, AskLid):
+                try:
+                    self._lid_in.send_nowait(a.request)
+                except (trio.WouldBlock, trio.ClosedResourceError):  # pragma: no cover
+                    log.warning("%s: language ID request dropped", self.flow_id)
+            elif isinstance(a, StopIngest):
+                self._stop(a.reason)
+            else:
+                link.append(a)
+        if link:
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                self._link_in.send_nowait(link)
+        if not core.paused:
+            self._resume.set()
+        if core.drained:
+            self._drained.set()
+        if core.lid_decided:
+            self._lid_decided.set()
+        if core.next_timer() != self._timer_at:
+            self._timer_wake.set()
+
+    def _accept(self, frames: tuple[PcmFrame, ...]) -> None:
+        """Accepted audio: to VAD (one poke per message) and the archive encoder."""
+        feed = self._vad_client.stream.feed
+        for f in frames:
+            feed(f.samples)
+        self.ctx.vad.poke()
+        enc = self._archive_enc
+        if enc is None or enc.closed:  # cancelled mid-ingest, the salvage closed it
+            return
+        t0 = time.perf_counter()
+        pages = [data for data in (enc.feed(f.samples) for f in frames) if data]
+        ms = (time.perf_counter() - t0) * 1000
+        self.stats["compress_ms"] += ms
+        self._page_ms += ms
+        for data in pages:
+            self.ctx.metrics.compress_latency.observe(self._page_ms)
+            self._page_ms = 0.0
+            self._archive_in.send_nowait(data)
+
+    def _boundary(self, ev: Any) -> None:
+        if self.trace is None:
+            return
+        if isinstance(ev, UtteranceStarted):
+            self.trace.utterance_started(ev.index)
+        elif isinstance(ev, UtteranceEnded | UtteranceCancelled):
+            self.trace.utterance_ended(
+                ev.index, cancelled=isinstance(ev, UtteranceCancelled))
+
     # -- ingest ---------------------------------------------------------------------
 
     def stop_ingest(self) -> None:
@@ -590,330 +664,88 @@ class Session:
         self._ingest_scope.cancel()
 
     async def _ingest_loop(self) -> str:
+        core = self.core
+        assert core is not None
         while True:
-            if self._paused:
-                # Held (flow PAUSE from anywhere, e.g. the ASR said BEHIND while we
-                # waited for a frame): a held client is not idle. MAX_SESSION_S still
-                # holds.
-                with trio.move_on_at(_trio_deadline(self._deadline)):
-                    await self._resume.wait()
-                self._last_audio = time.monotonic()
-            deadline = min(self._last_audio + self.cfg.flush_idle_s, self._deadline)
+            if core.paused:
+                # Held (flow PAUSE): a held client is not idle. MAX_SESSION_S still holds.
+                with trio.move_on_at(core.deadline):
+                    while core.paused:
+                        self._resume = trio.Event()
+                        await self._resume.wait()
+                core.touch(trio.current_time())
             message: str | bytes | OversizedMessage | ProtocolViolation | None = None
-            with trio.move_on_at(_trio_deadline(deadline)) as idle:
+            with trio.move_on_at(core.ingest_deadline()):
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed:
                     if self._resumable() and await self._park():
                         continue
                     return "disconnect"
-            if time.monotonic() >= self._deadline:
-                log.info("session reached MAX_SESSION_S (%g s)", self.cfg.max_session_s,
-                         extra=fields(flowId=self.flow_id, stage="session"))
-                return "max_duration"
-            if (idle.cancelled_caught and self._deferrals < MAX_IDLE_DEFERRALS
-                    and self._intake_waiting()):
-                # The timer is wall time, and a starved event loop lets it run out while
-                # the client's frames sit unread: that client is not idle. Look again a
-                # little later (by then the waiting message has been read, and audio
-                # resets the timer; a lone ping does not).
-                self.ctx.metrics.idle_deferred.inc()
-                self._deferrals += 1
-                self._last_audio = (time.monotonic() - self.cfg.flush_idle_s
-                                    + IDLE_RECHECK_S)
+            now = trio.current_time()
+            if message is None or now >= core.deadline:
+                # The timer is Trio's clock, and a starved event loop lets it run out
+                # while the client's frames sit unread: that client is not idle (the
+                # core looks again a little later, a few times).
+                waiting = now < core.deadline and self._intake_waiting()
+                reason = core.idle_tick(now, waiting)
+                if reason is not None:
+                    return reason
+                self._perform()
                 continue
-            if idle.cancelled_caught or message is None:
-                return "idle"
-            if isinstance(message, OversizedMessage):
-                # Fatal, but the audio already accepted is finalized and recorded first.
-                self._error(ErrorCode.FRAME_TOO_LARGE, _oversized(message), True)
-                self.close_code = 1009
-                return "error"
-            if isinstance(message, ProtocolViolation):
-                # The WebSocket parser has stopped at a broken frame: nothing more can be
-                # read, but what was accepted is finalized and recorded before the close.
-                self._error(message.error_code, message.message, True)
-                self.close_code = message.close_code
-                return "error"
-            verdict = self.rate.take(time.monotonic())
-            if verdict.wait_s > 0:
-                # Paced, not refused: nothing the client sent is dropped, and until the
-                # wait is over the next message stays unread, so TCP slows the client.
-                self._paced(verdict)
-                await trio.sleep(verdict.wait_s)
-            if isinstance(message, bytes):
-                await self._audio(message)
-                continue
-            try:
-                msg = parse_text(message)
-            except ProtocolError as exc:
-                self._error(exc.code, exc.message, exc.fatal)
-                if exc.fatal:
-                    return "error"
-                continue
-            if isinstance(msg, Flush):
-                return "flush"
-            if isinstance(msg, Finalize):
-                await self._pipe_in.send(("finalize",))
-            elif isinstance(msg, Ping):
-                self._emit(self.ew.pong(msg.id))
-            elif isinstance(msg, Start):
-                self._error(ErrorCode.ALREADY_STARTED, "the session has started", False)
-
-    def _paced(self, verdict: Any) -> None:
-        """At most one non-fatal ``RATE_LIMITED`` a second tells a client that it is
-        over MAX_MESSAGES_PER_S and is being read more slowly."""
-        self.stats["rate_paced"] = self.stats.get("rate_paced", 0) + 1
-        if verdict.notify:
-            self._error(ErrorCode.RATE_LIMITED, (
-                f"over {self.cfg.max_messages_per_s:g} messages a second: this connection "
-                f"is read at that rate ({verdict.paced} message(s) waited since the last "
-                "notice); nothing was dropped. Send larger frames to go faster"), False)
+            if not isinstance(message, OversizedMessage | ProtocolViolation):
+                wait = core.pace(now)
+                if wait > 0:
+                    # Paced, not refused: nothing the client sent is dropped, and until
+                    # the wait is over the next message stays unread, so TCP slows the
+                    # client.
+                    self._perform()
+                    await trio.sleep(wait)
+            reason = core.message(message, now)
+            self._perform()
+            if reason is not None:
+                return reason
 
     def _intake_waiting(self) -> bool:
-        """Whether client data is waiting to be read or handled: a message in the
-        WebSocket's queue, bytes in the socket's receive buffer, or frames this
-        session's pipeline has not taken yet."""
+        """Whether client data is waiting to be read: a message in the WebSocket's
+        queue, or bytes in the socket's receive buffer."""
         recv = getattr(self.ws, "_recv_channel", None)
         if recv is not None and recv.statistics().current_buffer_used:
             return True
-        if self._pipe_out.statistics().current_buffer_used:
-            return True
         return _unread_bytes(getattr(self.ws, "_stream", None)) > 0
 
-    async def _audio(self, data: bytes) -> None:
-        payloads = [data]
-        if self.seqbuf is not None:
-            try:
-                seq, _pts, payload = SeqBuffer.parse(data)
-            except IngestError as exc:
-                self._error(ErrorCode(exc.code), exc.message, False)
-                return
-            # Check the payload before the buffer takes it: a bad one must not leave a
-            # hole the buffer waits for.
-            if len(payload) % 2 or len(payload) > self.cfg.max_frame_bytes:
-                code = "ODD_BYTE_COUNT" if len(payload) % 2 else "FRAME_TOO_LARGE"
-                self._error(ErrorCode(code), f"seq {seq}: payload of {len(payload)} bytes "
-                            "refused", False)
-                return
-            try:
-                payloads = self.seqbuf.feed(seq, payload)
-            except IngestError as exc:
-                self._error(ErrorCode(exc.code), exc.message, False)
-                return
-        frames: list[PcmFrame] = []
-        for p in payloads:
-            try:
-                frames += self.reframer.feed(p)
-            except IngestError as exc:
-                self._error(ErrorCode(exc.code), exc.message, False)
-                return
-            self.stats["bytes_in"] += len(p)
-            self.ctx.metrics.ingress_bytes.inc(len(p))
-            self._fresh_samples += len(p) // 2
-        # Only new audio is activity, and only a frame's worth of it: duplicates, empty
-        # frames and a sample every few seconds must not hold a session open forever.
-        if self._fresh_samples >= self.reframer.frame_samples:
-            self._fresh_samples = self._deferrals = 0
-            self._last_audio = time.monotonic()
-        await self._take(frames)
+    # -- the tasks that feed the core -----------------------------------------------
 
-    async def _take(self, frames: list[PcmFrame]) -> None:
-        for f in frames:
-            self._vad_client.stream.feed(f.samples)
-            self._vad_fed += len(f.samples)
-            await self._pipe_in.send(("frame", f))
-            if self._archive_enc is not None:
-                await self._archive_feed(f)
-        if frames:
-            self.ctx.vad.poke()
-        await self._backpressure()
+    async def _vad_task(self) -> None:
+        """VAD decisions (one item per VAD tick) into the core."""
+        core = self.core
+        assert core is not None
+        async for _tag, decided in self._vad_out:
+            if isinstance(decided, VadFailed):
+                core.vad_failure(trio.current_time())
+            else:
+                core.vad(decided, trio.current_time())
+            self._perform()
 
-    async def _archive_feed(self, f: PcmFrame) -> None:
-        enc = self._archive_enc
-        assert enc is not None
-        if enc.closed:  # cancelled mid-ingest, the salvage closed it: nothing to add
-            return
-        t0 = time.perf_counter()
-        data = enc.feed(f.samples)
-        ms = (time.perf_counter() - t0) * 1000
-        self.stats["compress_ms"] += ms
-        self._page_ms += ms
-        if data:
-            self.ctx.metrics.compress_latency.observe(self._page_ms)
-            self._page_ms = 0.0
-            await self._archive_in.send(data)
+    async def _timer_task(self) -> None:
+        """The core's timers (the LID hold of a final)."""
+        core = self.core
+        assert core is not None
+        while True:
+            wake = self._timer_wake
+            self._timer_at = core.next_timer()
+            with trio.move_on_at(self._timer_at):
+                await wake.wait()
+            if wake.is_set():
+                self._timer_wake = trio.Event()
+            core.tick(trio.current_time())
+            self._perform()
 
-    async def _backpressure(self) -> None:
-        """Hold the client (stop reading: TCP pushes back) while something downstream is
-        behind; what was accepted stays queued, nothing is dropped."""
-        if not self._paused:
-            reason = self._pressure()
-            if reason is not None:
-                self._paused = True
-                self._resume = trio.Event()
-                self._emit(self.ew.flow("PAUSE", reason=reason,
-                                        retry_after_ms=int(LOW_WATER_S * 1000)))
-        if self._paused:
-            await self._resume.wait()
-            # Time spent held is not the client's idleness.
-            self._last_audio = time.monotonic()
-
-    def _pressure(self) -> str | None:
-        """Why the client should be held now, or None."""
-        if (not self._vad_failed
-                and (self._vad_fed - self.endpointer.position) / SAMPLE_RATE > HIGH_WATER_S):
-            return "audio is arriving faster than it is processed"
-        if self._asr_behind:
-            return "recognition is behind"
-        if self._asr_out.statistics().current_buffer_used > ASR_QUEUE_HIGH_FRAMES:
-            return "the link to recognition is behind"
-        return None
-
-    def _check_resume(self) -> None:
-        if not self._paused or self._asr_behind:
-            return
-        behind = (self._vad_fed - self.endpointer.position) / SAMPLE_RATE
-        if (behind < LOW_WATER_S
-                and self._asr_out.statistics().current_buffer_used < ASR_QUEUE_LOW_FRAMES):
-            self._paused = False
-            self._resume.set()
-            self._emit(self.ew.flow("RESUME"))
-
-    def _on_asr_flow(self, code: str) -> None:
-        """The ASR service's ``flow`` event: BEHIND holds the client until OK."""
-        behind = code == "BEHIND"
-        if behind == self._asr_behind:
-            return
-        self._asr_behind = behind
-        log.info("recognition flow %s", code, extra=fields(flowId=self.flow_id, stage="asr"))
-        if not behind:
-            self._check_resume()
-        elif not self._paused:
-            # Ingest is the one that waits; it finds the pause at its next frame.
-            self._paused = True
-            self._resume = trio.Event()
-            self._emit(self.ew.flow("PAUSE", reason="recognition is behind",
-                                    retry_after_ms=int(LOW_WATER_S * 1000)))
-
-    # -- VAD decisions and the pipeline ---------------------------------------------
-
-    async def _pipeline(self) -> None:
-        flushing = False
-        async for item in self._pipe_out:
-            kind = item[0]
-            if kind == "frame":
-                for ev in self.gate.frame(item[1]):
-                    await self._gate_out(ev)
-            elif kind == "vad" and isinstance(item[1], VadFailed):
-                self._vad_failed = True
-                self._paused = False  # nothing downstream will catch up: let it finish
-                self._resume.set()
-                self._error(ErrorCode.INTERNAL, "voice activity detection failed for this "
-                            "session; it ends with what it had", True)
-                self._stop("error")
-            elif kind == "vad":
-                for w in item[1]:
-                    for ep in self.endpointer.feed(w):
-                        for ev in self.gate.boundary(ep, self.endpointer.sendable,
-                                                     self.endpointer.horizon):
-                            await self._gate_out(ev)
-                for ev in self.gate.trim(self.endpointer.sendable, self.endpointer.horizon):
-                    await self._gate_out(ev)
-                self._check_resume()
-            elif kind == "finalize":
-                await self._force("client")
-            elif kind == "flush":
-                flushing = True
-            if flushing and self._vad_caught_up():
-                await self._force("flush")
-                if self.lid is not None:
-                    self._lid_next(self.lid.finish())
-                await self._asr_in.send(("end",))
-                self._drained.set()
-                return
-
-    def _vad_caught_up(self) -> bool:
-        if self._vad_failed:  # no more decisions will come: finish on what there is
-            return True
-        whole = self._vad_fed // 512 * 512
-        return self.endpointer.position >= whole
-
-    async def _force(self, reason: str) -> None:
-        for ep in self.endpointer.force(reason):
-            for ev in self.gate.boundary(ep, self.endpointer.sendable,
-                                         self.endpointer.horizon):
-                await self._gate_out(ev)
-
-    async def _gate_out(self, ev: Any) -> None:
-        """Speech from the gate: through denoise (delay-compensated, so frames keep their
-        session time) and language ID, to the ASR sender."""
-        if isinstance(ev, SendFrame):
-            if self._lid_hold is not None:
-                self._lid_hold.append(ev.frame.samples)  # until the start is confirmed
-            elif self.lid is not None:  # LID hears the speech as it came, not denoised
-                self._lid_next(self.lid.speech(ev.frame.samples))
-            frames = [ev.frame] if self.denoise is None else self._denoise(ev.frame)
-            for f in frames:
-                await self._asr_in.send(SendFrame(ev.utterance, f))
-            return
-        if isinstance(ev, (UtteranceStarted, UtteranceEnded, UtteranceCancelled)):
-            what = {UtteranceStarted: "started", UtteranceEnded: "ended",
-                    UtteranceCancelled: "withdrawn (false start)"}[type(ev)]
-            log.info("utterance %d %s", ev.index, what, extra=fields(
-                flowId=self.flow_id, stage="endpoint", utterance=ev.index, sr=SAMPLE_RATE,
-                ns=(ev.end - ev.start) if isinstance(ev, UtteranceEnded) else None))
-        if self.trace is not None:
-            if isinstance(ev, UtteranceStarted):
-                self.trace.utterance_started(ev.index)
-            elif isinstance(ev, (UtteranceEnded, UtteranceCancelled)):
-                self.trace.utterance_ended(ev.index,
-                                           cancelled=isinstance(ev, UtteranceCancelled))
-        if isinstance(ev, UtteranceTentative) and self.lid is not None:
-            self._lid_hold = []
-        elif isinstance(ev, UtteranceStarted) and self._lid_hold is not None:
-            held, self._lid_hold = self._lid_hold, None
-            for samples in held:
-                assert self.lid is not None
-                self._lid_next(self.lid.speech(samples))
-        elif isinstance(ev, UtteranceCancelled):
-            # A false start: LID never hears it (its frames come again as the next
-            # utterance's pre-roll), and denoise's delayed frames of it go nowhere.
-            self._lid_hold = None
-            if self.denoise is not None:
-                self.denoise.flush()
-        if isinstance(ev, UtteranceEnded):
-            if self.denoise is not None:
-                for f in self.denoise.flush():
-                    await self._asr_in.send(SendFrame(ev.index, f))
-            if self.lid is not None:
-                self._lid_next(self.lid.pause())
-        await self._asr_in.send(ev)
-
-    def _denoise(self, frame: PcmFrame) -> list[PcmFrame]:
-        assert self.denoise is not None
-        t0 = time.perf_counter()
-        out = self.denoise.feed(frame)
-        ms = (time.perf_counter() - t0) * 1000
-        self.stats["denoise_ms"] += ms
-        self.ctx.metrics.dn_latency.observe(ms)
-        return out
-
-    # -- language ID ----------------------------------------------------------------
-
-    def _lid_next(self, step: LidRequest | LidDecision | None) -> None:
-        if isinstance(step, LidRequest):
-            try:
-                self._lid_in.send_nowait(step)
-            except (trio.WouldBlock, trio.ClosedResourceError):  # pragma: no cover
-                log.warning("%s: language ID request dropped", self.flow_id)
-        elif isinstance(step, LidDecision):
-            self._lid_decision(step)
-
-    async def _lid_task(self, nursery: trio.Nursery) -> None:
-        """Send the planner's requests to ``/v1/lid`` (one at a time) and feed back the
+    async def _lid_task(self) -> None:
+        """Send the core's requests to ``/v1/lid`` (one at a time) and feed back the
         answers; runs beside recognition, which goes on on the starting pool meanwhile."""
-        assert self.lid is not None
+        core = self.core
+        assert core is not None
         lid_pool = self.cfg.route("*")
         async for req in self._lid_out:
             t0 = time.perf_counter()
@@ -921,164 +753,90 @@ class Session:
                 answer = await self.ctx.pools.lid(lid_pool, req.pcm.astype("<i2").tobytes())
             except AsrUnavailable as exc:
                 log.warning("%s: language ID failed: %s", self.flow_id, exc)
-                self._lid_next(self.lid.error())
-                if self.lid.failed:
-                    self._lid_settled = True
-                    self._lid_decided.set()
-                self._lid_answered.set()
+                core.lid_failed(trio.current_time())
+                self._perform()
                 continue
             ms = (time.perf_counter() - t0) * 1000
             self.stats["lid_ms"] += ms
             self.ctx.metrics.lid_latency.observe(ms)
-            parsed = _lid_answer(answer)
-            if parsed is None:
-                # The ASR service's answer is input too: a language we do not know or a
-                # score that is not a number counts as a failed request, never a crash.
-                log.warning("%s: language ID answer refused: %.200r", self.flow_id, answer)
-                self._lid_next(self.lid.error())
-                if self.lid.failed:
-                    self._lid_settled = True
-                    self._lid_decided.set()
-            else:
-                self._lid_next(self.lid.answer(*parsed))
-            self._lid_answered.set()
-
-    def _lid_decision(self, d: LidDecision) -> None:
-        self._lang = d.lang
-        routed = self._lid_route and d.score >= LID_ROUTE_MIN_SCORE
-        self._lid_target = d.lang if routed else None
-        pool = self.cfg.route(d.lang) if routed else self._route_pool
-        log.info("language %s (%.2f) on %d ms of speech; recognition on pool %s", d.lang,
-                 d.score, d.speech_ms, pool, extra=fields(
-                     flowId=self.flow_id, stage="lid", lang=d.lang))
-        if "lid" in self._returns():
-            self._emit(self.ew.lid(d.lang, d.score, top=list(d.top[:3]),
-                                   speech_ms=d.speech_ms, pool=pool))
-        if routed:
-            # The move happens in the sender, after the frames queued before it; until
-            # then their packets are still kept for the replay.
-            try:
-                self._asr_in.send_nowait(("route", d.lang))
-            except (trio.WouldBlock, trio.ClosedResourceError):
-                self._lid_settled = True
-        else:
-            self._lid_settled = True
-        self._lid_decided.set()
-
-    def _may_move(self) -> bool:
-        return self._lid_route and not self._lid_settled
+            core.lid_answer(answer, trio.current_time())
+            self._perform()
 
     # -- the ASR link ---------------------------------------------------------------
 
-    async def _asr_sender(self, nursery: trio.Nursery) -> None:
+    async def _link_sender(self, nursery: trio.Nursery) -> None:
+        """Perform the core's link commands in order; the audio of everything queued
+        now goes in one DATA frame."""
         try:
             while True:
-                item = await self._asr_out.receive()
-                if isinstance(item, SendFrame):
-                    batch = [item]
-                    while True:  # everything queued now goes in one DATA frame
-                        try:
-                            nxt = self._asr_out.receive_nowait()
-                        except trio.WouldBlock:
-                            break
-                        if not isinstance(nxt, SendFrame):
-                            await self._send_frames(batch)
-                            batch = []
-                            await self._asr_control(nxt, nursery)
-                            if nxt == ("end",):
-                                return
-                            break
-                        batch.append(nxt)
-                    if batch:
-                        await self._send_frames(batch)
-                    if self._paused:
-                        self._check_resume()
-                else:
-                    await self._asr_control(item, nursery)
-                    if item == ("end",):
+                cmds = await self._link_out.receive()
+                while True:  # take what else is queued: consecutive audio is joined
+                    try:
+                        cmds += self._link_out.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                audio: list[Any] = []
+                for cmd in cmds:
+                    if type(cmd) is LinkAudio:
+                        audio += cmd.frames
+                        continue
+                    if audio:
+                        await self._send_frames(audio)
+                        audio = []
+                    if await self._link_command(cmd, nursery):
                         return
+                if audio:
+                    await self._send_frames(audio)
         finally:
             if self._channel is None:
                 self._asr_done.set()
 
-    async def _asr_control(self, item: Any, nursery: trio.Nursery) -> None:
-        if isinstance(item, UtteranceTentative):
-            # Early start: the stream opens and audio flows ~min_speech before VAD
-            # confirms; a false start is withdrawn (UtteranceCancelled).
-            self._tentative = "asr" in self._returns()
-            self._skip_utterance = not self._tentative
-            if self._tentative:
-                (await self._ensure_channel(nursery)).begin(item.index, tentative=True)
-            return
-        if isinstance(item, UtteranceCancelled):
-            if self._tentative and self._channel is not None:
+    async def _link_command(self, cmd: Any, nursery: trio.Nursery) -> bool:
+        """Perform one command; True after the last (``LinkEnd``)."""
+        kind = type(cmd)
+        if kind is LinkBegin:
+            (await self._ensure_channel(nursery)).begin(cmd.utterance,
+                                                        tentative=cmd.tentative)
+        elif kind is LinkConfirm:
+            (await self._ensure_channel(nursery)).confirm()
+        elif kind is LinkCancel:
+            if self._channel is not None:
                 await self._channel.cancel()
-            self._tentative = False
-            self._skip_utterance = True
-            self.stats["false_starts"] += 1
-            return
-        if isinstance(item, UtteranceStarted):
-            self.stats["utterances"] += 1
-            self._open_utt = _Utt(item.index, item.start)
-            self._skip_utterance = "asr" not in self._returns()
-            if self._skip_utterance:
-                return
-            channel = await self._ensure_channel(nursery)
-            if self._tentative:
-                channel.confirm()
-            else:
-                channel.begin(item.index)
-            self._tentative = False
-        elif isinstance(item, UtteranceEnded):
-            if self._open_utt is not None:
-                self._open_utt.end_sample = item.end
-                self._ended_at[self._open_utt.index] = time.perf_counter()
-            self._open_utt = None
-            self.stats["speech_samples"] += item.end - item.start
-            if self._channel is None or self._skip_utterance:
-                return
-            if (self._may_move() and self.lid is not None and self.lid.waiting):
-                # A final now would be in the assumed language, and an answer that may
-                # decide it is on its way: wait for it (not for more speech).
-                with trio.move_on_after(LID_HOLD_S):
-                    while self.lid.waiting and not self._lid_decided.is_set():
-                        await self._lid_answered.wait()
-                        self._lid_answered = trio.Event()
-                if self._lid_target is not None:
-                    # Move before the Finalize, so the old stream never finalizes it.
-                    await self._move(self._lid_target)
-            await self._channel.finalize()
-        elif isinstance(item, tuple) and item[0] == "route":
-            await self._move(item[1])
-            self._lid_settled = True
-        elif item == ("end",):
+        elif kind is LinkFinalize:
+            if self._channel is not None:
+                await self._channel.finalize()
+        elif kind is LinkMove:
+            await self._move(cmd)
+        elif kind is LinkEnd:
             if self._channel is not None:
                 await self._channel.end()
             else:
                 self._asr_done.set()
+            return True
+        return False
 
     def _link_start(self) -> link.Start:
         assert self.start is not None
         hints = self.start.hints
         return link.Start(
             flow_id=self.flow_id, codec=self.cfg.asr_link_codec,
-            bitrate=self.cfg.asr_link_bitrate, lang_hint=self._route_lang,
+            bitrate=self.cfg.asr_link_bitrate, lang_hint=self._link_lang,
             domain=hints.domain or "default", hotwords=hints.hotwords,
-            traceparent=(self.trace.asr_traceparent(self._route_pool)
+            traceparent=(self.trace.asr_traceparent(self._link_pool)
                          if self.trace is not None else ""),
         )
 
-    async def _move(self, lang: str) -> bool:
-        """Recognize ``lang`` from now on: if that is another pool (or another language
-        hint), the channel opens a stream there and replays the utterances still waiting
-        for their final; the old stream's events are ignored from then on. Finals already
-        sent stand; none is sent twice (an utterance is replayed only while its final is
-        missing). Returns whether a live stream moved."""
-        pool = self.cfg.route(lang)
-        if (pool, lang) == (self._route_pool, self._route_lang):
+    async def _move(self, cmd: LinkMove) -> bool:
+        """Recognize ``cmd.lang`` from now on: if that is another pool (or another
+        language hint), the channel opens a stream there and replays the utterances
+        still waiting for their final; the old stream's events are ignored from then on.
+        Finals already sent stand; none is sent twice (an utterance is replayed only
+        while its final is missing). Returns whether a live stream moved."""
+        pool, lang = cmd.pool, cmd.lang
+        if (pool, lang) == (self._link_pool, self._link_lang):
             return False
-        old_pool, old_lang = self._route_pool, self._route_lang
-        self._route_pool, self._route_lang = pool, lang
+        old_pool, old_lang = self._link_pool, self._link_lang
+        self._link_pool, self._link_lang = pool, lang
         if self._channel is None:
             return False  # the first utterance opens on the new route
         t0 = time.perf_counter()
@@ -1086,14 +844,15 @@ class Session:
         try:
             moved = await self._channel.move(pool, self._link_start())
         except AsrUnavailable as exc:
-            self._route_pool, self._route_lang = old_pool, old_lang
+            self._link_pool, self._link_lang = old_pool, old_lang
             # The cause names internal hosts and TLS details: the log gets it, the
             # client a summary.
             log.warning("could not move recognition to pool %s: %s", pool, exc,
                         extra=fields(flowId=self.flow_id, stage="asr", lang=lang,
                                      err_code="ASR_UNAVAILABLE"))
-            self._error(ErrorCode.ASR_UNAVAILABLE, f"could not move recognition to pool "
-                        f"{pool!r} for {lang!r}, staying on {old_pool!r}", False)
+            assert self.core is not None
+            self.core.move_failed(pool, lang, old_pool, old_lang)
+            self._perform()
             return False
         log.info("recognition moved from pool %s to %s (%s), utterances %s replayed in "
                  "%.0f ms", old_pool, pool, lang, pending, (time.perf_counter() - t0) * 1000,
@@ -1106,7 +865,7 @@ class Session:
         if self._channel is None:
             c = self.cfg
             self._channel = AsrChannel(
-                self.ctx.pools, self._route_pool, self._link_start(),
+                self.ctx.pools, self._link_pool, self._link_start(),
                 codec=c.asr_link_codec, bitrate=c.asr_link_bitrate,
                 complexity=c.asr_link_opus_complexity,
                 policy=FailoverPolicy(final_deadline_s=c.asr_final_deadline_s,
@@ -1115,63 +874,32 @@ class Session:
             nursery.start_soon(self._asr_receiver, self._channel)
         return self._channel
 
-    async def _send_frames(self, batch: list[SendFrame]) -> None:
-        if self._channel is None or self._skip_utterance:
-            return
-        if self._first_speech_sent is None:
-            self._first_speech_sent = time.perf_counter()
-        before = self._channel.opus_failures
-        sent_before = self.ctx.pools.counters.bytes_sent
-        await self._channel.send_audio(
-            [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch])
-        self.stats["link_bytes"] += self.ctx.pools.counters.bytes_sent - sent_before
-        if self._channel.opus_failures > before:
-            failed = self._channel.opus_failures - before
-            self.stats["pcm_to_opus_fail"] += failed
-            self.ctx.metrics.pcm_to_opus_fail.inc(failed)
+    async def _send_frames(self, batch: list[Any]) -> None:
+        core = self.core
+        assert core is not None
+        if self._channel is not None:
+            before = self._channel.opus_failures
+            sent_before = self.ctx.pools.counters.bytes_sent
+            await self._channel.send_audio(
+                [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch])
+            self.stats["link_bytes"] += self.ctx.pools.counters.bytes_sent - sent_before
+            if self._channel.opus_failures > before:
+                failed = self._channel.opus_failures - before
+                self.stats["pcm_to_opus_fail"] += failed
+                self.ctx.metrics.pcm_to_opus_fail.inc(failed)
+        core.link_sent(len(batch))
+        self._perform()
 
     async def _asr_receiver(self, channel: AsrChannel) -> None:
+        core = self.core
+        assert core is not None
         try:
             async with contextlib.aclosing(channel.events()) as events:
                 async for ev in events:
-                    if ev.type in ("partial", "final"):
-                        self._transcript(ev)
-                    elif ev.type == "flow":
-                        self._on_asr_flow(ev.code)
-                    elif ev.type == "error" and ev.code == UNAVAILABLE:
-                        # ev.message names ASR hosts, ports and TLS failures: for the
-                        # log, not for the client.
-                        log.warning("recognition unavailable: %s", ev.message,
-                                    extra=fields(flowId=self.flow_id, stage="asr",
-                                                 err_code="ASR_UNAVAILABLE"))
-                        self._error(ErrorCode.ASR_UNAVAILABLE,
-                                    "recognition is unavailable, recording only (the "
-                                    "gateway's log has the cause under this flowId)",
-                                    False)
-                    elif ev.type == "error":
-                        code = (ErrorCode.BUSY if ev.code == "BUSY" else
-                                ErrorCode.ASR_UNAVAILABLE if ev.fatal else ErrorCode.INTERNAL)
-                        self._error(code, f"recognition: {ev.code}: {ev.message}", False)
+                    core.link_event(ev, trio.current_time())
+                    self._perform()
         finally:
             self._asr_done.set()
-
-    def _transcript(self, ev: link.AsrEvent) -> None:
-        final = ev.type == "final"
-        if final:
-            ended_at = self._ended_at.pop(ev.utterance, None)
-            if ended_at is not None:
-                self.ctx.metrics.final_latency.observe(
-                    (time.perf_counter() - ended_at) * 1000)
-        elif self.first_partial_ms is None and self._first_speech_sent is not None:
-            self.first_partial_ms = (time.perf_counter() - self._first_speech_sent) * 1000
-            self.ctx.metrics.first_partial.observe(self.first_partial_ms)
-        self._lang = ev.lang or self._lang
-        self._emit(self.ew.transcript(final, utterance=ev.utterance, text=ev.text,
-                                      start_ms=ev.ts[0], end_ms=ev.ts[1], lang=ev.lang))
-
-    def _returns(self) -> frozenset[str]:
-        assert self.start is not None
-        return self.start.returns
 
     # -- archive --------------------------------------------------------------------
 
@@ -1286,13 +1014,10 @@ class Session:
     # -- the end of a session -------------------------------------------------------
 
     async def _finish(self, reason: str) -> None:
-        await self._take(self.reframer.flush())
-        if self.seqbuf is not None:
-            for p in self.seqbuf.flush():
-                await self._take(self.reframer.feed(p))
-            await self._take(self.reframer.flush())
-        self.ctx.vad.poke()
-        await self._pipe_in.send(("flush",))
+        core = self.core
+        assert core is not None
+        core.finish(trio.current_time())
+        self._perform()
         # A stream failing at the end is retried for up to the failover budget.
         final_wait_s = FINAL_TIMEOUT_S + self.cfg.asr_failover_budget_s
         with trio.move_on_after(final_wait_s), _shield_if(reason == "server_shutdown"):
@@ -1302,50 +1027,32 @@ class Session:
                 await done.wait()
                 if done is self._asr_done:
                     break
-        if self.lid is not None and not self._lid_decided.is_set():
-            with trio.move_on_after(LID_HOLD_S):  # the lid event comes before end
+        if not self._lid_decided.is_set():
+            with trio.move_on_after(core.cfg.lid_hold_s):  # the lid event comes before end
                 await self._lid_decided.wait()
         if self.cfg.enable_compress and self.ctx.store is not None:
-            await self._archive_in.send(None)
+            self._archive_in.send_nowait(None)
         with trio.move_on_after(FINAL_TIMEOUT_S):
             await self._archive_done.wait()
-        if self._archive_result is not None and "record_url" in self._returns():
+        returns = core.returns
+        if self._archive_result is not None and "record_url" in returns:
             r = self._archive_result
             self._emit(self.ew.record_url(r["url"], duration_ms=r["duration_ms"],
                                           size_bytes=r["size_bytes"], sha256=r["sha256"],
                                           content_type=r["content_type"]))
-        if "metrics" in self._returns():
-            self._emit(self.ew.metrics(self._metrics()))
+        m = core.session_metrics(self.cfg.asr_link_codec)
+        if "metrics" in returns:
+            self._emit(self.ew.metrics(m))
         self._emit(self.ew.end(reason))
         self._events_in.close()
-        m = self._metrics()
         log.info("session ended: %s", reason, extra=fields(
             flowId=self.flow_id, stage="session", seq=self.ew.seq, sr=SAMPLE_RATE,
             ns=m["audio_ms"] * 1_000_000, bytes_in=m["bytes_in"],
             bytes_out=self.stats["link_bytes"], asr_link_codec=self.cfg.asr_link_codec,
-            latency_ms=m["first_partial_ms"], lang=self._lang or None))
+            latency_ms=m["first_partial_ms"], lang=core.lang or None))
         with trio.move_on_after(5):
             await self._writer_done.wait()
         await self._close(self.close_code)
-
-    def _metrics(self) -> dict[str, Any]:
-        audio_ms = self.reframer.samples_in * 1000 // SAMPLE_RATE
-        return {
-            "audio_ms": audio_ms,
-            "speech_ms": self.stats["speech_samples"] * 1000 // SAMPLE_RATE,
-            "utterances": self.stats["utterances"],
-            "false_starts": self.stats["false_starts"],
-            "bytes_in": self.stats["bytes_in"],
-            "asr_link_codec": self.cfg.asr_link_codec,
-            "pcm_to_opus_fail": self.stats["pcm_to_opus_fail"],
-            "first_partial_ms": None if self.first_partial_ms is None
-            else round(self.first_partial_ms),
-            "stage_ms": {"compress": round(self.stats["compress_ms"], 2),
-                         "denoise": round(self.stats["denoise_ms"], 2),
-                         "lid": round(self.stats["lid_ms"], 2)},
-            "asr_pool": self._route_pool,
-            **({"lang": self._lang} if self._lang else {}),
-        }
 
     # -- events out -----------------------------------------------------------------
 
@@ -1399,7 +1106,8 @@ class Session:
         try:
             while True:
                 event: dict[str, Any] | None = None
-                wait = math.inf if pending is None else last_partial + interval - time.monotonic()
+                wait = (math.inf if pending is None
+                        else last_partial + interval - trio.current_time())
                 with trio.move_on_after(max(0.0, wait)):
                     try:
                         event = await self._events_out.receive()
@@ -1410,12 +1118,12 @@ class Session:
                 if event is None:  # the held partial's time has come
                     assert pending is not None
                     await self._write(pending)
-                    last_partial, pending = time.monotonic(), None
+                    last_partial, pending = trio.current_time(), None
                     continue
                 if event["type"] == "asr_partial":
-                    if time.monotonic() - last_partial >= interval and pending is None:
+                    if trio.current_time() - last_partial >= interval and pending is None:
                         await self._write(event)
-                        last_partial = time.monotonic()
+                        last_partial = trio.current_time()
                     else:
                         pending = event  # a newer partial replaces the held one
                     continue
@@ -1479,38 +1187,6 @@ async def _abort(ws: WebSocketConnection) -> None:
             await abort()
 
 
-def _lid_answer(answer: Any) -> tuple[str, float, list[tuple[str, float]]] | None:
-    """``(lang, score, top)`` from a ``/v1/lid`` answer, or None when it is not one: a
-    ``lang`` outside Whisper's languages, a missing, non-numeric or out-of-range score.
-    Entries of ``top`` that are not valid are left out."""
-    if not isinstance(answer, dict):
-        return None
-    lang, score = answer.get("lang"), _score(answer.get("score"))
-    if not isinstance(lang, str) or lang not in WHISPER_LANGUAGES or score is None:
-        return None
-    top: list[tuple[str, float]] = []
-    raw_top = answer.get("top")
-    for t in raw_top[:10] if isinstance(raw_top, list) else []:
-        if isinstance(t, dict) and t.get("lang") in WHISPER_LANGUAGES:
-            s = _score(t.get("score"))
-            if s is not None:
-                top.append((str(t["lang"]), s))
-    return lang, score, top
-
-
-def _score(value: Any) -> float | None:
-    """A probability in [0, 1], or None (bools, strings, NaN and the like)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    v = float(value)
-    return v if 0.0 <= v <= 1.0 else None
-
-
-def _oversized(message: OversizedMessage) -> str:
-    return (f"a message of more than {message.limit} bytes (at least {message.size}) "
-            "is refused; the session ends with what it had")
-
-
 def _unread_bytes(stream: Any) -> int:
     """Bytes waiting in the kernel receive buffer under ``stream`` (a trio
     SocketStream, possibly wrapped in TLS); 0 when that cannot be told."""
@@ -1526,11 +1202,6 @@ def _unread_bytes(stream: Any) -> int:
     except (OSError, ValueError):
         return 0
     return int.from_bytes(buf, sys.byteorder, signed=True)
-
-
-def _trio_deadline(monotonic_deadline: float) -> float:
-    """A ``time.monotonic`` deadline on Trio's clock."""
-    return trio.current_time() + (monotonic_deadline - time.monotonic())
 
 
 @contextlib.contextmanager

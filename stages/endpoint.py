@@ -338,3 +338,40 @@ class SpeechGate:
         if self._tentative is not None:
             self._tentative.append(frame)
         return SendFrame(utterance, frame)
+
+
+class SpeechFeeder:
+    """The endpointer and the speech gate as one: 20 ms frames and VAD windows in, what
+    recognition should get out (``GateEvent``), in order. This is all a session needs
+    of the two; each stays usable (and tested) on its own."""
+
+    def __init__(self, config: EndpointConfig | None = None) -> None:
+        self.endpointer = Endpointer(config)
+        self.gate = SpeechGate(self.endpointer.config.preroll_ms)
+
+    @property
+    def position(self) -> int:
+        """How far VAD has looked (samples)."""
+        return self.endpointer.position
+
+    def frame(self, frame: PcmFrame) -> list[GateEvent]:
+        """A new 20 ms frame arrived (before VAD has looked at it)."""
+        return self.gate.frame(frame)
+
+    def windows(self, windows: list[VadWindow]) -> list[GateEvent]:
+        """VAD decided ``windows`` (in order): the boundaries they reveal, and the open
+        utterance's frames they release."""
+        ep, gate = self.endpointer, self.gate
+        out: list[GateEvent] = []
+        for w in windows:
+            for event in ep.feed(w):
+                out += gate.boundary(event, ep.sendable, ep.horizon)
+        out += gate.trim(ep.sendable, ep.horizon)
+        return out
+
+    def force(self, reason: str) -> list[GateEvent]:
+        """End the open utterance now (``finalize`` from the client, or a flush)."""
+        ep, out = self.endpointer, []
+        for event in ep.force(reason):
+            out += self.gate.boundary(event, ep.sendable, ep.horizon)
+        return out
