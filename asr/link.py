@@ -1,4 +1,4 @@
-"""ASR link v1: the length-prefixed frame codec between the gateway and the ASR service.
+"""ASR link (v1 to v3): the length-prefixed frame codec between the gateway and the ASR service.
 
 Sans-IO: bytes in, frames out, and frames in, bytes out. Both sides import it; the
 HTTP/2 shells only move bytes. The wire format is specified in ``docs/asr-link.md``.
@@ -15,12 +15,33 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any, ClassVar
 
-VERSION = 2
+VERSION = 3
 # Versions this module speaks. v2 adds the ``flow`` event, which a v1 receiver would
-# reject as an unknown event type, so the server sends it only on v2 streams.
-SUPPORTED_VERSIONS = frozenset({1, 2})
+# reject as an unknown event type, so the server sends it only on v2 streams (and up).
+# v3 adds the ``Discard`` frame, which a v2 server would reject as an unknown frame type,
+# so a client sends it only on a stream whose response named v3 (see ``version_of``).
+SUPPORTED_VERSIONS = frozenset({1, 2, 3})
 CONTENT_TYPES = {v: f"application/vnd.voxgate.asr-link.v{v}" for v in SUPPORTED_VERSIONS}
 CONTENT_TYPE = CONTENT_TYPES[VERSION]
+# The version a client puts in ``Start`` by default. v3 changes nothing a Start carries
+# or an event a client receives; a v3 client names v3 in its request content type and
+# keeps ``version`` 2 in Start, so a v2 server (which refuses a Start of version 3) still
+# takes the stream and answers with v2's content type: the client then never sends a
+# ``Discard``. The stream's version is the one the response's content type names.
+START_VERSION = 2
+
+
+def version_of(content_type: str | None) -> int | None:
+    """The link version a content type names (None: not a link content type we speak)."""
+    if content_type is None:
+        return None
+    value = content_type.split(";", 1)[0].strip().lower()
+    for v, ct in CONTENT_TYPES.items():
+        if value == ct:
+            return v
+    return None
+
+
 HEADER = struct.Struct("<BI")
 AUDIO_HEADER = struct.Struct("<II")
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
@@ -41,6 +62,7 @@ class FrameType(IntEnum):
     FINALIZE = 0x03
     END = 0x04
     AUDIO_PCM = 0x05
+    DISCARD = 0x06  # v3
     EVENT = 0x81
 
 
@@ -89,7 +111,7 @@ class Start:
     domain: str = "default"
     hotwords: tuple[str, ...] = ()
     traceparent: str = ""
-    version: int = VERSION
+    version: int = START_VERSION
 
     CODECS: ClassVar[frozenset[str]] = frozenset({"opus", "pcm"})
 
@@ -206,6 +228,18 @@ class Finalize:
 
 
 @dataclass(frozen=True)
+class Discard:
+    """(v3) Forget the current utterance: drop its audio and its queued partials, send no
+    final. The next audio starts the next utterance, as after a ``Finalize``.
+
+    ``utterance``, when given, is the server's index of the utterance meant; a Discard
+    naming another (an utterance already cut) is ignored.
+    """
+
+    utterance: int | None = None
+
+
+@dataclass(frozen=True)
 class End:
     """No more audio on this stream: finalize, send ``end``, close."""
 
@@ -280,7 +314,7 @@ class AsrEvent:
             ) from exc
 
 
-Frame = Start | Audio | Finalize | End | AsrEvent
+Frame = Start | Audio | Finalize | Discard | End | AsrEvent
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -315,9 +349,10 @@ def encode(frame: Frame) -> bytes:
         return _frame(kind, AUDIO_HEADER.pack(frame.seq, frame.pts_ms) + frame.data)
     if isinstance(frame, Start):
         return _frame(FrameType.START, _json(frame.to_json()))
-    if isinstance(frame, Finalize):
+    if isinstance(frame, Finalize | Discard):
         obj = {} if frame.utterance is None else {"utterance": frame.utterance}
-        return _frame(FrameType.FINALIZE, _json(obj))
+        kind = FrameType.FINALIZE if isinstance(frame, Finalize) else FrameType.DISCARD
+        return _frame(kind, _json(obj))
     if isinstance(frame, End):
         return _frame(FrameType.END, b"")
     return _frame(FrameType.EVENT, _json(frame.to_json()))
@@ -466,18 +501,18 @@ class FrameDecoder:
             raise LinkProtocolError(code, f"{ftype.name} must be a JSON object", fatal=True)
         if ftype is FrameType.START:
             return Start.from_json(obj)
-        if ftype is FrameType.FINALIZE:
+        if ftype in (FrameType.FINALIZE, FrameType.DISCARD):
             utt = obj.get("utterance")
             if utt is not None and (not isinstance(utt, int) or isinstance(utt, bool)):
                 raise LinkProtocolError(
                     ErrorCode.BAD_FRAME, "utterance must be an integer", fatal=False
                 )
-            return Finalize(utt)
+            return Finalize(utt) if ftype is FrameType.FINALIZE else Discard(utt)
         return AsrEvent.from_json(obj)
 
 
 CLIENT_FRAMES = frozenset({FrameType.START, FrameType.AUDIO, FrameType.AUDIO_PCM,
-                           FrameType.FINALIZE, FrameType.END})
+                           FrameType.FINALIZE, FrameType.DISCARD, FrameType.END})
 SERVER_FRAMES = frozenset({FrameType.EVENT})
 
 
@@ -502,19 +537,21 @@ class AudioIn:
     lost: int
 
 
-Inbound = Start | AudioIn | Finalize | End | LinkProtocolError
+Inbound = Start | AudioIn | Finalize | Discard | End | LinkProtocolError
 
 # (state, frame class) -> next state. Pairs that are absent are protocol errors.
 _TRANSITIONS: dict[tuple[StreamState, type], StreamState] = {
     (StreamState.AWAIT_START, Start): StreamState.STREAMING,
     (StreamState.STREAMING, Audio): StreamState.STREAMING,
     (StreamState.STREAMING, Finalize): StreamState.STREAMING,
+    (StreamState.STREAMING, Discard): StreamState.STREAMING,
     (StreamState.STREAMING, End): StreamState.ENDED,
 }
 
 _BAD_TRANSITION_CODES: dict[tuple[StreamState, type], ErrorCode] = {
     (StreamState.AWAIT_START, Audio): ErrorCode.NO_START,
     (StreamState.AWAIT_START, Finalize): ErrorCode.NO_START,
+    (StreamState.AWAIT_START, Discard): ErrorCode.NO_START,
     (StreamState.AWAIT_START, End): ErrorCode.NO_START,
     (StreamState.STREAMING, Start): ErrorCode.DUPLICATE_START,
 }
@@ -525,12 +562,18 @@ class ServerStream:
 
     Drops duplicate and stale packets by ``seq`` (counted in ``duplicates``) and reports
     gaps as ``AudioIn.lost`` so the shell can run loss concealment.
+
+    ``version`` is the stream's link version (the one its response's content type
+    names): below 3 a ``Discard`` frame is an unknown frame type, as on a v2 server.
     """
 
     MAX_CONCEALED = 5  # packets; a longer gap is a jump, not a loss worth concealing
 
-    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        self.decoder = FrameDecoder(max_frame_bytes=max_frame_bytes, accept=CLIENT_FRAMES)
+    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 version: int = VERSION) -> None:
+        accept = CLIENT_FRAMES if version >= 3 else CLIENT_FRAMES - {FrameType.DISCARD}
+        self.version = version
+        self.decoder = FrameDecoder(max_frame_bytes=max_frame_bytes, accept=accept)
         self.state = StreamState.AWAIT_START
         self.start: Start | None = None
         self._next_seq: int | None = None
@@ -576,7 +619,7 @@ class ServerStream:
                 item = self._sequence(frame)
                 if item is not None:
                     out.append(item)
-            elif isinstance(frame, Finalize | End):
+            elif isinstance(frame, Finalize | Discard | End):
                 out.append(frame)
         return out
 

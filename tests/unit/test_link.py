@@ -1,4 +1,4 @@
-"""ASR link v1 codec: exact bytes, round trips, chunking, and every protocol error."""
+"""ASR link codec (v1 to v3): exact bytes, round trips, chunking, and every protocol error."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from asr.link import (
     AsrEvent,
     Audio,
     AudioIn,
+    Discard,
     End,
     ErrorCode,
     Finalize,
@@ -61,7 +62,7 @@ starts = st.builds(
     hotwords=st.lists(st.text(max_size=10), max_size=4).map(tuple),
 )
 client_frames = st.one_of(audio, starts, st.builds(Finalize, st.none() | st.integers(0, 99)),
-                          st.just(End()))
+                          st.builds(Discard, st.none() | st.integers(0, 99)), st.just(End()))
 events = st.builds(
     AsrEvent,
     type=st.sampled_from(["partial", "final", "end", "error"]),
@@ -146,7 +147,7 @@ def test_truncated_stream() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("codec", "mp3"), ("sr", 8000), ("channels", 2), ("frame_ms", 10), ("bitrate", 64000),
-     ("version", 3), ("version", 0), ("flow_id", ""), ("sr", True), ("hotwords", [1]),
+     ("version", 4), ("version", 0), ("flow_id", ""), ("sr", True), ("hotwords", [1]),
      ("surprise", 1)],
 )
 def test_bad_start_fields(field: str, value: object) -> None:
@@ -199,7 +200,59 @@ def test_version_1_starts_are_still_accepted() -> None:
     obj = Start(flow_id="f").to_json()
     obj["version"] = 1
     assert Start.from_json(obj).version == 1
-    assert link.CONTENT_TYPES[1].endswith(".v1") and link.CONTENT_TYPE.endswith(".v2")
+    assert link.CONTENT_TYPES[1].endswith(".v1") and link.CONTENT_TYPE.endswith(".v3")
+
+
+def test_discard_frame_exact_bytes_and_round_trip() -> None:
+    raw = encode(Discard(4))
+    assert raw == b"\x06" + struct.pack("<I", 15) + b'{"utterance":4}'
+    assert encode(Discard()) == b"\x06\x02\x00\x00\x00{}"
+    dec = FrameDecoder(accept=CLIENT_FRAMES)
+    assert dec.feed(raw + encode(Discard())) == [Discard(4), Discard()]
+
+
+def test_discard_with_a_malformed_utterance_is_a_soft_error() -> None:
+    raw = link.HEADER.pack(link.FrameType.DISCARD, 17) + b'{"utterance":"x"}'
+    out = FrameDecoder(accept=CLIENT_FRAMES).feed(raw)
+    assert isinstance(out[0], LinkProtocolError)
+    assert (out[0].code, out[0].fatal) == (ErrorCode.BAD_FRAME, False)
+
+
+def test_server_stream_v3_passes_discard_on() -> None:
+    s = ServerStream(version=3)
+    out = s.receive(encode_many([Start(flow_id="f"), Audio(0, 0, b"a"), Discard(0),
+                                 Audio(1, 20, b"b"), Finalize()]))
+    assert out[2:] == [Discard(0), AudioIn(Audio(1, 20, b"b"), 0), Finalize()]
+    assert s.state is link.StreamState.STREAMING
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_discard_on_a_v1_or_v2_stream_is_an_unknown_frame(version: int) -> None:
+    """As a v2 server would see it: a client must send it only on a v3 stream."""
+    s = ServerStream(version=version)
+    s.receive(encode(Start(flow_id="f")))
+    with pytest.raises(LinkProtocolError) as info:
+        s.receive(encode(Discard()))
+    assert (info.value.code, info.value.fatal) == (ErrorCode.UNKNOWN_FRAME, True)
+
+
+def test_discard_before_start_is_no_start() -> None:
+    with pytest.raises(LinkProtocolError) as info:
+        ServerStream().receive(encode(Discard()))
+    assert info.value.code is ErrorCode.NO_START
+
+
+@pytest.mark.parametrize(("content_type", "version"), [
+    ("application/vnd.voxgate.asr-link.v1", 1), ("application/vnd.voxgate.asr-link.v2", 2),
+    ("application/vnd.voxgate.asr-link.v3", 3), ("Application/vnd.voxgate.asr-link.v3; x=1", 3),
+    ("application/vnd.voxgate.asr-link.v4", None), ("application/json", None), (None, None)])
+def test_version_of_content_type(content_type: str | None, version: int | None) -> None:
+    assert link.version_of(content_type) == version
+
+
+def test_a_v3_client_starts_as_v2_so_a_v2_server_takes_it() -> None:
+    assert Start(flow_id="f").version == 2 == link.START_VERSION
+    assert link.VERSION == 3 and 3 in link.SUPPORTED_VERSIONS
 
 
 @pytest.mark.parametrize("code", ["BEHIND", "OK"])
