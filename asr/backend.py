@@ -6,7 +6,7 @@ another model family without touching the server.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -112,3 +112,28 @@ class HealthReporter(Protocol):
     def health(self) -> dict[str, Any]:
         """At least ``{"ok": bool}``, plus whatever explains it; must not block."""
         ...
+
+
+def degrade_model(model: str, partial_model: str | None, languages: Sequence[str]
+                  ) -> str | None:
+    """The faster model a pool's finals may switch to when the pool is past capacity
+    (``SchedulerPolicy.degrade_finals``): its partial model, when that is another model
+    and serves every language of the pool (an English-only one, such as tiny.en, only
+    for a pool whose languages are ``["en"]``). None: the pool's finals never degrade."""
+    if not partial_model or partial_model == model:
+        return None
+    if partial_model.endswith(".en") and tuple(languages) != ("en",):
+        return None
+    return partial_model
+
+
+def degradable_pools(described: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
+    """The pools of a backend's ``describe()`` whose finals may degrade."""
+    out = set()
+    for name, d in described.items():
+        model = str(d.get("model", ""))
+        partial = d.get("partial_model")
+        if degrade_model(model, None if partial is None else str(partial),
+                         tuple(d.get("languages", ()))):
+            out.add(name)
+    return frozenset(out)

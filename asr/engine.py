@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import LidResult, Recognition
+from .backend import LidResult, Recognition, degrade_model
 from .scheduler import Job
 from .whisper import mel as melmod
 from .whisper.decoding import FallbackPolicy, Utterance, WhisperEngine
@@ -405,9 +405,21 @@ class WhisperBackend:
 
     def _finals(self, spec: PoolSpec, jobs: Sequence[Job], idx: list[int],
                 out: dict[int, Recognition | LidResult | Exception]) -> None:
-        engine = self.engine(spec.model, spec.precision)
+        """Finals on the pool's model; those the scheduler marked ``degraded`` (the pool
+        is past capacity) on its faster model when it has one (``degrade_model``)."""
+        fast = degrade_model(spec.model, spec.partial_model, spec.languages)
+        quick = [i for i in idx if fast and jobs[i].options.get("degraded")]
+        full = [i for i in idx if i not in quick]
+        if full:
+            self._finals_on(spec, spec.model, jobs, full, out)
+        if quick and fast:
+            self._finals_on(spec, fast, jobs, quick, out)
+
+    def _finals_on(self, spec: PoolSpec, model: str, jobs: Sequence[Job], idx: list[int],
+                   out: dict[int, Recognition | LidResult | Exception]) -> None:
+        engine = self.engine(model, spec.precision)
         by_window: dict[int, list[tuple[int, str | None]]] = {}
-        for i, lang in self._valid(spec, spec.model, jobs, idx, out):
+        for i, lang in self._valid(spec, model, jobs, idx, out):
             if jobs[i].audio.size > melmod.N_SAMPLES:
                 # Longer than one window: decoded window by window, seeking by
                 # timestamps, so nothing past 30 s is dropped.

@@ -21,9 +21,17 @@ admitted load, finals at endpoint + 300 ms, and no utterance without partials):
    ``partial_max_gap_ms`` is promoted ahead of the finals (one per utterance per gap,
    so a bounded cost), ordered by that deadline.
 
-Past ``max_queued`` jobs a partial is refused with ``SchedulerBusy``; a final or LID job
-takes the place of the lowest queued partial instead, and is refused only when none is
-left.
+Degrade by policy, not by collapse. Past capacity, first the partials' cadence stretches
+(rule 4). Then finals may run on their pool's faster model: when a batch of finals is
+taken, the core predicts when each queued final would start, from the measured cost of
+a final of its pool and the number of batches in flight (``slots``), earliest deadline
+first. If one of them would start more than ``degrade_final_late_ms`` past its deadline,
+the pool is past what its full model can do in time, and the finals of that batch that
+may degrade (``degradable`` pools) are marked ``degraded``: the engine decodes them with
+the pool's partial model (tiny.en for English: 3-4x cheaper than base), counted per pool.
+Only past that does the queue fill and a job get ``SchedulerBusy``: past ``max_queued``
+jobs a partial is refused; a final or LID job takes the place of the lowest queued
+partial instead, and is refused only when none is left.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ class Job:
     submitted: float = 0.0  # scheduler clock, s
     deadline: float = math.inf  # scheduler clock, s
     first: bool = False  # the first partial of its utterance
+    degraded: bool = False  # a final run on its pool's faster model (the core sets it)
     result: Any = None
     error: BaseException | None = None
     stale: bool = False
@@ -93,6 +102,7 @@ class SchedulerStats:
     jobs_failed: int = 0
     deadline_misses: dict[str, int] = field(default_factory=dict)  # kind -> jobs late
     starved_promotions: int = 0  # partials promoted because their max gap ran out
+    degraded_finals: dict[str, int] = field(default_factory=dict)  # pool -> finals
 
     @property
     def rtf(self) -> float:
@@ -111,20 +121,37 @@ class SchedulerPolicy:
     first_partial_deadline_ms: int = 100
     final_deadline_ms: int = 300
     lid_deadline_ms: int = 500
+    # Finals degrade to the pool's faster model when one queued final is predicted to
+    # start more than this past its deadline (see the module docstring).
+    degrade_finals: bool = True
+    degrade_final_late_ms: int = 500
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queued < 1:
             raise ValueError("max_batch and max_queued must be positive")
+        if self.degrade_final_late_ms < 0:
+            raise ValueError("degrade_final_late_ms must be >= 0")
         if min(self.partial_max_gap_ms, self.first_partial_deadline_ms,
                self.final_deadline_ms, self.lid_deadline_ms) <= 0:
             raise ValueError("deadlines and partial_max_gap_ms must be positive")
 
 
 class SchedulerCore:
-    """The scheduling policy, sans-IO. Times are seconds on the caller's clock."""
+    """The scheduling policy, sans-IO. Times are seconds on the caller's clock.
 
-    def __init__(self, policy: SchedulerPolicy | None = None) -> None:
+    Args:
+        slots: batches in flight at once (the shell's threads: one per inference worker).
+        degradable: pools whose finals may run on a faster model when late.
+    """
+
+    def __init__(self, policy: SchedulerPolicy | None = None, *, slots: int = 1,
+                 degradable: frozenset[str] = frozenset()) -> None:
+        if slots < 1:
+            raise ValueError("slots must be positive")
         self.policy = policy or SchedulerPolicy()
+        self.slots = slots
+        self.degradable = degradable
+        self._degraded: dict[str, int] = {}
         self._queue: list[Job] = []
         self._seq: dict[Job, int] = {}  # submission order, for stable ties
         self._next_seq = 0
@@ -184,8 +211,10 @@ class SchedulerCore:
             since, served = self._since.setdefault((job.key, job.utterance), (now, False))
             # A replacement keeps the clock of the partial it replaced: asking again
             # must not push an utterance's deadline back.
-            job.first = not served
-            if served:
+            # ``first``: the utterance has no partial yet, or (set by the caller) none
+            # that showed text (the first ones are often on pre-roll and say nothing).
+            job.first = job.first or not served
+            if not job.first:
                 job.deadline = since + p.partial_max_gap_ms / 1000
             else:
                 job.deadline = since + p.first_partial_deadline_ms / 1000
@@ -311,11 +340,40 @@ class SchedulerCore:
                 self._promoted += 1
             batch.append(j)
         self._promoted_last = any(self._starving(j, now) for j in batch)
+        if head.pool in self.degradable and any(j.kind == "final" for j in batch) \
+                and self._finals_late(now):
+            for j in batch:
+                if j.kind == "final" and not j.degraded:
+                    j.degraded = True
+                    j.options["degraded"] = True  # what the engine reads
+                    self._degraded[j.pool] = self._degraded.get(j.pool, 0) + 1
         for j in batch:
             self._queue.remove(j)
             del self._seq[j]
         self._running += len(batch)
         return head.pool, batch
+
+    def predicted_final_starts(self, now: float) -> list[tuple[Job, float]]:
+        """When each queued final would start, earliest deadline first, if finals ran
+        back to back on every slot at their pool's measured full-model cost (work
+        already running and other kinds left out: a lower bound)."""
+        finals = sorted((j for j in self._queue if j.kind == "final"),
+                        key=lambda j: (j.deadline, self._seq[j]))
+        out, ahead_s = [], 0.0
+        for j in finals:
+            out.append((j, now + ahead_s / self.slots))
+            ahead_s += self._job_cost_s.get((j.pool, "final"), 0.0)
+        return out
+
+    def _finals_late(self, now: float) -> bool:
+        """A queued final is predicted to start more than ``degrade_final_late_ms`` past
+        its deadline on its full model."""
+        p = self.policy
+        if not p.degrade_finals:
+            return False
+        late_s = p.degrade_final_late_ms / 1000
+        return any(start > j.deadline + late_s
+                   for j, start in self.predicted_final_starts(now))
 
     def complete(self, batch: Sequence[Job], results: Sequence[Any] | BaseException,
                  now: float, compute_s: float) -> list[Job]:
@@ -346,6 +404,8 @@ class SchedulerCore:
         if batch and compute_s > 0:
             share = compute_s / len(batch)
             for j in batch:
+                if j.degraded:
+                    continue  # a faster model's cost would hide the full model's
                 k = (j.pool, j.kind)
                 old = self._job_cost_s.get(k)
                 self._job_cost_s[k] = share if old is None else 0.7 * old + 0.3 * share
@@ -360,7 +420,8 @@ class SchedulerCore:
         return SchedulerStats(len(self._queue), self._running, self._batches, self._done,
                               self._dropped, self._busy, self._audio_s, self._compute_s,
                               jobs_failed=self._failed, deadline_misses=dict(self._misses),
-                              starved_promotions=self._promoted)
+                              starved_promotions=self._promoted,
+                              degraded_finals=dict(self._degraded))
 
 
 class Scheduler:
@@ -378,7 +439,8 @@ class Scheduler:
         if threads < 1:
             raise ValueError("threads must be positive")
         self.core = SchedulerCore(policy or SchedulerPolicy(max_batch=max_batch,
-                                                            max_queued=max_queued))
+                                                            max_queued=max_queued),
+                                  slots=threads)
         self._run_batch = run_batch
         self._limiter = trio.CapacityLimiter(threads)
         self._waiters: dict[Job, trio.Event] = {}

@@ -348,3 +348,31 @@ def test_load_pools_reads_margins(tmp_path: Path) -> None:
     path.write_text('[pools.en]\nmodel = "base"\nfinal_margin = 2.0\n')
     with pytest.raises(ValueError, match="pool 'en'"):
         load_pools(path)
+
+
+def test_degraded_finals_run_on_the_pools_faster_model(tmp_path: Path) -> None:
+    """A final the scheduler marked ``degraded`` runs on the pool's partial model; the
+    others of the same batch on the pool's own model."""
+    slow, _ = fw.make(tmp_path / "slow")
+    slow.by_frames = lambda n: fw.Utt(fw.say("slow"))
+    fast, _ = fw.make(tmp_path / "fast")
+    fast.by_frames = lambda n: fw.Utt(fw.say("fast"))
+    pool = PoolSpec(model="fake", languages=("en",), partial_model="fake.en")
+    backend = WhisperBackend(pools_spec={"p": pool}, default_pool="p",
+                             _engines={("fake", "int8"): WhisperEngine(slow),
+                                       ("fake.en", "int8"): WhisperEngine(fast)})
+    res = backend.run_batch("p", [_final(_tone(1.0)), _final(_tone(1.0), degraded=True)])
+    assert [r.text for r in res if isinstance(r, Recognition)] == ["slow", "fast"]
+
+
+def test_which_pools_may_degrade() -> None:
+    from asr.backend import degradable_pools, degrade_model
+    from asr.engine import DEFAULT_POOLS, WhisperBackend
+
+    assert degrade_model("base", "tiny.en", ("en",)) == "tiny.en"
+    assert degrade_model("base", "tiny.en", ("*",)) is None  # English-only: en pools only
+    assert degrade_model("base", "tiny", ("*",)) == "tiny"
+    assert degrade_model("base", None, ("en",)) is None
+    assert degrade_model("base", "base", ("en",)) is None
+    described = WhisperBackend(pools_spec=dict(DEFAULT_POOLS), default_pool="multi").describe()
+    assert degradable_pools(described) == frozenset({"en"})

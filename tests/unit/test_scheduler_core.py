@@ -271,3 +271,69 @@ def test_batches_stay_within_their_heads_deadline_budget() -> None:
         c.submit(j, 3.0)
     batch = run_take(c, 3.0)
     assert batch == finals[:3]  # 3 x 100 ms fill the final's 300 ms budget
+
+
+def test_finals_degrade_only_when_a_queued_final_is_predicted_late() -> None:
+    """Past capacity (finals predicted to start past deadline + degrade_final_late_ms at
+    the measured full-model cost), a degradable pool's finals run on its faster model,
+    counted per pool; within capacity, never; and a pool that cannot degrade does not."""
+    c = SchedulerCore(SchedulerPolicy(max_batch=1, final_deadline_ms=300,
+                                      degrade_final_late_ms=500),
+                      slots=2, degradable=frozenset({"en"}))
+    # Measure what a final of "en" costs: 0.4 s.
+    f0 = job("final", "a", pool="en")
+    c.submit(f0, 0.0)
+    run(c, 0.0, cost_s=0.4)
+    assert not f0.degraded and "degraded" not in f0.options
+    # Three finals at once on two slots: the last starts at 0.4 s, within 0.3 + 0.5 s.
+    fs = [job("final", k, pool="en") for k in "bcd"]
+    for f in fs:
+        c.submit(f, 1.0)
+    assert [round(t - 1.0, 3) for _, t in c.predicted_final_starts(1.0)] == [0.0, 0.2, 0.4]
+    for _ in fs:
+        run(c, 1.0, cost_s=0.4)
+    assert not any(f.degraded for f in fs)
+    # Eight at once: the last would start 1.4 s in, 0.6 s past its slack: degrade.
+    fs = [job("final", f"k{i}", pool="en") for i in range(8)]
+    for f in fs:
+        c.submit(f, 2.0)
+    (first,) = run(c, 2.0, cost_s=0.1)
+    assert first.degraded and first.options["degraded"] is True
+    assert c.statistics().degraded_finals == {"en": 1}
+    # The degraded run's 0.1 s does not hide the full model's cost from the prediction.
+    assert c.predicted_final_starts(2.1)[-1][1] == pytest.approx(2.1 + 6 * 0.4 / 2)
+    # It stops once what is left fits (the last of n starts (n - 1) x 0.2 s on):
+    # seven queued, three more run degraded, then the full model again.
+    done = [run(c, 2.1 + 0.01 * i, cost_s=0.1)[0] for i in range(7)]
+    assert [f.degraded for f in done] == [True] * 3 + [False] * 4
+    assert c.statistics().degraded_finals == {"en": 4}
+
+
+def test_finals_of_a_pool_that_cannot_degrade_or_with_degrade_off_never_do() -> None:
+    for degradable, on in ((frozenset(), True), (frozenset({"p"}), False)):
+        c = SchedulerCore(SchedulerPolicy(max_batch=1, degrade_finals=on),
+                          degradable=degradable)
+        c.submit(job("final", "a"), 0.0)
+        run(c, 0.0, cost_s=1.0)
+        fs = [job("final", k) for k in "bcdefgh"]
+        for f in fs:
+            c.submit(f, 1.0)
+        assert [run(c, 5.0)[0].degraded for _ in fs] == [False] * 7
+        assert c.statistics().degraded_finals == {}
+
+
+def test_a_caller_marked_first_partial_keeps_first_rank_after_an_empty_one() -> None:
+    """The first partial often decodes only pre-roll and shows nothing: the next one the
+    caller still calls first ranks as a first partial, with its short deadline."""
+    c = core(max_batch=1)
+    c.submit(job("partial", "a"), 0.0)
+    run(c, 0.0)
+    again = Job("partial", "p", AUDIO, key="a", first=True)
+    later = job("partial", "b")
+    c.submit(job("partial", "b"), 0.0)
+    run(c, 0.0)
+    c.submit(later, 0.2)
+    c.submit(again, 0.3)
+    assert again.first and not later.first
+    assert again.deadline == pytest.approx(0.1 + 0.1)
+    assert run(c, 0.35) == [again]
