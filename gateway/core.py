@@ -707,6 +707,13 @@ class SessionCore:
             self._lid_settled = True
         self.lid_decided = True
 
+    @property
+    def lid_over(self) -> bool:
+        """No language ID decision is to come: decided, failed, or the session has
+        ended with no request in flight (too little speech to ask about)."""
+        return self.lid_decided or (self.drained and self.lid is not None
+                                    and not self.lid.waiting)
+
     def lid_answer(self, answer: Any, now: float) -> None:
         """The language ID service answered the request in flight."""
         assert self.lid is not None

@@ -609,7 +609,7 @@ class Session:
             self._resume.set()
         if core.drained:
             self._drained.set()
-        if core.lid_decided:
+        if core.lid_over:
             self._lid_decided.set()
         if core.next_timer() != self._timer_at:
             self._timer_wake.set()
