@@ -11,6 +11,7 @@ from stages.endpoint import (
     EndpointConfig,
     Endpointer,
     SendFrame,
+    SpeechFeeder,
     SpeechGate,
     UtteranceCancelled,
     UtteranceEnded,
@@ -291,3 +292,49 @@ def test_gate_confirmed_early_start_sends_each_frame_once() -> None:
     assert sent == list(range(10, 30))
     assert [type(e).__name__ for e in out if not isinstance(e, SendFrame)] == [
         "UtteranceTentative", "UtteranceStarted", "UtteranceEnded"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.4, 0.9]), min_size=1, max_size=120),
+       st.integers(0, 30), st.integers(1, 8), st.booleans())
+def test_feeder_is_the_endpointer_and_the_gate(probs: list[float], lag: int, batch: int,
+                                               early: bool) -> None:
+    """``SpeechFeeder`` gives what the endpointer and the gate wired by hand give."""
+    config = EndpointConfig(min_speech_ms=64, endpoint_silence_ms=96, preroll_ms=60,
+                            tail_ms=40, early_start=early)
+    frames = [PcmFrame(s, np.zeros(320, dtype=np.int16))
+              for s in range(0, len(probs) * 512 - 319, 320)]
+    windows = [VadWindow((i + 1) * 512, p) for i, p in enumerate(probs)]
+
+    def by_hand() -> list[object]:
+        ep, gate = Endpointer(config), SpeechGate(config.preroll_ms)
+        out: list[object] = []
+        fi = 0
+        for wi in range(0, len(windows), batch):
+            chunk = windows[wi:wi + batch]
+            while fi < len(frames) and frames[fi].start < chunk[-1].end + lag * 320:
+                out += gate.frame(frames[fi])
+                fi += 1
+            for w in chunk:
+                for e in ep.feed(w):
+                    out += gate.boundary(e, ep.sendable, ep.horizon)
+            out += gate.trim(ep.sendable, ep.horizon)
+        for e in ep.force("flush"):
+            out += gate.boundary(e, ep.sendable, ep.horizon)
+        return out
+
+    def feeder() -> list[object]:
+        f = SpeechFeeder(config)
+        out: list[object] = []
+        fi = 0
+        for wi in range(0, len(windows), batch):
+            chunk = windows[wi:wi + batch]
+            while fi < len(frames) and frames[fi].start < chunk[-1].end + lag * 320:
+                out += f.frame(frames[fi])
+                fi += 1
+            out += f.windows(chunk)
+            assert f.position == chunk[-1].end
+        out += f.force("flush")
+        return out
+
+    assert feeder() == by_hand()
