@@ -1,6 +1,7 @@
 """Load generator for any running gateway: N real-time sessions of read speech.
 
     .venv/bin/python bench/load.py --spawn --sessions 50 --seconds 30 --pin
+    .venv/bin/python bench/load.py --spawn --workers 2 --sessions 100 --seconds 30
     .venv/bin/python bench/load.py --url ws://HOST:PORT/ws/stream --pid PID --sessions 10
 
 It is not the gateway's own client (``gateway.client``): it speaks WebSocket through
@@ -64,7 +65,16 @@ from wsproto.events import Message as WsMessage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OUT, cpu_model, free_port, pct, proc_sample, start, stop  # noqa: E402
+from bench.common import (  # noqa: E402
+    OUT,
+    cpu_model,
+    free_port,
+    pct,
+    proc_sample,
+    start,
+    stop,
+    tree_sample,
+)
 
 SAMPLE_RATE = 16000
 PAUSE_S = 1.5  # quiet between clips: every clip is an utterance with an endpoint after it
@@ -387,8 +397,11 @@ class LoadRun:
 
 
 async def run_load(cfg: LoadConfig, framed: Framed, pid: int | None = None,
-                   sample_every_s: float = 0.5) -> LoadRun:
-    """Run ``cfg.sessions`` sessions against ``cfg.url``; sample ``pid`` meanwhile."""
+                   sample_every_s: float = 0.5, tree: bool = False) -> LoadRun:
+    """Run ``cfg.sessions`` sessions against ``cfg.url``; sample ``pid`` meanwhile
+    (with ``tree``, CPU and RSS summed over ``pid`` and its descendants: a gateway's
+    supervisor and its workers)."""
+    sample = tree_sample if tree else proc_sample
     counters = Counters()
     results: list[SessionResult] = []
     samples: list[Sample] = []
@@ -396,7 +409,7 @@ async def run_load(cfg: LoadConfig, framed: Framed, pid: int | None = None,
 
     async def monitor() -> None:
         while True:
-            gw = proc_sample(pid) if pid else None
+            gw = sample(pid) if pid else None
             samples.append(Sample(
                 trio.current_time() - t_start, gw.cpu_s if gw else math.nan,
                 gw.rss_mb if gw else math.nan, time.process_time(),
@@ -418,7 +431,7 @@ async def run_load(cfg: LoadConfig, framed: Framed, pid: int | None = None,
             for i in range(cfg.sessions):
                 nursery.start_soon(one, i)
         outer.cancel_scope.cancel()
-    gw = proc_sample(pid) if pid else None
+    gw = sample(pid) if pid else None
     samples.append(Sample(trio.current_time() - t_start, gw.cpu_s if gw else math.nan,
                           gw.rss_mb if gw else math.nan, time.process_time(),
                           counters.samples_sent, counters.streaming))
@@ -580,11 +593,12 @@ def set_affinity(pid: int, cpus: set[int]) -> bool:
         return False
 
 
-def spawn_gateway(with_asr: bool, archive_dir: str, max_sessions: int
+def spawn_gateway(with_asr: bool, archive_dir: str, max_sessions: int, workers: int = 1
                   ) -> tuple[Any, str]:
-    """``voxgate gateway`` with an unreachable ASR (record-only), or ``voxgate serve``."""
+    """``voxgate gateway`` with an unreachable ASR (record-only), or ``voxgate serve``;
+    ``workers`` gateway processes (MAX_SESSIONS holds per worker)."""
     env = {"ARCHIVE_DIR": archive_dir, "MAX_SESSIONS": str(max_sessions),
-           "PUBLIC_BASE": ""}
+           "PUBLIC_BASE": "", "WORKERS": str(workers)}
     if not with_asr:
         env["ASR_URLS"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cmd = "serve" if with_asr else "gateway"
@@ -600,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-asr", action="store_true",
                    help="with --spawn: `voxgate serve` (gateway + local ASR); asks for asr")
     p.add_argument("--pid", type=int, help="gateway process to measure (with --url)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with --spawn: `voxgate gateway --workers N`; the gateway's CPU "
+                   "is then summed over the supervisor and its workers (default 1)")
+    p.add_argument("--tree", action="store_true",
+                   help="with --pid: sum CPU and RSS over PID and its descendants (a "
+                   "gateway started with --workers: give the supervisor's pid)")
     p.add_argument("--sessions", type=int, default=10)
     p.add_argument("--seconds", type=float, default=20.0, help="audio per session, s")
     p.add_argument("--chunk-ms", type=int, default=20)
@@ -617,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give exactly one of --url and --spawn")
     if args.sessions < 1 or args.seconds <= 0 or args.chunk_ms <= 0:
         p.error("--sessions, --seconds and --chunk-ms must be positive")
+    if args.workers < 1 or (args.workers > 1 and (args.with_asr or not args.spawn)):
+        p.error("--workers N: N >= 1, with --spawn and without --with-asr")
+    if args.workers > 1 and args.pin:
+        p.error("--pin puts the gateway on one CPU: not with --workers")
+    tree = args.tree or args.workers > 1
 
     proc = None
     pid = args.pid
@@ -624,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="voxgate-load-")
     try:
         if args.spawn:
-            proc, url = spawn_gateway(args.with_asr, tmp.name, max(200, args.sessions + 10))
+            proc, url = spawn_gateway(args.with_asr, tmp.name, max(200, args.sessions + 10),
+                                      args.workers)
             pid = proc.pid
         pinned = False
         if args.pin and pid:
@@ -635,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                          returns=returns, end_timeout_s=args.end_timeout_s,
                          run_id=f"load{int(time.time())}")
         framed = frame_material(material(), args.chunk_ms)
-        run = trio.run(run_load, cfg, framed, pid)
+        run = trio.run(run_load, cfg, framed, pid, 0.5, tree)
         if args.verify_archive:
             verify_archives(run.sessions)
     finally:
@@ -651,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"cpu": cpu_model(), "cores": os.cpu_count(),
                  "python": platform.python_version(), "url": url, "pinned": pinned,
                  "spawned": bool(args.spawn), "with_asr": args.with_asr,
+                 "workers": args.workers, "cpu_over_process_tree": tree,
                  "config": {k: v for k, v in asdict(cfg).items() if k != "url"},
                  "note": "ingest lag = ping->pong through the session's ingest loop"},
         "aggregate": agg,
