@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gateway":
             p.add_argument("--workers", type=int, metavar="N",
                            help="gateway processes serving the same ports, under a "
-                           "supervisor that restarts them (WORKERS; default 1: one "
-                           "process, no supervisor)")
+                           "supervisor that restarts them; 1 is one process and no "
+                           "supervisor: WORKERS (default 1)")
         quiet = name == "serve"  # the embedded default is for a person at a terminal
         p.add_argument("--log-level", default="warning" if quiet else "info",
                        choices=["debug", "info", "warning", "error"],
