@@ -172,3 +172,21 @@ def test_page_origins_come_from_public_base_and_the_s3_endpoint() -> None:
         "archive_store": "s3", "s3_bucket": "b", "s3_endpoint_url": "http://10.0.0.5:9000"})
     assert _web_origins(cfg) == ["http://10.0.0.5:9000"]
     assert _web_origins(GatewayConfig.load(env={}, overrides={})) == []
+
+
+def test_workers_default_one_environment_and_flag() -> None:
+    assert GatewayConfig.load(env={}).workers == 1  # one process, no supervisor
+    assert GatewayConfig.load(env={"WORKERS": "4"}).workers == 4
+    assert GatewayConfig.load(env={"WORKERS": "4"}, overrides={"workers": 2}).workers == 2
+    with pytest.raises(ValueError, match="WORKERS"):
+        GatewayConfig.load(env={"WORKERS": "0"})
+
+
+def test_workers_flag_reaches_the_config() -> None:
+    from gateway.cli import build_parser
+    from gateway.main import _config
+
+    args = build_parser().parse_args(["gateway", "--workers", "3"])
+    assert _config(args).workers == 3
+    args = build_parser().parse_args(["serve"])  # serve has no --workers
+    assert _config(args).workers == GatewayConfig.load().workers
