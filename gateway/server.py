@@ -132,6 +132,9 @@ class ConnectionTable:
     open: int = 0
     per_ip: dict[str, int] = field(default_factory=dict)
     counted: int = 0  # what MAX_CONNECTIONS is checked against: sum of min(n, max_per_ip)
+    # With --workers: connections per address over the whole instance (a SharedCounts),
+    # which MAX_SESSIONS_PER_IP is checked against; None: this process's ``per_ip``.
+    shared: Any = None
     refused_full: int = 0  # 503s for MAX_CONNECTIONS
     refused_rate_limited: int = 0  # RATE_LIMITED for MAX_SESSIONS_PER_IP
     dropped: int = 0  # closed at the accept: twice MAX_SESSIONS_PER_IP open already
@@ -140,9 +143,11 @@ class ConnectionTable:
         """Count a new connection of ``ip``; False (and not counted) when it must be
         closed at once, without a handshake."""
         n = self.per_ip.get(ip, 0)
-        if self.max_per_ip and n >= 2 * self.max_per_ip:
+        if self.max_per_ip and self._of(ip) >= 2 * self.max_per_ip:
             self.dropped += 1
             return False
+        if self.max_per_ip and self.shared is not None:
+            self.shared.add(ip)
         self.per_ip[ip] = n + 1
         self.open += 1
         if not self.max_per_ip or n + 1 <= self.max_per_ip:
@@ -162,6 +167,8 @@ class ConnectionTable:
             del self.per_ip[ip]
         else:
             self.per_ip[ip] = n - 1
+        if self.max_per_ip and self.shared is not None:
+            self.shared.remove(ip)
         self.open -= 1
         if not self.max_per_ip or n <= self.max_per_ip:
             self.counted -= 1
@@ -172,10 +179,17 @@ class ConnectionTable:
         if self.counted > self.max_connections:
             self.refused_full += 1
             return Admission.FULL
-        if self.max_per_ip and self.per_ip.get(ip, 0) > self.max_per_ip:
+        if self.max_per_ip and self._of(ip) > self.max_per_ip:
             self.refused_rate_limited += 1
             return Admission.RATE_LIMITED
         return Admission.OK
+
+    def _of(self, ip: str) -> int:
+        """Open connections of ``ip`` that its cap counts (the instance's with
+        ``shared``)."""
+        if self.shared is not None:
+            return int(self.shared.count(ip))
+        return self.per_ip.get(ip, 0)
 
 
 def server_ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
@@ -243,6 +257,10 @@ async def serve(
     vad = vad or VadService(gate_dbfs=cfg.vad_gate_dbfs)
     vad.on_tick = lambda ms, _windows: metrics.vad_latency.observe(ms)
     table = ConnectionTable(cfg.max_connections, cfg.max_sessions_per_ip)
+    if worker is not None:
+        from .supervisor import SharedCounts
+
+        table.shared = SharedCounts(worker)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(pools.run)

@@ -224,6 +224,52 @@ class SharedFlows(dict[str, Any]):
         self.link.release(flow_id)
 
 
+class SharedCounts:
+    """Open connections per client address over the whole instance, for
+    MAX_SESSIONS_PER_IP: one empty file per connection, ``ips/<sha1(address)>/<pid>.<n>``
+    (the supervisor removes a dead worker's)."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.dir = link.run_dir / "ips"
+        self.pid = link.pid
+        self._serial = 0
+        self._held: dict[str, list[Path]] = {}
+
+    def _dir(self, ip: str) -> Path:
+        return self.dir / _flow_name(ip)
+
+    def count(self, ip: str) -> int:
+        try:
+            return len(os.listdir(self._dir(ip)))
+        except FileNotFoundError:
+            return 0
+
+    def add(self, ip: str) -> None:
+        d = self._dir(ip)
+        self._serial += 1
+        path = d / f"{self.pid}.{self._serial}"
+        for _ in range(3):  # a sibling may remove the folder between mkdir and the file
+            d.mkdir(parents=True, exist_ok=True)
+            try:
+                path.touch()
+                break
+            except FileNotFoundError:
+                continue
+        self._held.setdefault(ip, []).append(path)
+
+    def remove(self, ip: str) -> None:
+        held = self._held.get(ip)
+        if not held:
+            return
+        path = held.pop()
+        if not held:
+            del self._held[ip]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with contextlib.suppress(OSError):  # not empty: another connection holds it
+            path.parent.rmdir()
+
+
 # -- metrics of the whole instance ---------------------------------------------------
 
 # Gauges whose instance value is not the sum of the workers' values.
@@ -402,8 +448,8 @@ class Supervisor:
         server_ssl_context(self.cfg)  # a bad certificate stops us before any bind
         cfg = self.cfg
         self.run_dir = Path(tempfile.mkdtemp(prefix="voxgate-gateway-"))
-        (self.run_dir / "flows").mkdir()
-        (self.run_dir / "workers").mkdir()
+        for sub in ("flows", "workers", "ips"):
+            (self.run_dir / sub).mkdir()
         socks: list[socket.socket] = []
         lifeline_r, self.lifeline_w = os.pipe()
         os.set_inheritable(lifeline_r, True)
@@ -502,6 +548,9 @@ class Supervisor:
                 if owner is not None and owner[0] == pid:
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
+        for entry in (self.run_dir / "ips").glob(f"*/{pid}.*"):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
 
     def _announce(self) -> None:
         cfg = self.cfg
@@ -564,5 +613,5 @@ def run_supervisor(cfg: GatewayConfig, *, log_level: int, json_logs: bool) -> in
     return Supervisor(cfg, log_level=log_level, json_logs=json_logs).run()
 
 
-__all__ = ["SharedFlows", "Supervisor", "WorkerLink", "merge_expositions", "run_supervisor",
-           "worker_main"]
+__all__ = ["SharedCounts", "SharedFlows", "Supervisor", "WorkerLink", "merge_expositions",
+           "run_supervisor", "worker_main"]

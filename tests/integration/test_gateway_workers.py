@@ -29,7 +29,8 @@ from trio_websocket import ConnectionClosed
 
 from gateway.client import StreamResult, connect, stream_audio
 from gateway.metrics import GatewayMetrics
-from gateway.supervisor import SharedFlows, WorkerLink, merge_expositions
+from gateway.server import Admission, ConnectionTable
+from gateway.supervisor import SharedCounts, SharedFlows, WorkerLink, merge_expositions
 from tests import speech
 from tests.contract import check_event
 from tests.standin import StandInEngine, start_asr
@@ -298,6 +299,26 @@ async def test_shared_flows_confirm_or_drop_a_claim(tmp_path: Path) -> None:
     assert b.claim("y")
 
 
+def test_per_ip_cap_counts_the_whole_instance(tmp_path: Path) -> None:
+    (tmp_path / "ips").mkdir()
+    a = WorkerLink(0, tmp_path, "s", 0, 0, None, 0, pid=os.getpid())
+    b = WorkerLink(1, tmp_path, "s", 0, 0, None, 0, pid=os.getppid())
+    ta = ConnectionTable(100, max_per_ip=2, shared=SharedCounts(a))
+    tb = ConnectionTable(100, max_per_ip=2, shared=SharedCounts(b))
+    assert ta.opened("10.0.0.1") and ta.admit("10.0.0.1") is Admission.OK
+    assert tb.opened("10.0.0.1") and tb.admit("10.0.0.1") is Admission.OK
+    # The third connection of the address is over the cap, on whichever worker.
+    assert tb.opened("10.0.0.1") and tb.admit("10.0.0.1") is Admission.RATE_LIMITED
+    assert ta.opened("10.0.0.1")  # 4 open: twice the cap
+    assert not tb.opened("10.0.0.1") and tb.dropped == 1  # closed at the accept
+    assert tb.admit("10.0.0.2") is Admission.OK  # other addresses are not affected
+    for t in (ta, ta, tb, tb):
+        t.closed("10.0.0.1")
+    assert ta.opened("10.0.0.1") and ta.admit("10.0.0.1") is Admission.OK
+    ta.closed("10.0.0.1")
+    assert not list((tmp_path / "ips").iterdir())  # nothing left behind
+
+
 def test_merged_metrics_sum_the_workers() -> None:
     one, two = GatewayMetrics(), GatewayMetrics()
     one.sessions.inc(3)
@@ -306,7 +327,8 @@ def test_merged_metrics_sum_the_workers() -> None:
     two.final_latency.observe(300)
     one.final_latency.observe(300)
     # One worker alone comes out as it went in.
-    assert merge_expositions([one.render()]) == one.render()
+    alone = one.render()
+    assert merge_expositions([alone]) == alone
     text = merge_expositions([one.render(), two.render()], workers_help="w").decode()
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
                  if line and not line.startswith("#"))
