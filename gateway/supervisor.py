@@ -515,7 +515,9 @@ class Supervisor:
         w.ready = False
         self._clean(pid)
         if self.stopping:
-            if rc != 0:
+            # Killed by the forwarded signal before it could install its handler: it
+            # had no sessions yet.
+            if rc not in (0, 130, -signal.SIGTERM, -signal.SIGINT):
                 log.error("worker %d (pid %d) exited with %s while draining", w.index, pid,
                           _exit_text(rc))
                 self.failed = True

@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,17 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from gateway.client import StreamResult, connect, stream_audio
+from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.server import Admission, ConnectionTable
-from gateway.supervisor import SharedCounts, SharedFlows, WorkerLink, merge_expositions
+from gateway.supervisor import (
+    CRASH_LOOP_RESTARTS,
+    SharedCounts,
+    SharedFlows,
+    Supervisor,
+    WorkerLink,
+    merge_expositions,
+)
 from tests import speech
 from tests.contract import check_event
 from tests.standin import StandInEngine, start_asr
@@ -317,6 +326,46 @@ def test_per_ip_cap_counts_the_whole_instance(tmp_path: Path) -> None:
     assert ta.opened("10.0.0.1") and ta.admit("10.0.0.1") is Admission.OK
     ta.closed("10.0.0.1")
     assert not list((tmp_path / "ips").iterdir())  # nothing left behind
+
+
+class _Exited:
+    """Stands for the Popen of a worker that has exited."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+def test_supervisor_restarts_with_backoff_and_gives_up_on_a_crash_loop(
+        tmp_path: Path) -> None:
+    sup = Supervisor(GatewayConfig.load(env={}, overrides={"workers": 2}),
+                     log_level=0, json_logs=False)
+    sup.run_dir = tmp_path
+    for sub in ("flows", "workers", "ips"):
+        (tmp_path / sub).mkdir()
+    w = sup.workers[0]
+    (tmp_path / "flows" / "f").write_text("4242 1\n")  # the dead worker's flowId
+    (tmp_path / "flows" / "g").write_text(f"{os.getpid()} 2\n")
+    backoffs = []
+    for _ in range(CRASH_LOOP_RESTARTS - 1):
+        w.proc = _Exited(4242)  # type: ignore[assignment]
+        w.started_at = time.monotonic()  # it dies at once
+        sup._reaped(w, -signal.SIGKILL)
+        backoffs.append(w.backoff_s)
+        assert w.proc is None and not sup.failed and not sup.stopping
+    assert backoffs == [0.5, 1.0, 2.0, 4.0]
+    assert sorted(p.name for p in (tmp_path / "flows").iterdir()) == ["g"]
+    # A worker that had run long restarts at once.
+    w.proc = _Exited(4243)  # type: ignore[assignment]
+    w.started_at = time.monotonic() - 100
+    w.exits.clear()
+    sup._reaped(w, 1)
+    assert w.backoff_s == 0 and not sup.failed
+    # CRASH_LOOP_RESTARTS exits within the window: the instance stops, exit status 1.
+    for _ in range(CRASH_LOOP_RESTARTS - 1):
+        w.proc = _Exited(4244)  # type: ignore[assignment]
+        w.started_at = time.monotonic()
+        sup._reaped(w, 3)
+    assert sup.failed and sup.stopping
 
 
 def test_merged_metrics_sum_the_workers() -> None:
