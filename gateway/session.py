@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
@@ -616,19 +617,20 @@ class Session:
 
     def _accept(self, frames: tuple[PcmFrame, ...]) -> None:
         """Accepted audio: to VAD (one poke per message) and the archive encoder."""
-        feed = self._vad_client.stream.feed
-        for f in frames:
-            feed(f.samples)
+        # The frames are contiguous: VAD and the encoder take them as one run.
+        samples = (frames[0].samples if len(frames) == 1
+                   else np.concatenate([f.samples for f in frames]))
+        self._vad_client.stream.feed(samples)
         self.ctx.vad.poke()
         enc = self._archive_enc
         if enc is None or enc.closed:  # cancelled mid-ingest, the salvage closed it
             return
         t0 = time.perf_counter()
-        pages = [data for data in (enc.feed(f.samples) for f in frames) if data]
+        data = enc.feed(samples)
         ms = (time.perf_counter() - t0) * 1000
         self.stats["compress_ms"] += ms
         self._page_ms += ms
-        for data in pages:
+        if data:
             self.ctx.metrics.compress_latency.observe(self._page_ms)
             self._page_ms = 0.0
             self._archive_in.send_nowait(data)
