@@ -561,7 +561,8 @@ class Supervisor:
         base = f"http{'s' if tls else ''}://{cfg.host}:{http}"
         where = (f"{base} (records, metrics)" if metrics is None else
                  f"{base} (records), metrics on http://{cfg.host}:{metrics}/metrics")
-        print(f"voxgate gateway: {where}, {self.n} workers", flush=True)
+        log.info("%d workers ready", self.n)
+        print(f"voxgate gateway: {where}", flush=True)
         print(f"ws{'s' if tls else ''}://{cfg.host}:{ws}/ws/stream", flush=True)
         self.announced = True
 
