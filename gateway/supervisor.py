@@ -150,6 +150,33 @@ class WorkerLink:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def _tenant_dir(self, tenant: str) -> Path:
+        return self.run_dir / "tenants" / _flow_name(tenant)
+
+    def tenant_add(self, tenant: str, flow_id: str) -> None:
+        """Count a session of ``tenant`` (``tenants/<sha1(tenant)>/<sha1(flowId)>``)."""
+        d = self._tenant_dir(tenant)
+        for _ in range(3):  # a sibling may remove the folder between mkdir and the file
+            d.mkdir(parents=True, exist_ok=True)
+            try:
+                (d / _flow_name(flow_id)).write_text(f"{self.pid} {self.port}\n")
+                return
+            except FileNotFoundError:
+                continue
+
+    def tenant_remove(self, tenant: str, flow_id: str) -> None:
+        d = self._tenant_dir(tenant)
+        with contextlib.suppress(FileNotFoundError):
+            (d / _flow_name(flow_id)).unlink()
+        with contextlib.suppress(OSError):  # not empty: the tenant has other sessions
+            d.rmdir()
+
+    def tenant_sessions(self, tenant: str) -> int:
+        try:
+            return len(os.listdir(self._tenant_dir(tenant)))
+        except FileNotFoundError:
+            return 0
+
     def owner_port(self, flow_id: str) -> int | None:
         """The private port of the live sibling that holds ``flow_id``, else None."""
         owner = _read_owner(self.flows_dir / _flow_name(flow_id))
@@ -218,10 +245,21 @@ class SharedFlows(dict[str, Any]):
             log.warning("flowId %s is held by another worker as well", flow_id)
         self._tentative.discard(flow_id)
         super().__setitem__(flow_id, session)
+        tenant = getattr(session, "tenant", "")
+        if tenant:
+            self.link.tenant_add(tenant, flow_id)
 
     def __delitem__(self, flow_id: str) -> None:
+        session = self[flow_id]
         super().__delitem__(flow_id)
         self.link.release(flow_id)
+        tenant = getattr(session, "tenant", "")
+        if tenant:
+            self.link.tenant_remove(tenant, flow_id)
+
+    def tenant_sessions(self, tenant: str) -> int:
+        """Sessions of ``tenant`` live in the whole instance (MAX_SESSIONS_PER_TENANT)."""
+        return self.link.tenant_sessions(tenant)
 
 
 class SharedCounts:
@@ -448,7 +486,7 @@ class Supervisor:
         server_ssl_context(self.cfg)  # a bad certificate stops us before any bind
         cfg = self.cfg
         self.run_dir = Path(tempfile.mkdtemp(prefix="voxgate-gateway-"))
-        for sub in ("flows", "workers", "ips"):
+        for sub in ("flows", "workers", "ips", "tenants"):
             (self.run_dir / sub).mkdir()
         socks: list[socket.socket] = []
         lifeline_r, self.lifeline_w = os.pipe()
@@ -544,8 +582,8 @@ class Supervisor:
 
     def _clean(self, pid: int) -> None:
         """Remove what a dead worker left in the registry."""
-        for sub in ("flows", "workers"):
-            for entry in (self.run_dir / sub).iterdir():
+        for sub in ("flows", "workers", "tenants/*"):
+            for entry in self.run_dir.glob(f"{sub}/*"):
                 owner = _read_owner(entry)
                 if owner is not None and owner[0] == pid:
                     with contextlib.suppress(FileNotFoundError):

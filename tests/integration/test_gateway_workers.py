@@ -308,6 +308,30 @@ async def test_shared_flows_confirm_or_drop_a_claim(tmp_path: Path) -> None:
     assert b.claim("y")
 
 
+class _Sess:
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+
+async def test_tenant_sessions_are_counted_over_the_instance(tmp_path: Path) -> None:
+    for sub in ("flows", "workers", "tenants"):
+        (tmp_path / sub).mkdir()
+    a = SharedFlows(WorkerLink(0, tmp_path, "s", 0, 0, None, 0, pid=os.getpid()))
+    b = SharedFlows(WorkerLink(1, tmp_path, "s", 0, 0, None, 0, pid=os.getppid()))
+    for flows, flow_id in ((a, "t1"), (b, "t2"), (b, "t3")):
+        assert flow_id not in flows
+        flows[flow_id] = _Sess("acme")
+    assert "u1" not in a
+    a["u1"] = _Sess("")  # no tenant (no authentication): not counted
+    assert a.tenant_sessions("acme") == b.tenant_sessions("acme") == 3
+    assert a.tenant_sessions("other") == 0
+    del b["t2"]
+    del a["t1"]
+    assert a.tenant_sessions("acme") == 1
+    del b["t3"]
+    assert a.tenant_sessions("acme") == 0 and not list((tmp_path / "tenants").iterdir())
+
+
 def test_per_ip_cap_counts_the_whole_instance(tmp_path: Path) -> None:
     (tmp_path / "ips").mkdir()
     a = WorkerLink(0, tmp_path, "s", 0, 0, None, 0, pid=os.getpid())
@@ -340,11 +364,13 @@ def test_supervisor_restarts_with_backoff_and_gives_up_on_a_crash_loop(
     sup = Supervisor(GatewayConfig.load(env={}, overrides={"workers": 2}),
                      log_level=0, json_logs=False)
     sup.run_dir = tmp_path
-    for sub in ("flows", "workers", "ips"):
+    for sub in ("flows", "workers", "ips", "tenants"):
         (tmp_path / sub).mkdir()
     w = sup.workers[0]
     (tmp_path / "flows" / "f").write_text("4242 1\n")  # the dead worker's flowId
     (tmp_path / "flows" / "g").write_text(f"{os.getpid()} 2\n")
+    (tmp_path / "tenants" / "x").mkdir()
+    (tmp_path / "tenants" / "x" / "f").write_text("4242 1\n")
     backoffs = []
     for _ in range(CRASH_LOOP_RESTARTS - 1):
         w.proc = _Exited(4242)  # type: ignore[assignment]
@@ -354,6 +380,7 @@ def test_supervisor_restarts_with_backoff_and_gives_up_on_a_crash_loop(
         assert w.proc is None and not sup.failed and not sup.stopping
     assert backoffs == [0.5, 1.0, 2.0, 4.0]
     assert sorted(p.name for p in (tmp_path / "flows").iterdir()) == ["g"]
+    assert not list((tmp_path / "tenants" / "x").iterdir())
     # A worker that had run long restarts at once.
     w.proc = _Exited(4243)  # type: ignore[assignment]
     w.started_at = time.monotonic() - 100
