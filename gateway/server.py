@@ -506,7 +506,10 @@ class _Connection(WebSocketConnection):
     # sibling does); consulted for the first ``start`` read, then dropped.
     flow_owner: Callable[[str], int | None] | None = None
     relay_to: tuple[int, str] | None = None  # (owner's port, the start) to relay
-    pushback: list[str | bytes]  # messages to hand out again before reading on
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pushback: list[str | bytes] = []  # handed out again before reading on
     _failure: ProtocolViolation | None = None  # the frame at which the peer broke RFC 6455
     _discard_scope: trio.CancelScope | None = None  # reading on after the failure
 
@@ -666,7 +669,6 @@ class _Server(WebSocketServer):
                                      max_message_size=self._max_message_size,
                                      receive_buffer_size=self._receive_buffer_size)
             connection.send_timeout_s = self._disconnect_timeout
-            connection.pushback = []
             request: WebSocketRequest | None = None
             with trio.move_on_after(self._connect_timeout) as connect_scope:
                 async def read() -> None:
