@@ -195,6 +195,147 @@ def run_profile(args: argparse.Namespace) -> Path:
     return raw
 
 
+# -- WebSocket receive: what a 20 ms binary message costs the server ------------------
+
+
+def _ws_client_bytes(n: int, payload_len: int = 640) -> tuple[bytes, list[bytes]]:
+    """A client's upgrade request and ``n`` masked binary frames (as ``bench/load.py``)."""
+    import numpy as np
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import Request
+
+    from bench.load import ws_binary_frame
+
+    client = WSConnection(ConnectionType.CLIENT)
+    hello = client.send(Request(host="127.0.0.1", target="/ws/stream"))
+    rng = np.random.default_rng(0)
+    return hello, [ws_binary_frame(rng.bytes(payload_len), rng.bytes(4)) for _ in range(n)]
+
+
+def _feeder(sock: Any, hello: bytes, frames: list[bytes], gap_s: float) -> None:
+    """Client thread: the upgrade, then one frame every ``gap_s`` (each is read alone)."""
+    sock.sendall(hello)
+    sock.recv(4096)  # the 101
+    for f in frames:
+        sock.sendall(f)
+        t = time.perf_counter() + gap_s
+        while time.perf_counter() < t:
+            pass
+    sock.shutdown(1)
+
+
+class _MinimalReader:
+    """The least a server can do per message: parse the header in Python, unmask with
+    one big-integer XOR (or numpy), keep the payload. Client frames only (masked), no
+    fragments or control frames: a measure of the floor, not a server."""
+
+    def __init__(self, unmask: str = "int") -> None:
+        self.buf = bytearray()
+        self.unmask = unmask
+
+    def feed(self, data: bytes) -> list[bytes]:
+        import numpy as np
+
+        buf = self.buf
+        buf += data
+        out = []
+        while len(buf) >= 6:
+            n = buf[1] & 0x7F
+            head = 2
+            if n == 126:
+                n = int.from_bytes(buf[2:4], "big")
+                head = 4
+            elif n == 127:
+                n = int.from_bytes(buf[2:10], "big")
+                head = 10
+            end = head + 4 + n
+            if len(buf) < end:
+                break
+            mask = bytes(buf[head:head + 4])
+            body = bytes(buf[head + 4:end])
+            if self.unmask == "numpy":
+                m = np.frombuffer(mask * ((n + 3) // 4), np.uint8)[:n]
+                payload = (np.frombuffer(body, np.uint8) ^ m).tobytes()
+            else:
+                key = int.from_bytes(mask * ((n + 3) // 4), "little") & ((1 << (8 * n)) - 1)
+                payload = (int.from_bytes(body, "little") ^ key).to_bytes(n, "little")
+            out.append(payload)
+            del buf[:end]
+        return out
+
+
+def ws_micro(n: int, gap_s: float) -> dict[str, float]:
+    """Server CPU per 20 ms binary message (640 bytes), in microseconds, for four
+    receive paths over a real socket pair, each message read alone (as at 100 sessions
+    in real time): trio-websocket (what the gateway uses: its reader task, wsproto, a
+    memory channel to ``get_message``), wsproto alone (receive_some, receive_data,
+    events), a minimal parser with int or numpy unmasking, and ``receive_some`` alone
+    (the trio wake-up and the syscall every path pays). The client is another
+    thread; the figure is the trio thread's CPU time."""
+    import socket
+    import threading
+
+    import trio
+    import trio_websocket
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, Request
+
+    hello, frames = _ws_client_bytes(n)
+    results: dict[str, float] = {}
+
+    async def run(kind: str) -> float:
+        a, b = socket.socketpair()
+        feeder = threading.Thread(target=_feeder, args=(b, hello, frames, gap_s))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+        feeder.start()
+        got = 0
+        t0 = 0.0
+        if kind == "trio_websocket":
+            async with trio.open_nursery() as nursery:
+                req = await trio_websocket.wrap_server_stream(nursery, stream)
+                conn = await req.accept()
+                t0 = time.thread_time()
+                while got < n:
+                    await conn.get_message()
+                    got += 1
+                dt = time.thread_time() - t0
+                nursery.cancel_scope.cancel()
+        else:
+            ws = WSConnection(ConnectionType.SERVER)
+            data = await stream.receive_some(65536)
+            ws.receive_data(data)
+            for ev in ws.events():
+                if isinstance(ev, Request):
+                    await stream.send_all(ws.send(AcceptConnection()))
+            minimal = _MinimalReader("numpy" if kind == "minimal_numpy" else "int")
+            t0 = time.thread_time()
+            nbytes = 0
+            while got < n:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise RuntimeError(f"{kind}: the client closed after {got} messages")
+                if kind == "receive_only":  # counts bytes only: trio + the syscall
+                    nbytes += len(data)
+                    got = nbytes // len(frames[0])
+                elif kind == "wsproto":
+                    ws.receive_data(data)
+                    for ev in ws.events():
+                        if isinstance(ev, BytesMessage):
+                            got += 1
+                else:
+                    got += len(minimal.feed(data))
+            dt = time.thread_time() - t0
+        feeder.join()
+        a.close()
+        b.close()
+        return dt * 1e6 / n
+
+    for kind in ("trio_websocket", "wsproto", "minimal_int", "minimal_numpy",
+                 "receive_only"):
+        results[kind] = round(min(trio.run(run, kind) for _ in range(3)), 2)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=100)
@@ -211,7 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregate", type=Path, default=None,
                    help="only aggregate an existing py-spy raw file")
     p.add_argument("--name", default=None, help="output stem (default profile_gw_<N>)")
+    p.add_argument("--ws-micro", type=int, default=0, metavar="N",
+                   help="only the WebSocket receive micro-benchmark, N messages per path")
     args = p.parse_args(argv)
+    if args.ws_micro:
+        res = ws_micro(args.ws_micro, gap_s=0.0002)
+        print("server CPU per 640-byte binary message, us:", res)
+        print("as ms per session-second at 50 messages/s:",
+              {k: round(v * 50 / 1000, 3) for k, v in res.items()})
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "ws_micro.json").write_text(json.dumps(
+            {"us_per_message": res, "messages": args.ws_micro}, indent=1))
+        return 0
     args.name = args.name or f"profile_gw_{args.sessions}"
     OUT.mkdir(parents=True, exist_ok=True)
     if args.aggregate is not None:
