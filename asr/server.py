@@ -52,6 +52,7 @@ from .backend import (
     LidResult,
     PartialPolicy,
     Recognition,
+    degradable_pools,
 )
 from .logs import fields
 from .scheduler import Job, Scheduler, SchedulerBusy, SchedulerPolicy
@@ -83,6 +84,11 @@ class AsrServerConfig:
     port: int = 8090
     max_streams: int = 32  # admitted at once; more get 503 + retry-after
     partial_interval_ms: int = 250
+    # Until an utterance has shown a partial, one is asked for every this much new
+    # audio instead (see docs/operations.md section 4 for the measurement).
+    first_partial_interval_ms: int = 100
+    # No partial for an utterance shorter than this (the gateway's pre-roll is 300 ms).
+    min_partial_ms: int = 500
     max_utterance_s: float = 30.0  # server-side cap; a final is forced
     max_frame_bytes: int = link.DEFAULT_MAX_FRAME_BYTES
     # Scheduler (asr/scheduler.py). It replaces partial_max_pending: later partials run
@@ -96,6 +102,12 @@ class AsrServerConfig:
     first_partial_deadline_ms: int = 100
     final_deadline_ms: int = 300
     lid_deadline_ms: int = 500  # LID holds routing; the gateway waits up to ~1 s for it
+    # Past capacity, finals of a pool with a faster partial model (tiny.en for the
+    # English pool) run on it when a queued final is predicted to start more than
+    # degrade_final_late_ms past its deadline (asr/scheduler.py; docs/operations.md
+    # section 4 has the measurement behind the default).
+    degrade_finals: bool = True
+    degrade_final_late_ms: int = 500
     # Jobs in one engine call; 8 amortizes the encoder without making one batch long.
     scheduler_max_batch: int = 8
     # Jobs waiting, then BUSY: 64 is 2 jobs per admitted stream at max_streams = 32.
@@ -179,7 +191,9 @@ class AsrServerConfig:
             max_batch=self.scheduler_max_batch, max_queued=self.scheduler_max_queued,
             partial_max_gap_ms=self.partial_max_gap_ms,
             first_partial_deadline_ms=self.first_partial_deadline_ms,
-            final_deadline_ms=self.final_deadline_ms, lid_deadline_ms=self.lid_deadline_ms)
+            final_deadline_ms=self.final_deadline_ms, lid_deadline_ms=self.lid_deadline_ms,
+            degrade_finals=self.degrade_finals,
+            degrade_final_late_ms=self.degrade_final_late_ms)
 
 
 def install_hypercorn_guard() -> None:
@@ -289,6 +303,9 @@ class Metrics:
                                    registry=r)
         self.flow = Counter("asr_flow_events", "flow events sent to streams", ["code"],
                             registry=r)
+        self.discarded = Counter("asr_discarded_utterances", "utterances withdrawn by a "
+                                 "link v3 Discard (a false early start): no final decoded",
+                                 registry=r)
         # Known label values start at 0, so rate() panels have a series before the
         # first occurrence (and an increase from 0 is not lost).
         for err in link.ErrorCode:
@@ -350,6 +367,13 @@ class _StatsCollector(Collector):
             CounterMetricFamily("asr_partials_promoted", "partials run early: their max "
                                 "gap ran out", value=s.starved_promotions),
         ]
+        degraded = CounterMetricFamily("asr_degraded_finals", "finals run on their pool's "
+                                       "faster model: the pool was past capacity",
+                                       labels=["pool"])
+        core = getattr(self.app.scheduler, "core", None)
+        for pool in sorted({*getattr(core, "degradable", ()), *s.degraded_finals}):
+            degraded.add_metric([pool], s.degraded_finals.get(pool, 0))
+        out.append(degraded)
         misses = CounterMetricFamily("asr_deadline_misses", "jobs done past their deadline",
                                      labels=["kind"])
         for kind in sorted({"lid", "final", "partial", *s.deadline_misses}):
@@ -488,12 +512,14 @@ class AsrApp:
             await _respond(send, status, {"error": code},
                            headers=[(b"retry-after", str(self.cfg.retry_after_s).encode())])
             return
-        session = LinkSession(self, receive, send)
+        answered = _content_type(scope)
+        session = LinkSession(self, receive, send,
+                              version=link.version_of(answered) or link.VERSION)
         self.active += 1
         self.metrics.streams.inc()
         try:
             await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", _content_type(scope).encode())]})
+                        "headers": [(b"content-type", answered.encode())]})
             await session.run()
         finally:
             self.active -= 1
@@ -607,18 +633,24 @@ class _Cut:
 class LinkSession:
     """One ``/v1/recognize`` stream."""
 
-    def __init__(self, app: AsrApp, receive: Receive, send: Send) -> None:
+    def __init__(self, app: AsrApp, receive: Receive, send: Send, *,
+                 version: int = link.VERSION) -> None:
         self.app = app
         self.cfg = app.cfg
         self._receive = receive
         self._send = send
-        self.stream = link.ServerStream(max_frame_bytes=self.cfg.max_frame_bytes)
+        # ``version``: the one the response's content type names; below 3, Discard is an
+        # unknown frame type on this stream.
+        self.stream = link.ServerStream(max_frame_bytes=self.cfg.max_frame_bytes,
+                                        version=version)
         self.start: link.Start | None = None
         self.pool = ""
         self.lang = ""  # the backend's code for Start.lang_hint ("" = auto)
         self.decoder: OpusDecoder | None = None
-        self.assembler = UtteranceAssembler(partial_interval_ms=self.cfg.partial_interval_ms,
-                                            max_utterance_s=self.cfg.max_utterance_s)
+        self.assembler = UtteranceAssembler(
+            partial_interval_ms=self.cfg.partial_interval_ms,
+            first_partial_interval_ms=self.cfg.first_partial_interval_ms,
+            min_partial_ms=self.cfg.min_partial_ms, max_utterance_s=self.cfg.max_utterance_s)
         self._events_in, self._events_out = trio.open_memory_channel[link.AsrEvent](
             self.cfg.stream_events)
         self._cuts_in, self._cuts_out = trio.open_memory_channel[_Cut](1024)
@@ -759,6 +791,8 @@ class LinkSession:
                 self._on_audio(item)
             elif isinstance(item, link.Finalize):
                 self._cut(end=False)
+            elif isinstance(item, link.Discard):
+                self._discard(item.utterance)
             elif isinstance(item, link.End):
                 self._cut(end=True)
             if self._failed:
@@ -862,6 +896,24 @@ class LinkSession:
                     link.ErrorCode.BUSY, "too many finalize frames pending", fatal=True))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+
+    def _discard(self, utterance: int | None) -> None:
+        """(v3) Forget the current utterance (a false early start): its audio and its
+        queued partials go, no final is decoded or sent, and its index is used up, as a
+        ``Finalize`` would. A partial of it already running is dropped when it returns.
+        A Discard that names another utterance (one already cut) changes nothing."""
+        if self._ended or (utterance is not None and utterance != self.assembler.index):
+            return
+        index = self.assembler.index
+        if not self.assembler.discard():
+            return
+        self._covered_samples = 0
+        self._last_partial.pop(index, None)
+        self.app.scheduler.retire(self, index)
+        self.app.metrics.discarded.inc()
+        log.info("utterance discarded", extra=fields(
+            flowId=self.flow_id, stage="asr_stream", utterance=index, model=self.model))
+        self._check_flow()
 
     def _protocol_error(self, exc: link.LinkProtocolError) -> None:
         self.app.metrics.link_errors.labels(exc.code.value).inc()
@@ -985,7 +1037,12 @@ class LinkSession:
             if self.start is None:
                 continue
             running = self._partial_job
-            if running is not None and not self.app.scheduler.is_queued(running):
+            # One running partial per utterance: a newer one waits for it. But one of an
+            # utterance already cut is dropped when it returns, so a fresh utterance's
+            # first partial does not wait for it (it ran ahead of every first partial:
+            # at 1 session, 1 utterance in 3 waited a whole partial's compute).
+            if running is not None and not self.app.scheduler.is_queued(running) and (
+                    running.utterance == self.assembler.index):
                 self._due_while_running = True  # it asks again when it is done
                 continue
             utt = self.assembler.snapshot()
@@ -1000,8 +1057,9 @@ class LinkSession:
                 options["prefix"] = self._policy.prefix
             # A queued partial of this stream is replaced (made stale) by this fresher
             # one; one already running is never doubled.
+            # Until the utterance shows a partial, its partials rank as first ones.
             job = Job("partial", self.pool, utt.audio, key=self, options=options,
-                      utterance=utt.index)
+                      utterance=utt.index, first=not self.assembler.shown)
             self._partial_job = job
             nursery.start_soon(self._partial, job, utt)
 
@@ -1029,6 +1087,8 @@ class LinkSession:
         text = result.text if self._policy is None else self._policy.update(result)
         if not text or text == self._last_partial.get(utt.index):
             return
+        if utt.index not in self._last_partial:
+            self.assembler.partial_shown()
         self._last_partial[utt.index] = text
         self._emit(link.AsrEvent("partial", self.flow_id, utterance=utt.index,
                                  text=text, ts=(utt.start_ms, utt.end_ms), lang=result.lang))
@@ -1143,6 +1203,10 @@ async def serve(
     install_hypercorn_guard()
     tracing.setup("voxgate-asr")  # only if the OTEL_* variables ask for it
     scheduler = scheduler or Scheduler(backend.run_batch, policy=cfg.scheduler_policy())
+    describe = getattr(backend, "describe", None)
+    if callable(describe):
+        # Which pools' finals may degrade to a faster model (asr/backend.py).
+        scheduler.core.degradable = degradable_pools(describe())
     app = AsrApp(backend, scheduler, cfg)
     shutdown = trio.Event() if shutdown is None else shutdown
 

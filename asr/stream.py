@@ -44,13 +44,21 @@ class UtteranceAssembler:
         partial_interval_ms: new audio between two partial requests.
         max_utterance_s: server-side cap; the shell finalizes when it is reached.
         min_partial_ms: no partial for an utterance shorter than this.
+        first_partial_interval_ms: the interval until the shell says a partial of the
+            utterance was shown (``partial_shown``); None: ``partial_interval_ms``.
     """
 
     def __init__(self, *, partial_interval_ms: int = 250, max_utterance_s: float = 30.0,
-                 min_partial_ms: int = 300) -> None:
-        if partial_interval_ms <= 0 or max_utterance_s <= 0 or min_partial_ms < 0:
+                 min_partial_ms: int = 300, first_partial_interval_ms: int | None = None
+                 ) -> None:
+        first = partial_interval_ms if first_partial_interval_ms is None \
+            else first_partial_interval_ms
+        if partial_interval_ms <= 0 or first <= 0 or max_utterance_s <= 0 \
+                or min_partial_ms < 0:
             raise ValueError("intervals must be positive")
         self._interval = partial_interval_ms * SAMPLE_RATE // 1000
+        self._first_interval = first * SAMPLE_RATE // 1000
+        self._shown = False
         self._cap = int(max_utterance_s * SAMPLE_RATE)
         self._min_partial = min_partial_ms * SAMPLE_RATE // 1000
         self._chunks: list[np.ndarray] = []
@@ -79,13 +87,23 @@ class UtteranceAssembler:
         if self._samples >= self._cap and not self.cap_signalled:
             self.cap_signalled = True
             out.append(CapReached())
-        elif self._since_partial >= self._interval and self._samples >= self._min_partial:
+        elif (self._since_partial >= (self._interval if self._shown else self._first_interval)
+              and self._samples >= self._min_partial):
             out.append(PartialDue())
         return out
 
     def partial_requested(self) -> None:
         """The shell sent a partial request for the audio so far."""
         self._since_partial = 0
+
+    def partial_shown(self) -> None:
+        """A partial of the current utterance was shown: the regular interval applies."""
+        self._shown = True
+
+    @property
+    def shown(self) -> bool:
+        """A partial of the current utterance was shown."""
+        return self._shown
 
     def snapshot(self) -> Utterance | None:
         """The current utterance so far (None if empty)."""
@@ -95,6 +113,21 @@ class UtteranceAssembler:
         self._chunks = [np.concatenate(self._chunks)]  # keep it one piece for next time
         return Utterance(self.index, audio, self._start_ms, self._end_ms)
 
+    def discard(self) -> bool:
+        """Drop the current utterance's audio and start the next one, as ``finish`` does
+        but with nothing to recognize. Returns whether there was audio (only then is the
+        index used up, as by ``finish``)."""
+        had = self._samples > 0
+        self._chunks = []
+        self._samples = 0
+        self._since_partial = 0
+        self._start_ms = None
+        self._shown = False
+        self.cap_signalled = False
+        if had:
+            self.index += 1
+        return had
+
     def finish(self) -> Utterance | None:
         """Close the current utterance and start the next one; None if it was empty."""
         utt = self.snapshot()
@@ -102,6 +135,7 @@ class UtteranceAssembler:
         self._samples = 0
         self._since_partial = 0
         self._start_ms = None
+        self._shown = False
         self.cap_signalled = False
         if utt is not None:
             self.index += 1

@@ -10,6 +10,13 @@ weights, measured in the same run. Reports streams per core at p95 final latency
 
     .venv/bin/python bench/asr_server.py [--levels 1,2,4,8,16] [--seconds 15]
         [--partial-model tiny.en] [--partial-window 30]
+
+A/B of server settings in the same run (the machine is shared and noisy, so arms are
+interleaved: each repeat runs every level under every arm, a fresh service per run),
+e.g. finals degrading to the faster model past capacity, on and off:
+
+    .venv/bin/python bench/asr_server.py --levels 4,8 --seconds 15 --repeats 2 \
+        --arm off:degrade_finals=false --arm on:degrade_finals=true
 """
 
 from __future__ import annotations
@@ -172,6 +179,9 @@ async def run_level(port: int, n: int, seconds: float, pid: int,
         "rss_mb": peak_rss,
         "rss_per_stream_mb": (peak_rss - before.rss_mb) / n,
         "wer": errs / max(words, 1),
+        "final_latencies_ms": finals,
+        "first_partials_ms": firsts,
+        "word_errors": [errs, words],
     }
 
 
@@ -184,6 +194,86 @@ def engine_rtf() -> float:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     return float(np.median(json.loads(out.strip().splitlines()[-1])))
+
+
+def _metric(port: int, name: str) -> float:
+    """Sum of a counter's samples on the service's /metrics (NaN when unreadable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return float("nan")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def _toml_value(value: str) -> str:
+    if value in ("true", "false") or value.lstrip("-").replace(".", "", 1).isdigit():
+        return value
+    return json.dumps(value)
+
+
+def run_arms(args: argparse.Namespace, levels: list[int], pools: str) -> int:
+    """Every level under every arm, ``--repeats`` times, interleaved; pooled figures."""
+    arms: list[tuple[str, str]] = []
+    for spec in args.arm:
+        name, _, settings = spec.partition(":")
+        lines = "".join(f"{k.strip()} = {_toml_value(v.strip())}\n" for k, v in
+                        (kv.split("=", 1) for kv in settings.split(",") if kv))
+        arms.append((name, lines))
+    pooled: dict[tuple[str, int], dict[str, list[float]]] = {}
+    material = clips()
+    for r in range(args.repeats):
+        for n in levels:
+            for name, lines in arms:
+                port = free_port()
+                cfg = Path(tempfile.mkdtemp()) / "asr.toml"
+                cfg.write_text('default = "en"\n[server]\nmax_streams = 64\n' + lines
+                               + pools)
+                proc, _ = start(["asr", "--port", str(port), "--config", str(cfg)],
+                                "voxgate asr: ready on")
+                try:
+                    res = trio.run(run_level, port, n, args.seconds, proc.pid, material)
+                    degraded = _metric(port, "asr_degraded_finals_total")
+                finally:
+                    stop(proc)
+                acc = pooled.setdefault((name, n), {"fin": [], "first": [], "deg": [],
+                                                    "err": [], "words": [], "cores": []})
+                acc["fin"] += res["final_latencies_ms"]  # type: ignore[operator]
+                acc["first"] += res["first_partials_ms"]  # type: ignore[operator]
+                acc["deg"].append(degraded)
+                e, w = res["word_errors"]  # type: ignore[misc]
+                acc["err"].append(e)
+                acc["words"].append(w)
+                acc["cores"].append(float(res["server_cores"]))  # type: ignore[arg-type]
+                print(f"repeat {r} N={n:>2} {name:>8}: final p50/p95 "
+                      f"{res['final_latency_p50_ms']:.0f}/{res['final_latency_p95_ms']:.0f} ms,"
+                      f" degraded {degraded:.0f} of {res['finals']}, WER {res['wer']:.3f}, "
+                      f"cores {res['server_cores']:.2f}", flush=True)
+    print(f"\npooled over {args.repeats} repeats ({cpu_model()}):")
+    print(f"{'arm':>8} {'N':>3} {'finals':>6} {'fin p50':>8} {'fin p95':>8} "
+          f"{'1st p50':>8} {'1st p95':>8} {'degraded':>8} {'WER %':>6} {'cores':>6}")
+    rows = []
+    for (name, n), acc in sorted(pooled.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        wer = 100 * sum(acc["err"]) / max(sum(acc["words"]), 1)
+        row = {"arm": name, "streams": n, "finals": len(acc["fin"]),
+               "final_p50_ms": pct(acc["fin"], 50), "final_p95_ms": pct(acc["fin"], 95),
+               "first_partial_p50_ms": pct(acc["first"], 50),
+               "first_partial_p95_ms": pct(acc["first"], 95),
+               "degraded": sum(acc["deg"]), "wer_pct": wer,
+               "cores": float(np.mean(acc["cores"]))}
+        rows.append(row)
+        print(f"{name:>8} {n:>3} {row['finals']:>6} {row['final_p50_ms']:>8.0f} "
+              f"{row['final_p95_ms']:>8.0f} {row['first_partial_p50_ms']:>8.0f} "
+              f"{row['first_partial_p95_ms']:>8.0f} {row['degraded']:>8.0f} {wer:>6.1f} "
+              f"{row['cores']:>6.2f}")
+    path = write_json(args.name, {"arms": [a for a, _ in arms], "repeats": args.repeats,
+                                  "seconds": args.seconds, "rows": rows,
+                                  "cpu": cpu_model()})
+    print(f"wrote {path}")
+    return 0
 
 
 def main() -> int:
@@ -201,6 +291,10 @@ def main() -> int:
     ap.add_argument("--partial-max-gap-ms", type=int, default=None,
                     help="server partial_max_gap_ms (default: the server's, 1000)")
     ap.add_argument("--name", default="asr_server")
+    ap.add_argument("--arm", action="append", default=[],
+                    help="NAME:key=value,... [server] settings of one arm of an A/B "
+                    "(repeat the option per arm)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the arms")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -216,6 +310,9 @@ def main() -> int:
         pool.append(f'partial_model = "{en.partial_model}"')
     if args.partial_model:
         pool.append(f'partial_model = "{args.partial_model}"')
+    if args.arm:
+        return run_arms(args, levels, "[pools.en]\n" + "\n".join(pool)
+                        + "\n[pools.multi]\nmodel = \"base\"\n")
     server = "max_streams = 64\n"
     if args.partial_max_gap_ms is not None:
         server += f"partial_max_gap_ms = {args.partial_max_gap_ms}\n"

@@ -213,6 +213,8 @@ class LinkCounters:
     busy: int = 0
     unavailable: int = 0
     bytes_sent: int = 0
+    discards: int = 0  # false early starts withdrawn with a link v3 Discard
+    discards_by_finalize: int = 0  # ... and with Finalize (a v2 service): one final wasted
 
 
 class CircuitBreaker:
@@ -604,6 +606,8 @@ class AsrPools:
                     # Bounded: a peer that advertises no stream slots must not park us.
                     h2s = await conn.open_stream(
                         "POST", "/v1/recognize",
+                        # v3: a v2 service answers v2 (and the stream is v2; see
+                        # AsrStream.version), as Start says version 2 (START_VERSION).
                         [("content-type", link.CONTENT_TYPE), *self._auth,
                          *([("traceparent", start.traceparent)]
                            if start.traceparent else [])])
@@ -677,6 +681,18 @@ class AsrStream:
         if self._h2 is None:
             raise AsrUnavailable("the stream is not open")
         return self._h2
+
+    @property
+    def version(self) -> int:
+        """The link version of this stream: the one the response's content type names
+        (a v2 service answers v2 to our v3 request; a response naming none, 1)."""
+        if self._h2 is None:
+            return 1
+        return link.version_of(self._h2.headers.get("content-type")) or 1
+
+    async def discard(self, utterance: int) -> None:
+        """(v3) Withdraw utterance ``utterance`` (the service's index): no final comes."""
+        await self._send([link.Discard(utterance)])
 
     async def _open(self, exclude: set[int] | None = None, avoid: Any = None) -> None:
         self.endpoint, self._conn, self._h2 = await self.pools._open_raw(
@@ -951,8 +967,9 @@ class AsrChannel:
 
     async def cancel(self) -> None:
         """Withdraw the open tentative utterance (a false start). If none of its audio
-        went out, that is free; otherwise it is finalized to close it on the service and
-        its final is dropped (the link has no cheaper way to forget an utterance)."""
+        went out, that is free. Otherwise, on a link v3 stream a ``Discard`` makes the
+        service drop it (no final is decoded); a v2 service gets ``Finalize`` and its
+        final is dropped here (one final job wasted)."""
         async with self._lock:
             cur = self._open_utterance()
             if cur is None:
@@ -961,6 +978,17 @@ class AsrChannel:
                 self._pending.remove(cur)
                 self._packets -= len(cur.packets)
                 return
+            stream = self._stream
+            if stream is not None and not self._recovering and stream.version >= 3:
+                self._pending.remove(cur)
+                self._packets -= len(cur.packets)
+                self.pools.counters.discards += 1
+                try:
+                    await stream.discard(cur.index)
+                except (H2ClientError, AsrUnavailable) as exc:
+                    self._fail(stream, f"send failed: {exc}")
+                return
+            self.pools.counters.discards_by_finalize += 1
             cur.discard = True
             cur.finalized_at = trio.current_time()
             self._wake.set()

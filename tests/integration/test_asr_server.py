@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -546,3 +547,61 @@ async def test_under_load_every_utterance_gets_a_partial_before_its_final(
     # min_partial_ms (300) of audio, then a job or two of 60 ms: well under 1 s
     assert sorted(first_partial_ms)[len(first_partial_ms) // 2] < 700, first_partial_ms
     shutdown.set()
+
+
+class _JobLog(StandInEngine):
+    """Also records every job's kind and audio length (samples)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs: list[tuple[str, int]] = []
+
+    def run_batch(self, pool: str, jobs: Any) -> Any:
+        self.jobs += [(j.kind, len(j.audio)) for j in jobs]
+        return super().run_batch(pool, jobs)
+
+
+async def test_v3_discard_drops_the_utterance_without_a_final(nursery: trio.Nursery) -> None:
+    engine = _JobLog()
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0)
+    pcm = [GOFORWARD[i:i + 320].tobytes() for i in range(0, 320 * 100, 320)]
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="d3", codec="pcm"))
+        assert await ls.stream.response() == 200
+        assert ls.stream.headers["content-type"] == link.CONTENT_TYPES[3]
+        # A false start of 0.6 s, withdrawn; a Discard naming another utterance and
+        # one with nothing open change nothing.
+        await ls.send(*audio_frames(pcm[:30]), link.Discard(0), link.Discard(0),
+                      link.Discard())
+        await ls.send(*audio_frames(pcm[30:80], first_seq=30, first_pts_ms=2000),
+                      link.Discard(7), link.Finalize(), link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+    finals = [e for e in events if e.type == "final"]
+    # Its index is used up, as a Finalize would: the next utterance is 1.
+    assert [(f.utterance, f.ts) for f in finals] == [(1, (2000, 3000))], events
+    assert finals[0].text.startswith("1.00s")
+    assert not any(e.type == "error" for e in events)
+    assert ("final", 30 * 320) not in engine.jobs
+    assert [k for k, _ in engine.jobs].count("final") == 1
+    metrics = (await _get(port, "/metrics")).text
+    assert "asr_discarded_utterances_total 1.0" in metrics
+    shutdown.set()
+
+
+async def test_discard_on_a_v2_stream_is_an_unknown_frame(server: tuple[AsrApp, int]
+                                                          ) -> None:
+    _, port = server
+    async with connect("127.0.0.1", port) as conn:
+        stream = await conn.open_stream(
+            "POST", "/v1/recognize", [("content-type", link.CONTENT_TYPES[2])])
+        from tests.linkclient import LinkStream
+        ls = LinkStream(stream)
+        await ls.send(link.Start(flow_id="d2", codec="pcm"))
+        assert await ls.stream.response() == 200
+        assert ls.stream.headers["content-type"] == link.CONTENT_TYPES[2]
+        await ls.send(*audio_frames([GOFORWARD[:320].tobytes()] * 10), link.Discard())
+        events = await ls.rest()
+    errors = [e for e in events if e.type == "error"]
+    assert [(e.code, e.fatal) for e in errors] == [("UNKNOWN_FRAME", True)]
+    assert events[-1].type == "end"

@@ -617,3 +617,72 @@ def test_fuzzed_peer_never_crashes_the_client(data: st.DataObject, part: str) ->
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+class _Kinds(StandInEngine):
+    """Also records every job's kind and audio length (samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[tuple[str, int]] = []
+
+    def run_batch(self, pool: str, jobs: Any) -> Any:
+        self.jobs += [(j.kind, len(j.audio)) for j in jobs]
+        return super().run_batch(pool, jobs)
+
+
+async def _false_start_then_speech(pools: AsrPools) -> list[link.AsrEvent]:
+    """A tentative utterance of 0.6 s withdrawn, then one of 1 s finalized."""
+    channel = AsrChannel(pools, "default", link.Start(flow_id="fs", codec="pcm"), codec="pcm",
+                         bitrate=20000)
+    async with trio.open_nursery() as n:
+        await n.start(channel.run)
+        channel.begin(0, tentative=True)
+        await channel.send_audio(FRAMES[:5])
+        with trio.fail_after(5):  # the first audio opens the stream; the rest goes on it
+            while channel._stream is None or channel._recovering:
+                await trio.sleep(0.01)
+        for j in range(5, 30, 5):
+            await channel.send_audio(FRAMES[j:j + 5])
+        await channel.cancel()
+        channel.begin(0)
+        for j in range(30, 80, 5):
+            await channel.send_audio(FRAMES[j:j + 5])
+        await channel.finalize()
+        await channel.end()
+        with trio.fail_after(10):
+            events = [ev async for ev in channel.events()]
+        n.cancel_scope.cancel()
+    return events
+
+
+async def test_channel_withdraws_a_false_start_with_discard_on_v3(nursery: trio.Nursery
+                                                                   ) -> None:
+    engine = _Kinds()
+    app, port, _ = await start_asr(nursery, engine)
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    events = await _false_start_then_speech(pools)
+    finals = [e for e in events if e.type == "final"]
+    assert [(f.utterance, f.text[:5]) for f in finals] == [(0, "1.00s")], events
+    assert [k for k, _ in engine.jobs].count("final") == 1  # none for the false start
+    assert (pools.counters.discards, pools.counters.discards_by_finalize) == (1, 0)
+    assert "asr_discarded_utterances_total 1.0" in app.metrics.render().decode()
+
+
+async def test_channel_against_a_v2_service_finalizes_the_false_start_and_drops_it(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A v2 service answers v2 to our v3 request (it knows no v3 content type) and
+    would refuse Discard: the channel falls back to Finalize and drops that final."""
+    import asr.server
+    monkeypatch.setattr(asr.server, "_content_type", lambda scope: link.CONTENT_TYPES[2])
+    engine = _Kinds()
+    app, port, _ = await start_asr(nursery, engine)
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    events = await _false_start_then_speech(pools)
+    finals = [e for e in events if e.type == "final"]
+    assert [(f.utterance, f.text[:5]) for f in finals] == [(0, "1.00s")], events
+    assert not any(e.type == "error" for e in events)
+    assert [k for k, _ in engine.jobs].count("final") == 2  # the false start's, wasted
+    assert (pools.counters.discards, pools.counters.discards_by_finalize) == (0, 1)
+    assert "asr_discarded_utterances_total 0.0" in app.metrics.render().decode()

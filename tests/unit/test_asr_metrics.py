@@ -7,6 +7,7 @@ values can be checked exactly; nothing here opens a socket.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -86,6 +87,22 @@ def test_counted_things_are_counters_and_rtf_has_its_counters() -> None:
     assert _v(values, "asr_queue_depth") == 3
     # no gauge is left under the old, un-suffixed name of a count
     assert ("asr_partials_dropped", ()) not in values
+
+
+def test_degraded_finals_per_pool_and_discarded_utterances() -> None:
+    """A pool that may degrade has its series from 0; counted pools show their count."""
+    sched = _Sched(SchedulerStats(0, 0, 0, 0, 0, 0, 0.0, 0.0,
+                                  degraded_finals={"en": 3}))
+    sched.core = SimpleNamespace(degradable=frozenset({"en", "en2"}))  # type: ignore[attr-defined]
+    app = AsrApp(StandInEngine(), cast(Scheduler, sched))
+    app.metrics.discarded.inc()
+    fams = {f.name: f for f in text_string_to_metric_families(app.metrics.render().decode())}
+    assert fams["asr_degraded_finals"].type == "counter"
+    got = {s.labels["pool"]: s.value for s in fams["asr_degraded_finals"].samples}
+    assert got == {"en": 3, "en2": 0}
+    assert fams["asr_discarded_utterances"].type == "counter"
+    assert [s.value for s in fams["asr_discarded_utterances"].samples
+            if s.name.endswith("_total")] == [1.0]
 
 
 def test_labelled_counters_start_at_zero() -> None:

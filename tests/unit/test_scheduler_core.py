@@ -337,3 +337,32 @@ def test_a_caller_marked_first_partial_keeps_first_rank_after_an_empty_one() -> 
     assert again.first and not later.first
     assert again.deadline == pytest.approx(0.1 + 0.1)
     assert run(c, 0.35) == [again]
+
+
+def test_assembler_asks_often_until_a_partial_is_shown_and_discard_uses_the_index() -> None:
+    """The utterance assembler (asr/stream.py) that feeds the core: nothing before
+    ``min_partial_ms``; every ``first_partial_interval_ms`` until the shell says a partial
+    was shown, then every ``partial_interval_ms``; ``discard`` drops the audio and uses
+    the index up only when there was audio."""
+    from asr.stream import PartialDue, UtteranceAssembler
+
+    a = UtteranceAssembler(partial_interval_ms=250, first_partial_interval_ms=100,
+                           min_partial_ms=500)
+    frame = np.zeros(320, np.int16)  # 20 ms
+
+    def feed(ms: int) -> list[int]:
+        """Feed ``ms`` of audio; the times (ms into it) a partial was due."""
+        due = []
+        for t in range(0, ms, 20):
+            if any(isinstance(x, PartialDue) for x in a.add(frame, t)):
+                due.append(t + 20)
+                a.partial_requested()
+        return due
+
+    assert feed(480) == []
+    assert feed(320) == [20, 120, 220, 320]  # from 500 ms on, every 100 ms
+    a.partial_shown()
+    assert feed(540) == [260, 520]  # 250 ms, in whole 20 ms frames
+    assert a.discard() and a.index == 1 and a.samples == 0 and not a.shown
+    assert not a.discard() and a.index == 1
+    assert feed(620) == [500, 600]  # a fresh utterance asks often again
