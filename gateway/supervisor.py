@@ -372,6 +372,8 @@ def worker_main(argv: list[str]) -> int:
     from .logs import setup as setup_logs
 
     setup_logs(spec["log_level"], json_format=spec["json_logs"])
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerPid())
     cfg: GatewayConfig = spec["cfg"]
     link = WorkerLink(index, run_dir, spec["secret"], spec["ws_fd"], spec["http_fd"],
                       spec["metrics_fd"], spec["lifeline_fd"])
@@ -382,6 +384,16 @@ def worker_main(argv: list[str]) -> int:
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 130
     return 0
+
+
+class _WorkerPid(logging.Filter):
+    """Every log line of a worker carries ``worker_pid`` (JSON logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        extra = getattr(record, "vg_fields", None) or {}
+        if "worker_pid" not in extra:
+            record.vg_fields = {**extra, "worker_pid": os.getpid()}
+        return True
 
 
 async def _run_worker(cfg: GatewayConfig, link: WorkerLink, status_fd: int) -> None:
