@@ -267,6 +267,31 @@ async def test_killed_worker_is_replaced_and_sigterm_drains(
         await trio.to_thread.run_sync(gw.close)
 
 
+async def test_a_crash_looping_worker_stops_the_instance_with_status_1(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    _, port, _ = await start_asr(nursery, StandInEngine())
+    gw = await _instance(tmp_path, f"http://127.0.0.1:{port}")
+    try:
+        killed: set[int] = set()
+        slot = gw.run_dir() / "workers" / "0"
+        with trio.fail_after(60):
+            while gw.proc.poll() is None:
+                try:
+                    pid = int(slot.read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pid = 0
+                if pid and pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                await trio.sleep(0.05)
+        assert gw.proc.returncode == 1
+        assert len(killed) == CRASH_LOOP_RESTARTS
+        assert "worker 0 is crash-looping" in gw.log()
+        assert not list((tmp_path / "run").glob("voxgate-gateway-*"))
+    finally:
+        await trio.to_thread.run_sync(gw.close)
+
+
 def test_registry_takes_a_flow_id_once(tmp_path: Path) -> None:
     for sub in ("flows", "workers"):
         (tmp_path / sub).mkdir()
