@@ -110,3 +110,25 @@ async def test_a_cancelled_waiter_costs_nothing(nursery: trio.Nursery) -> None:
         while s.pending:
             await trio.sleep(0.01)
     assert ran == ["first"]
+
+
+@pytest.mark.timeout(10)
+async def test_degraded_finals_reach_the_engine_as_an_option(nursery: trio.Nursery) -> None:
+    """The shell's threads are the core's slots, and a final the core degrades carries
+    ``options["degraded"]`` into the batch function (the engine reads it)."""
+    seen: list[tuple[str, bool]] = []
+
+    def slow(pool: str, jobs: Sequence[Job]) -> list[object]:
+        seen.extend((str(j.key), bool(j.options.get("degraded"))) for j in jobs)
+        return [f"{j.kind}:{j.key}" for j in jobs]
+
+    s = Scheduler(slow, max_batch=1, threads=2)
+    assert s.core.slots == 2
+    s.core.degradable = frozenset({"p"})
+    s.core._job_cost_s[("p", "final")] = 10.0  # measured: a final takes 10 s
+    await nursery.start(s.run)
+    async with trio.open_nursery() as inner:
+        for k in "abcd":  # the fourth would start 10 s late on two slots
+            inner.start_soon(s.submit, Job("final", "p", AUDIO, key=k))
+    marked = sum(d for _, d in seen)
+    assert marked >= 1 and s.statistics().degraded_finals == {"p": marked}
