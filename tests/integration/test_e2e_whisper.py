@@ -25,7 +25,24 @@ from tests.linkclient import audio_frames, open_recognize, opus_packets
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-WER_BOUND = 0.15  # faster-whisper base is ~5% on these clips; the path must not add much
+# Measured (base int8 finals, the default pools; 5 runs on the 2-core dev machine under
+# load, the same every run): 16 streams 4 errors in 163 words (2.45 %), LibriVox through
+# the gateway 1 in 71 (1.41 %). Each bound is the measured value plus 2 points. Finals
+# do not degrade here (``degrade_finals`` off): 16 finals at once are past capacity,
+# and on tiny.en they measured 10-11 errors (6.1-6.8 %), how many degrade depending on
+# the machine's speed; that policy is tested on its own.
+WER_BOUND_STREAMS = 0.045
+WER_BOUND_GATEWAY = 0.035
+# Per clip, measured the same way (and the same in both tests), plus 2 points: on clips
+# of 2-22 words that is no word more than measured. "10 of cloves" for "ten of clubs",
+# "4 of close" for "four of clubs", "a more a amiable" in the reference.
+CLIP_WER = {"goforward": 0.0, "001": 1 / 3, "002": 0.0, "003": 0.0, "004": 0.0,
+            "005": 1 / 9, "sense_and_sensibility_01_austen_64kb-0870": 0.0,
+            "sense_and_sensibility_01_austen_64kb-0880": 0.0,
+            "sense_and_sensibility_01_austen_64kb-0890": 0.0,
+            "sense_and_sensibility_01_austen_64kb-0920": 1 / 19,
+            "sense_and_sensibility_01_austen_64kb-0930": 0.0}
+CLIP_SLACK = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +56,7 @@ async def _asr(nursery: trio.Nursery, backend: WhisperBackend, **cfg: object) ->
     app, port = await nursery.start(functools.partial(
         serve, backend, AsrServerConfig(port=0, **cfg), warmup=False))  # type: ignore[arg-type]
     await app.ready_event.wait()
-    return port
+    return int(port)
 
 
 def _clips() -> list[tuple[str, np.ndarray, str]]:
@@ -50,7 +67,7 @@ def _clips() -> list[tuple[str, np.ndarray, str]]:
 async def test_sixteen_concurrent_streams_get_correct_finals(
     nursery: trio.Nursery, backend: WhisperBackend
 ) -> None:
-    port = await _asr(nursery, backend)
+    port = await _asr(nursery, backend, degrade_finals=False)
     clips = _clips()
     jobs = [clips[i % len(clips)] for i in range(16)]
     finals: dict[int, str] = {}
@@ -72,8 +89,9 @@ async def test_sixteen_concurrent_streams_get_correct_finals(
         we = word_errors(ref, finals[i])
         errors += we.errors
         words += we.ref_words
-        assert we.wer <= 0.35, (name, ref, finals[i])
-    assert errors / words <= WER_BOUND
+        assert we.wer <= CLIP_WER[name] + CLIP_SLACK, (name, ref, finals[i])
+    print(f"16 streams: corpus WER {errors / words:.4f} ({errors}/{words})")
+    assert errors / words <= WER_BOUND_STREAMS, (errors, words)
 
 
 async def test_librivox_through_the_gateway_within_a_wer_bound(
@@ -82,7 +100,7 @@ async def test_librivox_through_the_gateway_within_a_wer_bound(
     from gateway.config import GatewayConfig
     from gateway.server import serve as serve_gateway
 
-    asr_port = await _asr(nursery, backend)
+    asr_port = await _asr(nursery, backend, degrade_finals=False)
     cfg = GatewayConfig.load(env={}, overrides={
         "port": 0, "http_port": 0, "archive_dir": str(tmp_path),
         "asr_urls": f"http://127.0.0.1:{asr_port}"})
@@ -99,4 +117,6 @@ async def test_librivox_through_the_gateway_within_a_wer_bound(
         words += we.ref_words
         assert r.of("end")[0]["reason"] == "flush", name
         assert all(f["lang"] == "en" for f in r.of("asr_final"))
-    assert errors / words <= WER_BOUND, (errors, words)
+        assert we.wer <= CLIP_WER[name] + CLIP_SLACK, (name, ref, r.transcript)
+    print(f"librivox through the gateway: corpus WER {errors / words:.4f} ({errors}/{words})")
+    assert errors / words <= WER_BOUND_GATEWAY, (errors, words)
