@@ -36,6 +36,7 @@ MODEL_FILE = "silero_vad.onnx"
 # them). -60 keeps 5 dB below the quietest speech window and 10 dB below the first gate
 # that changed anything; it decides quiet rooms and digital silence, nothing louder.
 DEFAULT_GATE_DBFS = -60.0
+_SCALE = np.float32(1.0 / 32768.0)  # int16 to the model's float scale (exact)
 
 
 class VadModelMissing(ImportError):
@@ -123,11 +124,11 @@ class VadStream:
         if gate_dbfs is not None and not -120.0 <= gate_dbfs <= 0.0:
             raise ValueError(f"gate_dbfs must be in -120..0 dBFS or None, got {gate_dbfs}")
         self._lock = threading.Lock()
-        # The buffer holds the next window's 64 context samples, then the pending ones:
-        # a window is one slice ``[0, 576)`` of it, and taking one moves what follows
-        # 512 samples down (context included). It grows by doubling; a 20 ms frame costs
-        # one converting copy.
-        self._buf = np.zeros(4 * WINDOW_SAMPLES, dtype=np.float32)
+        # The buffer holds the next window's 64 context samples, then the pending ones,
+        # as int16: a window is one slice ``[0, 576)`` of it, and taking one moves what
+        # follows 512 samples down (context included). It grows by doubling; a 20 ms
+        # frame costs one plain copy. The batch converts its windows to float at once.
+        self._buf = np.zeros(4 * WINDOW_SAMPLES, dtype=np.int16)
         self._n = CONTEXT_SAMPLES  # used length of _buf, context included
         self.state = np.zeros(STATE_SHAPE, dtype=np.float32)
         self.position = 0  # session samples consumed by finished windows
@@ -144,11 +145,10 @@ class VadStream:
             start = self._n
             end = start + n
             if end > len(self._buf):
-                grown = np.zeros(max(2 * len(self._buf), end), dtype=np.float32)
+                grown = np.zeros(max(2 * len(self._buf), end), dtype=np.int16)
                 grown[:start] = self._buf[:start]
                 self._buf = grown
-            np.multiply(samples, np.float32(1.0 / 32768.0), out=self._buf[start:end],
-                        casting="unsafe")
+            self._buf[start:end] = samples
             self._n = end
 
     @property
@@ -156,8 +156,9 @@ class VadStream:
         """Whole windows waiting to be evaluated."""
         return (self._n - CONTEXT_SAMPLES) // WINDOW_SAMPLES
 
-    def _take_into(self, row: npt.NDArray[np.float32]) -> None:
-        """Copy the next window with its context into ``row`` (576 samples) and advance."""
+    def _take_into(self, row: npt.NDArray[Any]) -> None:
+        """Copy the next window with its context, as int16 samples, into ``row`` (576
+        samples) and advance."""
         with self._lock:
             n = self._n
             if n < CONTEXT_SAMPLES + WINDOW_SAMPLES:
@@ -170,9 +171,9 @@ class VadStream:
 
     def take_window(self) -> npt.NDArray[np.float32]:
         """The next window with its context (576 samples); advances the context."""
-        window = np.empty(CONTEXT_SAMPLES + WINDOW_SAMPLES, dtype=np.float32)
+        window = np.empty(CONTEXT_SAMPLES + WINDOW_SAMPLES, dtype=np.int16)
         self._take_into(window)
-        return window
+        return window * _SCALE
 
     def is_silent(self, window: npt.NDArray[np.float32]) -> bool:
         """Whether the gate decides ``window`` (from ``take_window``) without the model."""
@@ -208,9 +209,10 @@ class VadBatcher:
                   if s._n >= CONTEXT_SAMPLES + WINDOW_SAMPLES]
         while active:
             b = len(active)
-            win = np.empty((b, CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.float32)
-            for row, (_, s) in zip(win, active, strict=True):
+            pcm = np.empty((b, CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.int16)
+            for row, (_, s) in zip(pcm, active, strict=True):
                 s._take_into(row)
+            win = pcm * _SCALE  # float32 in [-1, 1): one conversion for the batch
             new = win[:, CONTEXT_SAMPLES:]
             energy = np.einsum("ij,ij->i", new, new).tolist()
             run_pos: list[int] = []
