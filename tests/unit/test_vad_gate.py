@@ -111,3 +111,42 @@ def test_default_gate_keeps_every_utterance_of_the_librivox_clips(model: VadMode
     assert none_gated == 0 and len(ref) >= 8
     assert got == ref
     assert gated > 0.15 * len(audio) / WINDOW_SAMPLES  # the pauses did skip the model
+
+
+async def test_vad_service_callback_gets_the_windows_on_its_tick(model: VadModel) -> None:
+    """``register(on_windows=...)``: decisions arrive by a call on the tick (no channel),
+    in order; a callback that raises fails its own session only."""
+    import trio
+
+    from gateway.vadservice import VadFailed, VadService
+
+    rng = np.random.default_rng(4)
+    loud = rng.normal(0, 3000, 6 * WINDOW_SAMPLES).astype(np.int16)
+    vad = VadService(model, gate_dbfs=None)
+    got: list[object] = []
+
+    def boom(decided: object) -> None:
+        raise RuntimeError("session bug")
+
+    with pytest.raises(ValueError):
+        vad.register()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            await n.start(vad.run)
+            ok = vad.register(on_windows=got.append)
+            bad = vad.register(on_windows=boom)
+            for c in (ok, bad):
+                c.stream.feed(loud[:3 * WINDOW_SAMPLES])
+            vad.poke()
+            while sum(len(x) for x in got if isinstance(x, list)) < 3:
+                await trio.sleep(0.01)
+            assert bad.closed and not ok.closed
+            assert vad.stats.failed_callbacks == 1 and vad.stats.failed_ticks == 0
+            ok.stream.feed(loud[3 * WINDOW_SAMPLES:])
+            vad.poke()
+            while sum(len(x) for x in got if isinstance(x, list)) < 6:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    windows = [w for x in got if isinstance(x, list) for w in x]
+    assert not any(isinstance(x, VadFailed) for x in got)
+    assert [w.end for w in windows] == [512 * (k + 1) for k in range(6)]
