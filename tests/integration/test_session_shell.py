@@ -108,6 +108,7 @@ class FakeChannel:
     """Records the shell's calls (with the virtual time); a final follows a finalize."""
 
     calls: ClassVar[list[tuple[float, str, Any]]] = []
+    instances: ClassVar[list[FakeChannel]] = []
 
     def __init__(self, pools: Any, pool: str, start: link.Start, **_kw: Any) -> None:
         self.pool, self.start = pool, start
@@ -116,6 +117,7 @@ class FakeChannel:
         self._send, self._recv = trio.open_memory_channel[link.AsrEvent](math.inf)
         self._open: int | None = None
         self._log("open", (pool, start.lang_hint))
+        FakeChannel.instances.append(self)
 
     def _log(self, what: str, arg: Any = None) -> None:
         FakeChannel.calls.append((trio.current_time(), what, arg))
@@ -191,6 +193,7 @@ def run_session(script: Callable[[FakeWs], Any], *, speech: Callable[[int], bool
             n.cancel_scope.cancel()
 
     FakeChannel.calls = []
+    FakeChannel.instances = []
     t0 = time.monotonic()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return ws, holder["s"], time.monotonic() - t0
@@ -308,3 +311,27 @@ def test_lid_hold_times_out() -> None:
     assert not [c for c in FakeChannel.calls if c[1] == "move"]
     assert ws.events("end")[0]["reason"] == "flush"
     assert real < 10
+
+
+def test_asr_behind_holds_the_client_and_nothing_is_dropped() -> None:
+    """The ASR service says BEHIND: the client is told PAUSE and its messages stay
+    unread until OK (then RESUME); every frame it sent is still taken."""
+    speech = lambda end: end > SR // 2  # noqa: E731 - speech from 0.5 s on
+
+    async def script(ws: FakeWs) -> None:
+        ws.to_server.send_nowait(start(**{"return": ["asr", "metrics"]}))
+        await stream(ws, 2.0)
+        channel = FakeChannel.instances[-1]
+        channel._send.send_nowait(link.AsrEvent("flow", "f1", code="BEHIND"))
+        await stream(ws, 3.0, offset=100)  # queued in the socket, unread while held
+        channel._send.send_nowait(link.AsrEvent("flow", "f1", code="OK"))
+        ws.to_server.send_nowait(json.dumps({"type": "flush"}))
+
+    ws, _s, _real = run_session(script, speech=speech, max_utterance_s=30.0)
+    flows = ws.events("flow")
+    assert [f["state"] for f in flows] == ["PAUSE", "RESUME"]
+    paused = [t for t, e in ws.sent if e["type"] == "flow"]
+    assert paused[0] == pytest.approx(2.0, abs=0.05)
+    assert paused[1] == pytest.approx(5.0, abs=0.05)
+    assert ws.events("metrics")[0]["audio_ms"] == 5000
+    assert ws.events("end")[0]["reason"] == "flush"
