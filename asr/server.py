@@ -162,6 +162,8 @@ class AsrServerConfig:
     def __post_init__(self) -> None:
         if self.max_streams < 1 or self.partial_interval_ms < 20:
             raise ValueError("max_streams must be >= 1 and partial_interval_ms >= 20")
+        if self.first_partial_interval_ms < 20 or self.min_partial_ms < 0:
+            raise ValueError("first_partial_interval_ms must be >= 20 and min_partial_ms >= 0")
         if self.behind_threshold_s <= 0 or self.lid_max_inflight < 1:
             raise ValueError("behind_threshold_s and lid_max_inflight must be positive")
         for name in ("lid_max_audio_s", "lid_read_timeout_s", "start_timeout_s",

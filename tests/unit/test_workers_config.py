@@ -120,3 +120,18 @@ def test_whisper_front_checks_languages_without_models() -> None:
         assert backend.health()["workers"] == []  # nothing was spawned
     finally:
         backend.close()
+
+
+def test_first_partial_and_degrade_settings_load_and_are_checked(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "asr.toml"
+    cfg_file.write_text("[server]\nfirst_partial_interval_ms = 120\nmin_partial_ms = 400\n"
+                        "degrade_finals = false\ndegrade_final_late_ms = 900\n")
+    cfg, _, _, _ = load_config(cfg_file, env={})
+    policy = cfg.scheduler_policy()
+    assert (cfg.first_partial_interval_ms, cfg.min_partial_ms) == (120, 400)
+    assert (policy.degrade_finals, policy.degrade_final_late_ms) == (False, 900)
+    for bad in ("first_partial_interval_ms = 10", "min_partial_ms = -1",
+                "degrade_final_late_ms = -1"):
+        cfg_file.write_text(f"[server]\n{bad}\n")
+        with pytest.raises(ValueError):
+            load_config(cfg_file, env={})
