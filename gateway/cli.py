@@ -34,7 +34,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    from asr.whisper.decoding import transcribe_file
+    from asr.whisper.transcribe import transcribe_file
 
     result = transcribe_file(Path(args.file), model=args.model, beam=args.beam,
                              language=args.language, prompt=args.prompt)
