@@ -4,8 +4,10 @@ The gateway and the ASR service run in-process, real Whisper behind the default 
 (base finals, tiny.en partials for English). One session streams about 50 s of
 long-form read speech in real time, 20 ms chunks: the LibriVox and cards clips and
 "go forward", one after the other, with pauses of 0.3, 0.8, 1.5 and 3 s between them,
-so endpointing cuts the stream into several utterances (a 0.3 s pause usually does not
-cut, the others do). What a user sees must hold:
+so endpointing cuts the stream into 10 utterances of 1.3-7 s (the longer pauses cut;
+of the two 0.3 s ones, one does, with the clips' own silence, and one does not). The
+stream runs once (51.5 s, about 65 s with warm-up and the offline decode) for all the
+tests. What a user sees must hold:
 
 - every utterance longer than 0.5 s gets an ``asr_partial`` before its ``asr_final``;
 - no two partials of the session come closer than ``PARTIAL_INTERVAL_MS`` (read from
@@ -19,13 +21,19 @@ cut, the others do). What a user sees must hold:
   plus 2 points.
 
 The first partial after each utterance's speech onset (from the client's first speech
-sample) goes into every failure message but is not asserted: timing on a shared CI
-machine is noisy.
+sample), the final after its end, and the scheduler's counters go into every failure
+message but are not asserted: timing on a shared CI machine is noisy.
+
+Two of these fail today on the busy 2-core dev machine and are marked xfail (not
+strict: they depend on timing) until the ASR side is fixed; the reasons name the
+defects. Measured in 3 runs (load average 4-5): first partial 340-1200 ms after onset
+(median about 560 ms), final 735-1730 ms after the end of speech.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,8 +58,9 @@ SR = speech.SR
 PAUSES_S = (0.3, 0.8, 1.5, 3.0)
 LEAD_S, TAIL_S = 0.5, 1.5
 
-# Streaming finals against the reference text (96 words), measured in 3 runs on the
-# 2-core dev machine: see STREAM_WER_MEASURED. The bound is that plus 2 points.
+# Streaming finals against the reference text (96 words): 4 errors (4.2 %) in each of 8
+# runs on the 2-core dev machine; the offline decode 5 (5.2 %), the finals against it
+# 2.1 %. The bound is the measured value plus 2 points.
 STREAM_WER_MEASURED = 0.042
 WER_SLACK = 0.02
 # Client-side arrival times of two partials may come closer than the gateway sent them
@@ -60,7 +69,7 @@ WER_SLACK = 0.02
 INTERVAL_TOLERANCE_S = 0.05
 # The last partial of an utterance may say this many words, or this share of its words,
 # that its final does not: partials are tiny.en, finals base, and tiny.en hears
-# "ill-disposed" as "old-sposed" (2 words in 8; measured at most 2 in 3 runs).
+# "ill-disposed" as "old-sposed" (2 words in 8) with or without a prefix.
 LAST_PARTIAL_SLACK_WORDS, LAST_PARTIAL_SLACK_SHARE = 2, 0.25
 SILENCE_PHRASES = {"", "thank you", "thanks", "thank you very much", "you", "bye",
                    "thanks for watching", "thank you for watching", "the end"}
@@ -183,10 +192,14 @@ async def _stream_once(backend: WhisperBackend, archive: Path,
     stream_we = word_errors(reference, r.transcript)
     offline_we = word_errors(reference, offline.text)
     apart = word_errors(offline.text, r.transcript)
+    partial_s = [t for e, t in zip(r.events, r.arrival_s, strict=True)
+                 if e["type"] == "asr_partial"]
+    closest = np.diff(partial_s).min() * 1000 if len(partial_s) > 1 else math.nan
     report = (f"\n{_report(utts, onsets)}\nstream {stream_s:.1f} s for "
               f"{audio.size / SR:.1f} s of audio; WER stream {stream_we.wer:.3f} "
               f"({stream_we.errors}/{stream_we.ref_words}), offline {offline_we.wer:.3f} "
-              f"({offline_we.errors}), stream against offline {apart.wer:.3f}\n"
+              f"({offline_we.errors}), stream against offline {apart.wer:.3f}; "
+              f"{len(partial_s)} partials, the closest {closest:.0f} ms apart\n"
               f"stream:  {r.transcript}\noffline: {offline.text}\nscheduler: {stats}")
     print(report)
     return Run(r, utts, stream_we, offline_we, report)
@@ -235,7 +248,7 @@ def test_partials_respect_partial_interval_ms(run: Run) -> None:
         f"{interval * 1000:.0f})" + run.report)
 
 
-def test_partials_say_what_their_final_supports(run: Run) -> None:
+def test_no_partial_is_only_punctuation_or_a_silence_phrase(run: Run) -> None:
     problems = []
     for u in run.utterances:
         final_words = _words(u["final"]["text"])
@@ -243,6 +256,17 @@ def test_partials_say_what_their_final_supports(run: Run) -> None:
             said = " ".join(_words(p["text"]))
             if said in SILENCE_PHRASES and said != " ".join(final_words):
                 problems.append(f"partial {p['text']!r} before {u['final']['text']!r}")
+    assert not problems, "\n".join(problems) + run.report
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "StablePartials (asr/engine.py) commits what two early partials agree on and forces "
+    "it as the prefix of every later one: 'How do you marry the more' (tiny.en on "
+    "1.5-2 s of audio) stays through a 6 s utterance whose final, and tiny.en itself "
+    "on 3 s or more without the prefix, say 'Had he married a more'"))
+def test_last_partial_says_what_its_final_supports(run: Run) -> None:
+    problems = []
+    for u in run.utterances:
         if u["partials"]:
             # What the last partial says that its final does not: substituted and
             # inserted words against the final (missing words are not counted: the
