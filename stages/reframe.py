@@ -31,6 +31,8 @@ DEFAULT_REORDER_WINDOW = 16  # packets held while waiting for a missing one
 # silence by the gigabyte.
 DEFAULT_MAX_SEQ_AHEAD = 256
 _EMPTY = np.zeros(0, dtype=np.int16)
+_PCM16 = np.dtype("<i2")  # the wire format, parsed once
+_SWAP = not _PCM16.isnative
 
 
 class IngestError(Exception):
@@ -105,7 +107,9 @@ class Reframer:
                 f"binary frame of {len(data)} bytes is not whole PCM16 samples",
             )
         self._bytes_in += len(data)
-        samples = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)
+        samples = np.frombuffer(data, dtype=_PCM16)
+        if _SWAP:  # a big-endian host: to native order
+            samples = samples.astype(np.int16)
         fs = self.frame_samples
         pending = self._pending
         if len(pending):
