@@ -415,6 +415,61 @@ def archive_rows(frames: np.ndarray, repeats: int) -> list[dict[str, Any]]:
 # -- output ----------------------------------------------------------------------------
 
 
+def vad_rows(frames: np.ndarray, sessions: int, repeats: int) -> list[dict[str, Any]]:
+    """Silero VAD per 32 ms window: the ONNX call by batch size (16 kHz, and the model's
+    8 kHz branch for comparison), and ``VadBatcher``'s own Python around the call (a
+    null model), with each stream fed 20 ms frames. ``ms_per_session_s`` is the cost of
+    one session's 31.25 windows a second when none is gated."""
+    from stages.vad import VadBatcher, VadModel, VadStream
+
+    model = VadModel()
+    ort: Any = model._session
+    audio = frames.ravel().astype(np.float32) / 32768
+    rows = []
+    for sr, width in ((16000, 576), (8000, 288)):
+        for b in sorted({1, 8, 32, sessions}):
+            starts = [k * 397 % (len(audio) - width) for k in range(b)]
+            x = np.ascontiguousarray(np.stack([audio[o:o + width] for o in starts]))
+            st = np.zeros((2, b, 128), np.float32)
+            rate = np.array(sr, np.int64)
+
+            def call(i: int, x: np.ndarray = x, st: np.ndarray = st,
+                     rate: np.ndarray = rate) -> object:
+                return ort.run(None, {"input": x, "state": st, "sr": rate})
+
+            us, _ = pair_us(call, call, 20, repeats)
+            rows.append(vad_row(f"onnx {sr // 1000} kHz, batch {b}", us / b))
+
+    class _Null:
+        def run(self, w: np.ndarray, st: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return np.zeros(len(w), np.float32), st
+
+    per = len(frames) // sessions
+    blocks = [frames[k * per:(k + 1) * per] for k in range(sessions)]
+    streams = [VadStream(gate_dbfs=-60.0) for _ in range(sessions)]
+    batcher = VadBatcher(_Null())  # type: ignore[arg-type]
+
+    def feed(i: int) -> None:
+        for s, blk in zip(streams, blocks, strict=True):
+            s.feed(blk[i % per])
+
+    def feed_and_batch(i: int) -> None:
+        feed(i)
+        if i % 2:
+            batcher.run(streams)
+
+    f, fb = pair_us(feed, feed_and_batch, 2 * (per // 2), repeats)
+    # per call: one 20 ms frame of every session; a window is 1.6 frames
+    rows.append(vad_row("stream feed (per window)", f / sessions * 1.6))
+    rows.append(vad_row("batcher python (null model)", (fb - f) / sessions * 1.6))
+    return rows
+
+
+def vad_row(name: str, us_per_window: float) -> dict[str, Any]:
+    return {"case": name, "us_per_window": round(us_per_window, 2),
+            "ms_per_session_s": round(us_per_window * 31.25 / 1000, 3)}
+
+
 def row(name: str, wrapper_us: float, raw_us: float) -> dict[str, Any]:
     return {
         "case": name,
@@ -516,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = batch_rows(frames, args.sessions, args.repeats)
     peers = numpy_rows(frames, args.repeats)
     archive = archive_rows(frames, args.repeats)
+    vad = vad_rows(frames, args.sessions, args.repeats)
     result = {
         "meta": {
             "libopus": opus_version(),
@@ -533,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": batch,
         "numpy_peer": peers,
         "archive_peer": archive,
+        "vad": vad,
     }
 
     print(f"native cost floor: {opus_version()}, {len(frames)} frames of real speech, ", end="")
@@ -571,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
             ("opusenc %cpu", "libopusenc_core_pct"),
             ("sndfile %cpu", "libsndfile_core_pct"),
         ],
+    )
+    print_table(
+        f"VAD (Silero, onnxruntime, 1 thread): µs per 32 ms window; {args.sessions} streams "
+        "in the Python rows",
+        vad,
+        [("µs/window", "us_per_window"), ("ms/session-s", "ms_per_session_s")],
     )
 
     args.out.mkdir(parents=True, exist_ok=True)
