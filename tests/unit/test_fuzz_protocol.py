@@ -234,7 +234,7 @@ def test_hostile_frame_gives_a_coded_error(frame: str | bytes) -> None:
 # -- binary frames: the seq header, then the reframer ----------------------------------
 
 def _ingest(seqbuf: SeqBuffer | None, reframer: Reframer, data: bytes) -> list[int]:
-    """The session's binary path (``Session._audio``) without the Trio parts: returns
+    """The session's binary path (``SessionCore.audio``) without the Trio parts: returns
     the start of every frame that came out; raises only IngestError."""
     payloads = [data]
     if seqbuf is not None:
