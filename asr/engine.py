@@ -22,8 +22,9 @@ import numpy as np
 from .backend import LidResult, Recognition, degrade_model
 from .scheduler import Job
 from .whisper import mel as melmod
-from .whisper.decoding import FallbackPolicy, Utterance, WhisperEngine
+from .whisper.engine import Utterance, WhisperEngine
 from .whisper.normalize import normalize_english
+from .whisper.search import FallbackPolicy
 from .whisper.streaming import (
     EnginePartialDecoder,
     LocalAgreement,

@@ -189,7 +189,7 @@ def engine_rtf() -> float:
     """Single-stream offline RTF of the same engine (``voxgate transcribe --json``),
     median of three runs on a LibriVox clip, warm-up excluded."""
     clip = str(speech.TESTDATA / "librivox" / "sense_and_sensibility_01_austen_64kb-0870.wav")
-    code = ("import json,sys;from asr.whisper.decoding import transcribe_file as t;"
+    code = ("import json,sys;from asr.whisper.transcribe import transcribe_file as t;"
             f"t({clip!r});print(json.dumps([t({clip!r}).rtf for _ in range(3)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -299,7 +299,7 @@ def test_real_whisper_in_a_worker_matches_in_process() -> None:
     """The real engine in a worker answers as in-process; kill -9 of it mid-final is
     answered by the warm standby with the same text."""
     from asr.engine import DEFAULT_POOL, DEFAULT_POOLS, WhisperBackend
-    from asr.whisper.decoding import read_audio_file
+    from asr.whisper.audio import read_audio_file
 
     audio = read_audio_file(LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0880.wav")
     longer = read_audio_file(LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0870.wav")

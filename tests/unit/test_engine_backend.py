@@ -20,16 +20,16 @@ from asr.engine import (
     window_frames,
 )
 from asr.scheduler import Job
-from asr.whisper.decoding import (
+from asr.whisper.engine import WhisperEngine
+from asr.whisper.loops import compression_ratio, cut_loop, find_loop, repeated_ngrams
+from asr.whisper.model import CrossKV
+from asr.whisper.search import (
     DecodeOptions,
     DecodeRequest,
     FallbackPolicy,
     WhisperDecoder,
-    WhisperEngine,
     token_budget,
 )
-from asr.whisper.loops import compression_ratio, cut_loop, find_loop, repeated_ngrams
-from asr.whisper.model import CrossKV
 from tests.data import fake_whisper as fw
 
 GOOD = fw.text_ids("hello world")
