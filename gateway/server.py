@@ -428,7 +428,10 @@ def _register_metrics(metrics: GatewayMetrics, vad: VadService, pools: AsrPools,
     for name, doc in (("failovers", "ASR streams replaced after a failure, with a replay"),
                       ("ping_timeouts", "ASR connections failed for an unanswered PING"),
                       ("breaker_opened", "ASR endpoint circuit breakers opened"),
-                      ("streams_opened", "ASR streams opened")):
+                      ("streams_opened", "ASR streams opened"),
+                      ("discards", "false early starts withdrawn with a link v3 Discard"),
+                      ("discards_by_finalize",
+                       "false early starts finalized and dropped (v2 ASR)")):
         metrics.counter_fn(f"asr_link_{name}", doc, functools.partial(_link_stat, pools, name))
     if isinstance(store, S3Store):
         s3 = store

@@ -44,3 +44,25 @@ def test_event_types_are_the_documented_events() -> None:
 
 def test_reject_codes_are_error_codes() -> None:
     assert all(isinstance(c, ErrorCode) for c in REJECT_CODES)
+
+
+def test_link_counters_are_exported() -> None:
+    # the asr_link_* counters read the pools' LinkCounters at each scrape
+    from types import SimpleNamespace
+    from typing import Any
+
+    from gateway.asrlink import LinkCounters
+    from gateway.server import _register_metrics
+
+    counters = LinkCounters(discards=3, discards_by_finalize=2, failovers=1)
+    pools: Any = SimpleNamespace(counters=counters)
+    vad: Any = SimpleNamespace(stats=SimpleNamespace(windows=0, gated=0, last_tick_ms=0.0))
+    table: Any = SimpleNamespace(open=0, refused_full=0, refused_rate_limited=0, dropped=0)
+    metrics = GatewayMetrics()
+    _register_metrics(metrics, vad, pools, None, table)
+    samples = {s.name: s.value
+               for fam in text_string_to_metric_families(metrics.render().decode())
+               for s in fam.samples}
+    assert samples["asr_link_discards_total"] == 3
+    assert samples["asr_link_discards_by_finalize_total"] == 2
+    assert samples["asr_link_failovers_total"] == 1
