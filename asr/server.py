@@ -661,6 +661,12 @@ class LinkSession:
         self._ended = False  # an end was queued: later cuts have nothing to add
         self._end_lost = False  # an end found the cut queue full: the worker ends instead
         self._last_partial: dict[int, str] = {}
+        self._last_partial_end: dict[int, int] = {}  # end_ms of each shown partial
+        # Utterances whose partials may no longer be sent: every index up to
+        # ``_closed_upto`` (its final was sent or failed: finals go out in cut order),
+        # and the discarded ones.
+        self._closed_upto = -1
+        self._discarded: set[int] = set()
         self._failed = False
         self._sent = trio.Event()
         self._policy: PartialPolicy | None = None
@@ -910,7 +916,9 @@ class LinkSession:
         if not self.assembler.discard():
             return
         self._covered_samples = 0
+        self._discarded.add(index)
         self._last_partial.pop(index, None)
+        self._last_partial_end.pop(index, None)
         self.app.scheduler.retire(self, index)
         self.app.metrics.discarded.inc()
         log.info("utterance discarded", extra=fields(
@@ -978,6 +986,7 @@ class LinkSession:
                     await self._final(cut.utt, cut.at)
                 finally:
                     self._queued_final_samples -= len(cut.utt.audio)
+                    self._close(cut.utt.index)
                 self._check_flow()
             drained = self._cuts_out.statistics().current_buffer_used == 0
             if cut.end or (self._end_lost and drained):
@@ -1017,9 +1026,23 @@ class LinkSession:
         log.info("final", extra=fields(
             flowId=self.flow_id, stage="asr_final", utterance=utt.index, ns=len(utt.audio),
             lang=result.lang, model=self.model, latency_ms=round(latency_ms, 1)))
-        self._last_partial.pop(utt.index, None)
+        self._close(utt.index)
         self._emit(link.AsrEvent("final", self.flow_id, utterance=utt.index, text=result.text,
                                  ts=(utt.start_ms, utt.end_ms), lang=result.lang))
+
+    def _close(self, index: int) -> None:
+        """Utterance ``index`` has its final (or its final failed): no partial of it
+        may follow. Finals go out in cut order, so every earlier one is closed too."""
+        self._closed_upto = max(self._closed_upto, index)
+        self._discarded = {i for i in self._discarded if i > index}
+        for d in (self._last_partial, self._last_partial_end):
+            for i in [i for i in d if i <= index]:
+                del d[i]
+
+    def _open(self, index: int) -> bool:
+        """A partial of utterance ``index`` may still be sent: its final is not out and
+        it was not discarded (it may have been cut: its final can wait behind others)."""
+        return index > self._closed_upto and index not in self._discarded
 
     def _options(self) -> dict[str, Any]:
         assert self.start is not None
@@ -1063,9 +1086,10 @@ class LinkSession:
             job = Job("partial", self.pool, utt.audio, key=self, options=options,
                       utterance=utt.index, first=not self.assembler.shown)
             self._partial_job = job
-            nursery.start_soon(self._partial, job, utt)
+            nursery.start_soon(self._partial, job, utt, self._policy)
 
-    async def _partial(self, job: Job, utt: Utterance) -> None:
+    async def _partial(self, job: Job, utt: Utterance,
+                       policy: PartialPolicy | None) -> None:
         try:
             result = await self.app.scheduler.submit(job)
         except SchedulerBusy:
@@ -1081,17 +1105,23 @@ class LinkSession:
                 if self._due_while_running:
                     self._due_while_running = False
                     self._partial_due.set()
-        if job.stale or result is None or utt.index != self.assembler.index:
-            return  # replaced, or the utterance was cut meanwhile: its final replaces this
+        if job.stale or result is None or not self._open(utt.index):
+            return  # replaced, discarded, or its final is out: the final replaces it
         assert isinstance(result, Recognition)
-        self._covered_samples = max(self._covered_samples, len(utt.audio))
-        self._check_flow()
-        text = result.text if self._policy is None else self._policy.update(result)
+        current = utt.index == self.assembler.index
+        if current:
+            self._covered_samples = max(self._covered_samples, len(utt.audio))
+            self._check_flow()
+        # The policy of this partial's utterance (a cut one's, if the next began since).
+        text = result.text if policy is None else policy.update(result)
         if not text or text == self._last_partial.get(utt.index):
             return
-        if utt.index not in self._last_partial:
+        if utt.end_ms <= self._last_partial_end.get(utt.index, -1):
+            return  # never back in time: a later snapshot of it was shown already
+        if current and utt.index not in self._last_partial:
             self.assembler.partial_shown()
         self._last_partial[utt.index] = text
+        self._last_partial_end[utt.index] = utt.end_ms
         self._emit(link.AsrEvent("partial", self.flow_id, utterance=utt.index,
                                  text=text, ts=(utt.start_ms, utt.end_ms), lang=result.lang))
 

@@ -605,3 +605,58 @@ async def test_discard_on_a_v2_stream_is_an_unknown_frame(server: tuple[AsrApp, 
     errors = [e for e in events if e.type == "error"]
     assert [(e.code, e.fatal) for e in errors] == [("UNKNOWN_FRAME", True)]
     assert events[-1].type == "end"
+
+
+class _GatedPartials(StandInEngine):
+    """Partials wait in the engine until the test lets them go (``release``);
+    ``running`` is set while one waits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import threading
+        self.running = threading.Event()
+        self.release = threading.Event()
+
+    def run_batch(self, pool: str, jobs: Any) -> Any:
+        if any(j.kind == "partial" for j in jobs):
+            self.running.set()
+            self.release.wait(10)
+        return super().run_batch(pool, jobs)
+
+
+async def _cut_while_partial_runs(nursery: trio.Nursery, cut: link.Frame
+                                  ) -> list[link.AsrEvent]:
+    """One utterance of 1 s; ``cut`` (Finalize or Discard) arrives while its partial runs."""
+    engine = _GatedPartials()
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0)
+    pcm = [GOFORWARD[i:i + 320].tobytes() for i in range(0, 320 * 50, 320)]
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="cut", codec="pcm"))
+        await ls.send(*audio_frames(pcm))
+        with trio.fail_after(5):
+            while not engine.running.is_set():
+                await trio.sleep(0.01)
+        await ls.send(cut)
+        await trio.sleep(0.2)  # the cut is in before the partial returns
+        engine.release.set()
+        await ls.send(link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+    shutdown.set()
+    return events
+
+
+async def test_a_partial_of_an_utterance_cut_while_it_ran_still_comes_before_its_final(
+        nursery: trio.Nursery) -> None:
+    events = await _cut_while_partial_runs(nursery, link.Finalize())
+    kinds = [(e.type, e.utterance) for e in events]
+    assert kinds[:2] == [("partial", 0), ("final", 0)], kinds
+    partial, final = events[0], events[1]
+    assert partial.ts[0] == final.ts[0] and partial.ts[1] <= final.ts[1]
+    assert not any(e.type == "partial" for e in events[2:]), kinds
+
+
+async def test_a_partial_of_a_discarded_utterance_is_never_sent(nursery: trio.Nursery
+                                                                ) -> None:
+    events = await _cut_while_partial_runs(nursery, link.Discard())
+    assert [e.type for e in events] == ["end"], events
