@@ -33,7 +33,6 @@ import numpy as np
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from asr import link
 from native.errors import RNNoiseUnavailableError
 from stages.denoise import DenoiseStage
 from stages.endpoint import UtteranceCancelled, UtteranceEnded, UtteranceStarted
@@ -43,25 +42,19 @@ from stages.reframe import PcmFrame, SeqBuffer
 from . import admission, lifecycle
 from . import core as session_core
 from .archiver import Archiver
-from .asrlink import AsrChannel, AsrPools, AsrUnavailable, FailoverPolicy
+from .asrlink import AsrPools, AsrUnavailable
 from .config import GatewayConfig
 from .core import (
     AcceptAudio,
     AskLid,
     Boundary,
     CoreConfig,
-    LinkAudio,
-    LinkBegin,
-    LinkCancel,
-    LinkConfirm,
-    LinkEnd,
-    LinkFinalize,
-    LinkMove,
     SendEvent,
     SessionCore,
     StopIngest,
     lid_answer,
 )
+from .linkdriver import LinkDriver
 from .logs import fields
 from .metrics import GatewayMetrics
 from .protocol import ErrorCode, EventWriter, OversizedMessage, ProtocolViolation, Start, dumps
@@ -160,20 +153,14 @@ class Session:
         self._stop_reason: str | None = None  # why ingest was stopped from elsewhere
         self.reason = "flush"
         self._close_code = 1000
-        # Lists of link commands, in order, for the link sender (bounded by the core's
-        # flow control on the frames waiting for the link).
-        self._link_in, self._link_out = trio.open_memory_channel[list[Any]](math.inf)
         # VAD decisions, as ("vad", windows) or ("vad", VadFailed), one item a tick.
         self._vad_in, self._vad_out = trio.open_memory_channel[Any](4096)
         self.archiver: Archiver | None = None  # when recordings are stored
         self._vad_client = ctx.vad.register(self._vad_in, tag="vad")
         self._drained = trio.Event()  # the core told ASR to end
-        self._asr_done = trio.Event()
         self._finished = trio.Event()  # run() is over (an adopting handler waits on it)
         self.resumes = 0
-        self._channel: AsrChannel | None = None
-        self._link_pool = "default"  # the route the ASR channel is on
-        self._link_lang = ""
+        self.asr_link: LinkDriver | None = None  # once admitted
         self._resume = trio.Event()  # set when the core lets the client go on
         self._lid_decided = trio.Event()
         self._timer_wake = trio.Event()
@@ -244,9 +231,8 @@ class Session:
             self.ctx.vad.unregister(self._vad_client)
             if self.denoise is not None:
                 self.denoise.close()
-            if self._channel is not None:
-                with trio.CancelScope(shield=True):
-                    await self._channel.aclose()
+            if self.asr_link is not None:
+                await self.asr_link.aclose()
 
     async def _run(self) -> None:
         ctx = self.ctx
@@ -297,7 +283,8 @@ class Session:
             nursery.start_soon(self._vad_task)
             if self.core.lid is not None:
                 nursery.start_soon(self._lid_task)
-            nursery.start_soon(self._link_sender, nursery)
+            assert self.asr_link is not None
+            nursery.start_soon(self.asr_link.run, nursery)
             nursery.start_soon(self._timer_task)
             if self.cfg.enable_compress and self.ctx.store is not None:
                 self.archiver = Archiver(
@@ -324,7 +311,7 @@ class Session:
             denoise=_TimedDenoise(self.denoise, self) if self.denoise is not None else None,
             metrics=self.ctx.metrics)
         self.core.close_code = self._close_code
-        self._link_pool, self._link_lang = self.core.route_pool, self.core.route_lang
+        self.asr_link = LinkDriver(self.ctx, self.core, self.start, self.trace, self._perform)
         if self.core.lid_decided:
             self._lid_decided.set()
 
@@ -406,8 +393,8 @@ class Session:
             else:
                 link.append(a)
         if link:
-            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                self._link_in.send_nowait(link)
+            assert self.asr_link is not None
+            self.asr_link.send(link)
         if not core.paused:
             self._resume.set()
         if core.drained:
@@ -548,144 +535,6 @@ class Session:
             core.lid_answer(answer, trio.current_time())
             self._perform()
 
-    # -- the ASR link ---------------------------------------------------------------
-
-    async def _link_sender(self, nursery: trio.Nursery) -> None:
-        """Perform the core's link commands in order; the audio of everything queued
-        now goes in one DATA frame."""
-        try:
-            while True:
-                cmds = await self._link_out.receive()
-                while True:  # take what else is queued: consecutive audio is joined
-                    try:
-                        cmds += self._link_out.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                audio: list[Any] = []
-                for cmd in cmds:
-                    if type(cmd) is LinkAudio:
-                        audio += cmd.frames
-                        continue
-                    if audio:
-                        await self._send_frames(audio)
-                        audio = []
-                    if await self._link_command(cmd, nursery):
-                        return
-                if audio:
-                    await self._send_frames(audio)
-        finally:
-            if self._channel is None:
-                self._asr_done.set()
-
-    async def _link_command(self, cmd: Any, nursery: trio.Nursery) -> bool:
-        """Perform one command; True after the last (``LinkEnd``)."""
-        kind = type(cmd)
-        if kind is LinkBegin:
-            (await self._ensure_channel(nursery)).begin(cmd.utterance,
-                                                        tentative=cmd.tentative)
-        elif kind is LinkConfirm:
-            (await self._ensure_channel(nursery)).confirm()
-        elif kind is LinkCancel:
-            if self._channel is not None:
-                await self._channel.cancel()
-        elif kind is LinkFinalize:
-            if self._channel is not None:
-                await self._channel.finalize()
-        elif kind is LinkMove:
-            await self._move(cmd)
-        elif kind is LinkEnd:
-            if self._channel is not None:
-                await self._channel.end()
-            else:
-                self._asr_done.set()
-            return True
-        return False
-
-    def _link_start(self) -> link.Start:
-        assert self.start is not None
-        hints = self.start.hints
-        return link.Start(
-            flow_id=self.flow_id, codec=self.cfg.asr_link_codec,
-            bitrate=self.cfg.asr_link_bitrate, lang_hint=self._link_lang,
-            domain=hints.domain or "default", hotwords=hints.hotwords,
-            traceparent=(self.trace.asr_traceparent(self._link_pool)
-                         if self.trace is not None else ""),
-        )
-
-    async def _move(self, cmd: LinkMove) -> bool:
-        """Recognize ``cmd.lang`` from now on: if that is another pool (or another
-        language hint), the channel opens a stream there and replays the utterances
-        still waiting for their final; the old stream's events are ignored from then on.
-        Finals already sent stand; none is sent twice (an utterance is replayed only
-        while its final is missing). Returns whether a live stream moved."""
-        pool, lang = cmd.pool, cmd.lang
-        if (pool, lang) == (self._link_pool, self._link_lang):
-            return False
-        old_pool, old_lang = self._link_pool, self._link_lang
-        self._link_pool, self._link_lang = pool, lang
-        if self._channel is None:
-            return False  # the first utterance opens on the new route
-        t0 = time.perf_counter()
-        pending = self._channel.pending_utterances
-        try:
-            moved = await self._channel.move(pool, self._link_start())
-        except AsrUnavailable as exc:
-            self._link_pool, self._link_lang = old_pool, old_lang
-            # The cause names internal hosts and TLS details: the log gets it, the
-            # client a summary.
-            log.warning("could not move recognition to pool %s: %s", pool, exc,
-                        extra=fields(flowId=self.flow_id, stage="asr", lang=lang,
-                                     err_code="ASR_UNAVAILABLE"))
-            assert self.core is not None
-            self.core.move_failed(pool, lang, old_pool, old_lang)
-            self._perform()
-            return False
-        log.info("recognition moved from pool %s to %s (%s), utterances %s replayed in "
-                 "%.0f ms", old_pool, pool, lang, pending, (time.perf_counter() - t0) * 1000,
-                 extra=fields(flowId=self.flow_id, stage="lid", lang=lang))
-        return moved
-
-    async def _ensure_channel(self, nursery: trio.Nursery) -> AsrChannel:
-        """The session's recognition channel, made at the first utterance; it outlives
-        every stream failure (see ``AsrChannel``)."""
-        if self._channel is None:
-            c = self.cfg
-            self._channel = AsrChannel(
-                self.ctx.pools, self._link_pool, self._link_start(),
-                codec=c.asr_link_codec, bitrate=c.asr_link_bitrate,
-                complexity=c.asr_link_opus_complexity,
-                policy=FailoverPolicy(final_deadline_s=c.asr_final_deadline_s,
-                                      budget_s=c.asr_failover_budget_s))
-            await nursery.start(self._channel.run)
-            nursery.start_soon(self._asr_receiver, self._channel)
-        return self._channel
-
-    async def _send_frames(self, batch: list[Any]) -> None:
-        core = self.core
-        assert core is not None
-        if self._channel is not None:
-            before = self._channel.opus_failures
-            sent_before = self.ctx.pools.counters.bytes_sent
-            await self._channel.send_audio(
-                [(f.frame.samples, f.frame.start * 1000 // SAMPLE_RATE) for f in batch])
-            self.stats["link_bytes"] += self.ctx.pools.counters.bytes_sent - sent_before
-            if self._channel.opus_failures > before:
-                failed = self._channel.opus_failures - before
-                self.stats["pcm_to_opus_fail"] += failed
-                self.ctx.metrics.pcm_to_opus_fail.inc(failed)
-        core.link_sent(len(batch))
-        self._perform()
-
-    async def _asr_receiver(self, channel: AsrChannel) -> None:
-        core = self.core
-        assert core is not None
-        try:
-            async with contextlib.aclosing(channel.events()) as events:
-                async for ev in events:
-                    core.link_event(ev, trio.current_time())
-                    self._perform()
-        finally:
-            self._asr_done.set()
     # -- the end of a session -------------------------------------------------------
 
     async def _finish(self, reason: str) -> None:
@@ -694,13 +543,10 @@ class Session:
         core.finish(trio.current_time())
         self._perform()
         wait_s = lifecycle.final_wait_s(FINAL_TIMEOUT_S, self.cfg.asr_failover_budget_s)
+        assert self.asr_link is not None
         with trio.move_on_after(wait_s), _shield_if(reason == "server_shutdown"):
             await self._drained.wait()
-            while True:  # the event is replaced when a new stream opens after it fired
-                done = self._asr_done
-                await done.wait()
-                if done is self._asr_done:
-                    break
+            await self.asr_link.done.wait()
         if not self._lid_decided.is_set():
             with trio.move_on_after(core.cfg.lid_hold_s):  # the lid event comes before end
                 await self._lid_decided.wait()

@@ -22,6 +22,7 @@ import trio
 import trio.testing
 from trio_websocket import CloseReason, ConnectionClosed
 
+import gateway.linkdriver as linkdriver_mod
 import gateway.session as session_mod
 from asr import link
 from gateway.config import GatewayConfig
@@ -201,7 +202,7 @@ def run_session(script: Callable[[FakeWs], Any], *, speech: Callable[[int], bool
 
 @pytest.fixture(autouse=True)
 def fake_channel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_mod, "AsrChannel", FakeChannel)
+    monkeypatch.setattr(linkdriver_mod, "AsrChannel", FakeChannel)
 
 
 def start(**extra: Any) -> str:
