@@ -143,6 +143,13 @@ def refusal(ew: EventWriter, problem: Problem, *, shutting_down: bool
     return tuple(events)
 
 
+def may_park(*, seq_header: bool, resume_window_s: float, shutting_down: bool) -> bool:
+    """Whether a session whose client went away waits for it to resume: only with
+    ``seq_header`` (the client can say what it sends again), a resume window, and not
+    while the gateway shuts down."""
+    return seq_header and resume_window_s > 0 and not shutting_down
+
+
 # -- the ack -----------------------------------------------------------------------------
 
 def ack_event(ew: EventWriter, cfg: GatewayConfig, start: Start, *,

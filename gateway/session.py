@@ -328,8 +328,9 @@ class Session:
     # -- resume ---------------------------------------------------------------------
 
     def _resumable(self) -> bool:
-        return (self.seqbuf is not None and self.cfg.resume_window_s > 0
-                and not self.ctx.shutting_down.is_set())
+        return lifecycle.may_park(seq_header=self.seqbuf is not None,
+                                  resume_window_s=self.cfg.resume_window_s,
+                                  shutting_down=self.ctx.shutting_down.is_set())
 
     async def _park(self) -> bool:
         """The client went away: wait ``resume_window_s`` for it to reconnect with the

@@ -107,6 +107,14 @@ def test_only_the_same_tenant_with_seq_header_resumes_a_parked_session() -> None
     assert not lifecycle.resumes(_start(seq), "acme", None)  # nothing parked
 
 
+def test_a_session_waits_for_its_client_only_when_it_can_resume() -> None:
+    assert lifecycle.may_park(seq_header=True, resume_window_s=30, shutting_down=False)
+    assert not lifecycle.may_park(seq_header=False, resume_window_s=30,
+                                  shutting_down=False)
+    assert not lifecycle.may_park(seq_header=True, resume_window_s=0, shutting_down=False)
+    assert not lifecycle.may_park(seq_header=True, resume_window_s=30, shutting_down=True)
+
+
 def _capacity(**kw: Any) -> tuple[ErrorCode, str] | None:
     args: dict[str, Any] = {
         "shutting_down": False, "flow_live": lambda: False, "sessions": 0,
