@@ -7,8 +7,13 @@ sleeps on an event: no polling.
 
 The batch runs on the event loop itself by default. A worker thread buys nothing when
 the gateway has one core (the loop waits for the thread anyway) and costs a thread
-hand-off per tick; with 100 sessions a tick is one ONNX call of about 2 ms. Pass
-``threaded=True`` to overlap the call with the loop on a machine with a core to spare.
+hand-off per tick (~55 us of CPU, measured with the process on one core: ~3 ms a second
+at 50-60 ticks a second); with 100 sessions a tick is one ONNX call of about 3 ms
+(55 us a window). Pass ``threaded=True`` to overlap the call with the loop on a machine
+with a core to spare.
+
+A session that can act on its decisions at once (a sans-IO core) registers a callback
+(``on_windows``) instead of a channel: no hop and no task switch per tick per session.
 """
 
 from __future__ import annotations
