@@ -59,6 +59,7 @@ RULES: list[tuple[str, str]] = [
     ("trio_socket_io", r"trio/_highlevel_socket\.py|trio/_socket\.py|trio/_core/_io_epoll"
                        r"|epoll_wait|__libc_recv|__libc_send|recvfrom|sendto|__send|__recv"),
     ("trio_scheduler", r"trio/_core/|trio/_timeouts\.py|outcome/"),
+    ("session_core", r"gateway/core\.py"),
     ("session_py", r"gateway/session\.py"),
     ("ws_server", r"gateway/server\.py"),
     ("gateway_other", r"gateway/(?!cli\.py|main\.py)"),
