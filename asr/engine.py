@@ -37,6 +37,9 @@ from .whisper.tokenizer import LANGUAGES, WhisperTokenizer
 log = logging.getLogger("voxgate.asr.engine")
 
 PARTIAL_TOKENS_PER_S = 8.0  # a partial's token budget: speech is ~3 tokens/s ...
+# A stable partial prefix is re-checked by an unforced decode each time the audio has
+# grown this much since it was last confirmed (StablePartials).
+PARTIAL_RECHECK_GROWTH = 1.5
 PARTIAL_EXTRA_TOKENS = 8  # ... so a looping partial stops early instead of at 224
 
 # Whisper's own rule for "this window is silence": a likely no-speech token and a
@@ -237,26 +240,49 @@ class StablePartials:
 
     A token prefix becomes stable once two consecutive hypotheses agree on it (cut back
     to a word boundary); the next decode is forced to start with it, so each re-decode
-    only generates the unstable tail, and shown text never retracts what was stable.
+    only generates the unstable tail. Early agreement can be a mishearing, so once the
+    audio is ``PARTIAL_RECHECK_GROWTH`` times as long as when the stable prefix was last
+    confirmed, one decode runs unforced (``prefix_for`` returns no prefix) and, if it
+    disagrees, the stable prefix is cut back to what they share: a retraction, rather
+    than a wrong prefix kept until the final.
     A hypothesis the final would not support is not shown (``update`` returns ""): one
     on audio Whisper calls no-speech (the backend sends it without tokens), and one that
     is only punctuation or a silence phrase ("Thank you.") and has no stable text yet.
     """
 
-    def __init__(self, tok: WhisperTokenizer) -> None:
+    def __init__(self, tok: WhisperTokenizer,
+                 recheck_growth: float | None = PARTIAL_RECHECK_GROWTH) -> None:
         self.tok = tok
-        self.policy = LocalAgreement(2, word_boundary(tok))
+        self.policy = LocalAgreement(2, word_boundary(tok), recheck_growth=recheck_growth)
+        # The audio (samples) of the decode asked for by ``prefix_for`` when it runs
+        # unforced; the next ``update`` is its result (one decode at a time).
+        self._unforced_at: int | None = None
 
     @property
     def prefix(self) -> tuple[int, ...]:
+        """The stable tokens (a decode forced with them is not a re-check)."""
         return self.policy.committed
+
+    def prefix_for(self, samples: int) -> tuple[int, ...]:
+        """The prefix to force on the next decode, of ``samples`` of audio: the stable
+        tokens, or none when a re-check is due (or nothing is stable yet)."""
+        unforced = not self.policy.committed or self.policy.recheck_due(samples)
+        self._unforced_at = samples if unforced else None
+        return () if unforced else self.policy.committed
+
+    @property
+    def retractions(self) -> int:
+        """Re-checks that cut the stable prefix back."""
+        return self.policy.retractions
 
     def update(self, result: Recognition) -> str:
         """The text to show for this hypothesis ("" for none)."""
+        unforced_at, self._unforced_at = self._unforced_at, None
         if not result.tokens:
             return ""  # no-speech, or nothing decoded: nothing the final would back
         tokens, looped = trim_repetition(result.tokens)
-        stable, tail = self.policy.update(tokens, trusted=result.finished and not looped)
+        stable, tail = self.policy.update(tokens, trusted=result.finished and not looped,
+                                          unforced_at=unforced_at)
         text = self.tok.decode(stable + tail).strip()
         return text if supported_text(text) else ""
 

@@ -1079,7 +1079,11 @@ class LinkSession:
                 self._policy_utt = utt.index
             options = self._options()
             if self._policy is not None:
-                options["prefix"] = self._policy.prefix
+                # A policy that re-checks its stable prefix says, per decode, whether
+                # to force it (asr.engine.StablePartials.prefix_for).
+                prefix_for = getattr(self._policy, "prefix_for", None)
+                options["prefix"] = (prefix_for(len(utt.audio)) if callable(prefix_for)
+                                     else self._policy.prefix)
             # A queued partial of this stream is replaced (made stale) by this fresher
             # one; one already running is never doubled.
             # Until the utterance shows a partial, its partials rank as first ones.

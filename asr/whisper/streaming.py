@@ -5,11 +5,17 @@ things keep that cheap and steady:
 
 * **Local agreement** (:class:`LocalAgreement`): a token prefix becomes *stable* once
   ``n`` consecutive hypotheses agree on it (``n = 2`` by default), cut back to a word
-  boundary. Stable tokens are never retracted: a partial's text is the stable prefix
-  plus the newest hypothesis's tail.
+  boundary. A partial's text is the stable prefix plus the newest hypothesis's tail.
 * **Forced prefix**: the stable tokens are fed to the decoder in the same call as the
   task tokens, so each re-decode only generates the unstable tail (one decoder step per
   tail token instead of one per token of the utterance).
+* **Re-checks**: two early hypotheses can agree on a mishearing (tiny.en on 1.5 s: "How
+  do you marry the more", on 3 s: "Had he married a more"), and forcing it would keep it
+  to the final. So whenever the audio has grown by ``recheck_growth`` (1.5x) since the
+  stable prefix was last confirmed, one decode runs unforced; if it does not start with
+  the stable prefix, the prefix is cut back to what they share (a retraction: better
+  than a partial the final does not support). Geometric growth keeps the cost to a few
+  unforced decodes per utterance, most of them early, where mishearings are.
 
 The production path is ``asr.engine.StablePartials`` (the policy of one utterance) and
 ``WhisperBackend._partials`` (batched decodes through :class:`EnginePartialDecoder`),
@@ -56,22 +62,42 @@ class LocalAgreement:
         n: hypotheses that must agree (2 = the newest and the one before).
         can_cut: ``can_cut(tokens, k)`` says whether a stable prefix may end before
             ``tokens[k]``; by default anywhere.
+        recheck_growth: with a growth factor (> 1), :meth:`recheck_due` asks for an
+            unforced decode once the audio is that many times as long as when the
+            committed prefix was last confirmed; None (the default): never.
 
-    The committed prefix only ever grows. A hypothesis that does not start with it (when
-    the decoder was not forced to keep it) contributes no tail and restarts agreement.
+    The committed prefix grows, except at a re-check: an unforced hypothesis (``update``
+    with ``unforced_at``) that does not start with it cuts it back to what they share.
+    Any other hypothesis that does not start with it contributes no tail and restarts
+    agreement.
     """
 
-    def __init__(self, n: int = 2, can_cut: Callable[[Sequence[int], int], bool] | None = None
-                 ) -> None:
+    def __init__(self, n: int = 2, can_cut: Callable[[Sequence[int], int], bool] | None = None,
+                 *, recheck_growth: float | None = None) -> None:
         if n < 1:
             raise ValueError(f"agreement needs n >= 1 hypotheses, got {n}")
+        if recheck_growth is not None and recheck_growth <= 1:
+            raise ValueError(f"recheck_growth must be > 1, got {recheck_growth}")
         self.n = n
         self._can_cut = can_cut or (lambda tokens, k: True)
+        self.recheck_growth = recheck_growth
         self.committed: tuple[int, ...] = ()
         self._recent: list[tuple[int, ...]] = []
+        # Audio length (any unit) of the last unforced hypothesis that carried the
+        # committed prefix; None: not known (no re-checks).
+        self._confirmed_at: float | None = None
+        self.retractions = 0  # re-checks that cut the committed prefix back
+
+    def recheck_due(self, audio: float) -> bool:
+        """The next decode, on ``audio`` (the unit of ``unforced_at``), should run
+        unforced to re-check the committed prefix."""
+        return (self.recheck_growth is not None and bool(self.committed)
+                and self._confirmed_at is not None
+                and audio >= self._confirmed_at * self.recheck_growth)
 
     def update(
-        self, hypothesis: Sequence[int], *, trusted: bool = True
+        self, hypothesis: Sequence[int], *, trusted: bool = True,
+        unforced_at: float | None = None,
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Take the newest hypothesis.
 
@@ -79,14 +105,28 @@ class LocalAgreement:
             hypothesis: text tokens of the latest decode of the whole utterance so far.
             trusted: False for a hypothesis that may be degenerate (it hit its token
                 limit, so it is probably looping): its tail is returned but it takes no
-                part in agreement.
+                part in agreement (nor in a re-check).
+            unforced_at: the hypothesis was decoded without the committed prefix, on
+                this much audio: it re-checks the prefix (see ``recheck_growth``).
 
         Returns:
-            ``(stable, tail)``: the committed tokens (a prefix extension of every earlier
-            ``stable``) and the rest of this hypothesis after them.
+            ``(stable, tail)``: the committed tokens and the rest of this hypothesis after
+            them. ``stable`` extends every earlier one, except after a re-check that
+            disagreed: then it is cut back to what the re-check shares with it.
         """
         h = tuple(hypothesis)
         c = self.committed
+        if unforced_at is not None and trusted:
+            if h[: len(c)] != c:
+                k = common_prefix_length([c, h])
+                while k > 0 and not self._can_cut(h, k):
+                    k -= 1
+                self.committed = h[:k]
+                self.retractions += 1
+                self._recent = [h]
+                self._confirmed_at = unforced_at
+                return self.committed, h[k:]
+            self._confirmed_at = unforced_at
         if h[: len(c)] != c:
             self._recent = [h] if trusted else []
             return c, ()
@@ -106,6 +146,7 @@ class LocalAgreement:
         """Forget everything (a new utterance)."""
         self.committed = ()
         self._recent = []
+        self._confirmed_at = None
 
 
 def trim_repetition(

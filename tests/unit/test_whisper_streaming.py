@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asr.backend import Recognition
-from asr.engine import PoolSpec, WhisperBackend
+from asr.engine import PoolSpec, StablePartials, WhisperBackend
 from asr.scheduler import Job
 from asr.whisper.engine import WhisperEngine
 from asr.whisper.normalize import normalize_english
@@ -64,6 +64,44 @@ def test_untrusted_hypotheses_do_not_commit() -> None:
     la.update([1, 2, 3])
     assert la.update([1, 2, 3, 3, 3], trusted=False) == ((), (1, 2, 3, 3, 3))
     assert la.update([1, 2, 3, 4]) == ((1, 2, 3), (4,))
+
+
+def test_a_recheck_that_disagrees_cuts_the_stable_prefix_back() -> None:
+    la = LocalAgreement(2, recheck_growth=1.5)
+    assert not la.recheck_due(100)  # nothing stable
+    la.update([1, 2, 4], unforced_at=10)
+    assert la.update([1, 2, 4, 5], unforced_at=12) == ((1, 2, 4), (5,))
+    assert not la.recheck_due(17) and la.recheck_due(18)
+    # Forced decodes do not re-check: the schedule stays.
+    assert la.update([1, 2, 4, 5, 6]) == ((1, 2, 4, 5), (6,))
+    assert la.recheck_due(18)
+    # An untrusted unforced decode (it hit its token limit) neither retracts nor confirms.
+    assert la.update([1, 3, 3, 3], trusted=False, unforced_at=18) == ((1, 2, 4, 5), ())
+    assert la.recheck_due(18)
+    # One that agrees confirms: the next re-check is due at 1.5x this audio.
+    # (the untrusted one restarted agreement: nothing new is stable yet).
+    assert la.update([1, 2, 4, 5, 6, 7], unforced_at=20) == ((1, 2, 4, 5), (6, 7))
+    assert not la.recheck_due(29) and la.recheck_due(30)
+    # One that disagrees: back to what they share, and its own tail is shown.
+    assert la.update([1, 2, 8, 9], unforced_at=30) == ((1, 2), (8, 9))
+    assert la.retractions == 1 and not la.recheck_due(44)
+    assert la.update([1, 2, 8, 9, 10]) == ((1, 2, 8, 9), (10,))  # agreement goes on
+    la.reset()
+    assert la.committed == () and not la.recheck_due(1000)
+    with pytest.raises(ValueError):
+        LocalAgreement(2, recheck_growth=1.0)
+
+
+def test_a_retraction_ends_on_a_word_boundary() -> None:
+    la = LocalAgreement(2, can_cut=lambda toks, k: k < len(toks) and toks[k] % 2 == 0,
+                        recheck_growth=2)
+    la.update([1, 3, 2, 5, 7], unforced_at=1)
+    la.update([1, 3, 2, 5, 7, 9], unforced_at=1)
+    assert la.committed == (1, 3)  # the cut before 2 (even)
+    la.update([1, 3, 2, 5, 7, 4], unforced_at=1)
+    assert la.committed == (1, 3, 2, 5, 7)
+    # Shares (1, 3, 2, 5) with it, but a cut before 11 is not allowed: back to (1, 3).
+    assert la.update([1, 3, 2, 5, 11, 6], unforced_at=2) == ((1, 3), (2, 5, 11, 6))
 
 
 def test_cut_back_to_allowed_boundaries() -> None:
@@ -153,10 +191,11 @@ def _stream(backend: WhisperBackend, audio: np.ndarray, step: int,
         The texts shown ("" = no partial sent) and the stable prefix after each.
     """
     policy = backend.partial_policy("p")
+    assert isinstance(policy, StablePartials)
     shown, prefixes = [], []
     for end in range(step, audio.size + 1, step):
         job = Job("partial", "p", audio[:end], key=None,
-                  options={"lang": lang, "prefix": policy.prefix})
+                  options={"lang": lang, "prefix": policy.prefix_for(end)})
         [res] = backend.run_batch("p", [job])
         assert isinstance(res, Recognition)
         shown.append(policy.update(res))
@@ -177,6 +216,34 @@ def test_stable_partials_grow_and_never_retract(fake: fw.ScriptedWhisper) -> Non
     final = backend.run_batch("p", [Job("final", "p", _tone(2.6), key=None,
                                         options={"lang": "en"})])[0]
     assert isinstance(final, Recognition) and final.text == SENTENCE
+
+
+MISHEARD, HEARD = "How do you marry the more", "Had he married a more amiable woman"
+
+
+def _misheard_early(n_frames: int) -> fw.Utt:
+    """tiny.en on the start of a LibriVox clip: wrong on under 2 s, right after; the
+    text revealed in proportion to the audio (3 s for all of it)."""
+    text = MISHEARD if n_frames < 200 else HEARD
+    return fw.Utt(fw.say(text[:n_frames * len(HEARD) // 300], p=0.95))
+
+
+@pytest.mark.parametrize("recheck", [True, False])
+def test_an_early_mishearing_is_retracted_by_a_recheck(tmp_path: Path, recheck: bool
+                                                       ) -> None:
+    model, _ = fw.make(tmp_path)
+    model.by_frames = _misheard_early
+    backend = _backend(model, languages=("*",))
+    if not recheck:
+        backend.partial_policy = lambda pool: StablePartials(  # type: ignore[method-assign]
+            backend.engine("fake", "int8").tok, recheck_growth=None)
+    shown, _ = _stream(backend, _tone(4.0), 4000)
+    assert shown[6] == "How do you marry the"  # two decodes agreed on "How do you marry"
+    if recheck:
+        # Re-checked unforced as the audio grew 1.5x; the one at 2 s disagrees.
+        assert all(s.startswith("Had he married a more") for s in shown[7:]), shown
+    else:
+        assert shown[-1].startswith("How do you marry"), shown  # forced to the end
 
 
 def test_stable_prefix_is_forced_not_redecoded(fake: fw.ScriptedWhisper) -> None:
