@@ -22,7 +22,7 @@ from .records import record_key
 from .writer import Writer
 
 if TYPE_CHECKING:
-    from .session import GatewayContext
+    from .context import GatewayContext
 
 log = logging.getLogger("voxgate.gateway.session")
 

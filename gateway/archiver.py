@@ -29,7 +29,7 @@ from .protocol import ErrorCode, EventWriter
 from .records import ArchiveSink
 
 if TYPE_CHECKING:
-    from .session import GatewayContext
+    from .context import GatewayContext
     from .tracing import SessionTrace
 
 log = logging.getLogger("voxgate.gateway.session")

@@ -35,8 +35,8 @@ from .core import (
 from .logs import fields
 
 if TYPE_CHECKING:
+    from .context import GatewayContext
     from .protocol import Start
-    from .session import GatewayContext
     from .tracing import SessionTrace
 
 log = logging.getLogger("voxgate.gateway.session")

@@ -10,10 +10,12 @@ endpointing, early start, language ID and its hold, routing, what the client is 
 ``gateway/lifecycle.py`` decides the rest (before ``start``, admission, the ``ack``, the
 archive's errors, the last events). Both are sans-IO and tested synchronously. The I/O is
 split by concern: ``admission.py`` (await start, authenticate, admit or refuse),
-``writer.py`` (the client socket and the only task writing to it), ``archiver.py`` (the
-recording). This module wires them: it reads client messages and the clock, calls the
-core, and performs the actions it returns without waiting, so one client message is one
-core call and one hand-off for its frames. Ingest never waits on recognition: a slow
+``writer.py`` (the client socket and the only task writing to it), ``linkdriver.py``
+(the link commands over the ``AsrChannel``, its events back), ``archiver.py`` (the
+recording), ``context.py`` (what sessions share). This module wires them: it reads
+client messages and the clock, calls the core, and performs the actions it returns
+without waiting, so one client message is one core call and one hand-off for its
+frames. Ingest never waits on recognition: a slow
 ASR delays events, never the intake of audio (past a high-water mark the client is told
 to PAUSE, and TCP back-pressure does the rest). Time is Trio's clock, so the shell runs
 on a MockClock.
@@ -25,9 +27,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import trio
@@ -42,8 +42,8 @@ from stages.reframe import PcmFrame, SeqBuffer
 from . import admission, lifecycle
 from . import core as session_core
 from .archiver import Archiver
-from .asrlink import AsrPools, AsrUnavailable
-from .config import GatewayConfig
+from .asrlink import AsrUnavailable
+from .context import GatewayContext as GatewayContext  # re-exported (server, tests)
 from .core import (
     AcceptAudio,
     AskLid,
@@ -56,16 +56,10 @@ from .core import (
 )
 from .linkdriver import LinkDriver
 from .logs import fields
-from .metrics import GatewayMetrics
 from .protocol import ErrorCode, EventWriter, OversizedMessage, ProtocolViolation, Start, dumps
-from .records import ArchiveRetrier, RecordStore, default_fallback_dir
 from .tracing import SessionTrace
-from .vadservice import VadFailed, VadService
+from .vadservice import VadFailed
 from .writer import ClientSocket, Writer, intake_waiting
-
-if TYPE_CHECKING:
-    from .auth import Authenticator
-    from .signing import UrlSigner
 
 log = logging.getLogger("voxgate.gateway.session")
 
@@ -76,41 +70,6 @@ LOW_WATER_S = session_core.LOW_WATER_S
 MAX_IDLE_DEFERRALS = session_core.MAX_IDLE_DEFERRALS
 LID_HOLD_S = session_core.LID_HOLD_S  # read when a session starts (tests may patch it)
 _lid_answer = lid_answer  # the name tests import
-
-
-@dataclass
-class GatewayContext:
-    """Process-wide parts every session uses."""
-
-    cfg: GatewayConfig
-    vad: VadService
-    pools: AsrPools
-    metrics: GatewayMetrics
-    store: RecordStore | None
-    public_base: str
-    shutting_down: trio.Event = field(default_factory=trio.Event)
-    drained: trio.Event = field(default_factory=trio.Event)  # shutting down, no sessions
-    sessions: set[Session] = field(default_factory=set)
-    fallback_dir: Path = field(default_factory=default_fallback_dir)
-    # flowId -> a session whose client disconnected, waiting RESUME_WINDOW_S for it
-    parked: dict[str, Session] = field(default_factory=dict)
-    archive_retrier: ArchiveRetrier | None = None
-    # Verifies start.auth.token (None: no authentication; then no tenant either).
-    auth: Authenticator | None = None
-    # Signs record_url (None: plain URLs, for a store no one else can reach).
-    signer: UrlSigner | None = None
-    # flowId -> its admitted session (parked ones included): a flowId is live once.
-    # With --workers, a registry over the instance that can also count a tenant's
-    # sessions everywhere (``tenant_sessions``).
-    flows: dict[str, Session] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.auth is None and (self.cfg.auth_jwt_secret or self.cfg.auth_jwt_keys_file):
-            # A gateway configured for authentication never runs without it, whoever
-            # built this context.
-            from .auth import Authenticator
-
-            self.auth = Authenticator.from_config(self.cfg)
 
 
 class _Closed(Exception):
