@@ -24,10 +24,12 @@ The first partial after each utterance's speech onset (from the client's first s
 sample), the final after its end, and the scheduler's counters go into every failure
 message but are not asserted: timing on a shared CI machine is noisy.
 
-Two of these fail today on the busy 2-core dev machine and are marked xfail (not
-strict: they depend on timing) until the ASR side is fixed; the reasons name the
-defects. Measured in 3 runs (load average 4-5): first partial 340-1200 ms after onset
-(median about 560 ms), final 735-1730 ms after the end of speech.
+Two of these found defects, now fixed: a partial whose utterance was cut while it
+decoded was dropped although its final was not out yet (``asr/server.py``), and an early
+misheard stable prefix ("How do you marry the more" for "Had he married a more") was
+forced onto every later partial until the final (``StablePartials`` now re-checks it
+unforced as the audio grows). Measured in 3 runs (load average 4-5): first partial
+340-1200 ms after onset (median about 560 ms), final 735-1730 ms after the end of speech.
 """
 
 from __future__ import annotations
@@ -223,10 +225,6 @@ def test_session_ends_cleanly_cut_into_utterances(run: Run) -> None:
     assert all(f["lang"] == "en" for f in r.of("asr_final")), run.report
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "asr/server.py drops a partial whose utterance was cut (Finalize) while it ran, "
-    "though its final is not out yet: on a busy 2-core machine the 1.3 s utterance "
-    "after the first long one gets its partial decoded but never sent"))
 def test_every_utterance_gets_a_partial_before_its_final(run: Run) -> None:
     missing = [f"utterance {u['final']['utterance']} ({u['final']['start_ms']}-"
                f"{u['final']['end_ms']} ms, {u['final']['text']!r})"
@@ -259,11 +257,6 @@ def test_no_partial_is_only_punctuation_or_a_silence_phrase(run: Run) -> None:
     assert not problems, "\n".join(problems) + run.report
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "StablePartials (asr/engine.py) commits what two early partials agree on and forces "
-    "it as the prefix of every later one: 'How do you marry the more' (tiny.en on "
-    "1.5-2 s of audio) stays through a 6 s utterance whose final, and tiny.en itself "
-    "on 3 s or more without the prefix, say 'Had he married a more'"))
 def test_last_partial_says_what_its_final_supports(run: Run) -> None:
     problems = []
     for u in run.utterances:
