@@ -60,7 +60,7 @@ RULES: list[tuple[str, str]] = [
                        r"|epoll_wait|__libc_recv|__libc_send|recvfrom|sendto|__send|__recv"),
     ("trio_scheduler", r"trio/_core/|trio/_timeouts\.py|outcome/"),
     ("session_core", r"gateway/core\.py"),
-    ("session_py", r"gateway/session\.py"),
+    ("session_py", r"gateway/(session|admission|writer|archiver|linkdriver|context)\.py"),
     ("ws_server", r"gateway/server\.py"),
     ("gateway_other", r"gateway/(?!cli\.py|main\.py)"),
     ("stages_other", r"stages/"),
@@ -74,7 +74,9 @@ _LOOP = {"trio_scheduler", "trio_channels_sync", "trio_socket_io", "gc"}
 _IDLE = re.compile(r"PyThread_acquire_lock_timed|pthread_cond_(timed)?wait|sem_(timed)?wait"
                    r"|futex_wait|__futex")
 _LINE = re.compile(r"^(.*) (\d+)$")
-_SESSION_FN = re.compile(r"^(\S+) \(.*gateway/session\.py(?::\d+)?\)$")
+_SESSION_FN = re.compile(
+    r"^(\S+) \(.*gateway/(?:session|admission|writer|archiver|linkdriver|context)\.py"
+    r"(?::\d+)?\)$")
 
 
 def classify(frame: str) -> str | None:
