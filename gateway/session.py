@@ -112,10 +112,9 @@ class Session:
         self._stop_reason: str | None = None  # why ingest was stopped from elsewhere
         self.reason = "flush"
         self._close_code = 1000
-        # VAD decisions, as ("vad", windows) or ("vad", VadFailed), one item a tick.
-        self._vad_in, self._vad_out = trio.open_memory_channel[Any](4096)
         self.archiver: Archiver | None = None  # when recordings are stored
-        self._vad_client = ctx.vad.register(self._vad_in, tag="vad")
+        # VAD decisions come by a call on the VAD tick (no channel hop, no task switch).
+        self._vad_client = ctx.vad.register(on_windows=self._on_vad)
         self._drained = trio.Event()  # the core told ASR to end
         self._finished = trio.Event()  # run() is over (an adopting handler waits on it)
         self.resumes = 0
@@ -239,7 +238,6 @@ class Session:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.writer.run)
             self.writer.emit(self._ack_event())
-            nursery.start_soon(self._vad_task)
             if self.core.lid is not None:
                 nursery.start_soon(self._lid_task)
             assert self.asr_link is not None
@@ -416,49 +414,69 @@ class Session:
                         await self._resume.wait()
                 core.touch(trio.current_time())
             message: str | bytes | OversizedMessage | ProtocolViolation | None = None
-            with trio.move_on_at(core.ingest_deadline()):
-                try:
-                    message = await self.ws.get_message()
-                except ConnectionClosed:
-                    if self._resumable() and await self._park():
-                        continue
-                    return "disconnect"
-            now = trio.current_time()
-            if message is None or now >= core.deadline:
-                # The timer is Trio's clock, and a starved event loop lets it run out
-                # while the client's frames sit unread: that client is not idle (the
-                # core looks again a little later, a few times).
-                waiting = now < core.deadline and intake_waiting(self.ws)
-                reason = core.idle_tick(now, waiting)
-                if reason is not None:
-                    return reason
-                self._perform()
-                continue
-            if not isinstance(message, OversizedMessage | ProtocolViolation):
-                wait = core.pace(now)
-                if wait > 0:
-                    # Paced, not refused: nothing the client sent is dropped, and until
-                    # the wait is over the next message stays unread, so TCP slows the
-                    # client.
+            closed = False
+            # One cancel scope for a run of messages, its deadline moved after each (the
+            # core's idle and duration timers): a scope per message cost ~7 % of the
+            # gateway's CPU at 100 sessions.
+            with trio.CancelScope(deadline=core.ingest_deadline()) as scope:
+                while True:
+                    try:
+                        message = await self.ws.get_message()
+                    except ConnectionClosed:
+                        closed = True
+                        break
+                    now = trio.current_time()
+                    if now >= core.deadline:
+                        break
+                    if not isinstance(message, OversizedMessage | ProtocolViolation):
+                        wait = core.pace(now)
+                        if wait > 0:
+                            # Paced, not refused: nothing the client sent is dropped, and
+                            # until the wait is over the next message stays unread, so
+                            # TCP slows the client. The wait is not idleness.
+                            self._perform()
+                            scope.deadline = math.inf
+                            await trio.sleep(wait)
+                    reason = core.message(message, now)
                     self._perform()
-                    await trio.sleep(wait)
-            reason = core.message(message, now)
-            self._perform()
+                    if reason is not None:
+                        return reason
+                    message = None
+                    if core.paused:
+                        break
+                    scope.deadline = core.ingest_deadline()
+            if closed:
+                # The wait for a reconnect has its own bound (RESUME_WINDOW_S), not the
+                # idle timer's.
+                if self._resumable() and await self._park():
+                    continue
+                return "disconnect"
+            if core.paused and message is None and not scope.cancelled_caught:
+                continue
+            now = trio.current_time()
+            # The timer is Trio's clock, and a starved event loop lets it run out while
+            # the client's frames sit unread: that client is not idle (the core looks
+            # again a little later, a few times).
+            waiting = now < core.deadline and intake_waiting(self.ws)
+            reason = core.idle_tick(now, waiting)
             if reason is not None:
                 return reason
+            self._perform()
 
     # -- the tasks that feed the core -----------------------------------------------
 
-    async def _vad_task(self) -> None:
-        """VAD decisions (one item per VAD tick) into the core."""
+    def _on_vad(self, decided: Any) -> None:
+        """VAD decisions of one tick, given to the core on the VAD service's task (see
+        ``VadService.register``: this must not block; what it raises fails only this
+        session's VAD)."""
         core = self.core
-        assert core is not None
-        async for _tag, decided in self._vad_out:
-            if isinstance(decided, VadFailed):
-                core.vad_failure(trio.current_time())
-            else:
-                core.vad(decided, trio.current_time())
-            self._perform()
+        if core is None:  # not admitted: no audio was fed, nothing to decide
+            return
+        if isinstance(decided, VadFailed):
+            core.vad_failure(trio.current_time())
+        else:
+            core.vad(decided, trio.current_time())
+        self._perform()
 
     async def _timer_task(self) -> None:
         """The core's timers (the LID hold of a final)."""

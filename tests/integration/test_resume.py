@@ -111,6 +111,38 @@ async def test_reconnect_mid_utterance_resumes_the_same_session(
     gw.shutdown.set()
 
 
+async def test_the_wait_for_a_reconnect_is_not_cut_by_the_idle_timer(
+        nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path) -> None:
+    """A client away for longer than FLUSH_IDLE_S but within RESUME_WINDOW_S resumes
+    (the idle timer once bounded the wait for it)."""
+    _, port, _ = await start_asr(nursery, StandInEngine())
+    gw = await start_gateway(nursery, vad_model, tmp_path, f"http://127.0.0.1:{port}",
+                             resume_window_s=4.0, flush_idle_s=0.5)
+    start = json.dumps({"type": "start", "flowId": "away", "features": ["seq_header"]})
+    with trio.fail_after(30):
+        async with connect(gw.ws_url) as ws, trio.open_nursery() as n:
+            n.start_soon(_drain, ws, [])
+            await ws.send_message(start)
+            for i in range(100):
+                await ws.send_message(_frame(i))
+            await trio.sleep(0.3)
+            await ws._stream.aclose()
+        await trio.sleep(1.5)  # 3x the idle timer
+        events: list[dict[str, Any]] = []
+        async with connect(gw.ws_url) as ws:
+            await ws.send_message(start)
+            ack = json.loads(await ws.get_message())
+            for i in range(ack["session"].get("next_seq", 0), N_FRAMES):
+                await ws.send_message(_frame(i))
+            await ws.send_message(json.dumps({"type": "flush"}))
+            await _drain(ws, events, stop="end")
+    assert ack["type"] == "ack" and ack["session"].get("resumed") is True, ack
+    m = next(e for e in events if e["type"] == "metrics")
+    assert m["audio_ms"] == len(AUDIO) // 16
+    assert events[-1]["reason"] == "flush"
+    gw.shutdown.set()
+
+
 async def test_no_resume_after_the_window(
         nursery: trio.Nursery, vad_model: VadModel, tmp_path: Path) -> None:
     _, port, _ = await start_asr(nursery, StandInEngine())

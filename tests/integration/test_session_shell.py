@@ -77,6 +77,7 @@ class _Stream:
 class _Client:
     stream: _Stream
     results: Any
+    on_windows: Callable[[Any], None] | None = None
     done: int = 0
 
 
@@ -87,8 +88,9 @@ class FakeVad:
         self.speech = speech
         self.clients: list[_Client] = []
 
-    def register(self, results: Any, *, tag: str | None = None) -> _Client:
-        client = _Client(_Stream(), results)
+    def register(self, results: Any = None, *, tag: str | None = None,
+                 on_windows: Callable[[Any], None] | None = None) -> _Client:
+        client = _Client(_Stream(), results, on_windows)
         self.clients.append(client)
         return client
 
@@ -101,7 +103,10 @@ class FakeVad:
             while c.done + WINDOW_SAMPLES <= c.stream.fed:
                 c.done += WINDOW_SAMPLES
                 windows.append(VadWindow(c.done, 0.9 if self.speech(c.done) else 0.01))
-            if windows:
+            if windows and c.on_windows is not None:
+                # Like the VAD service's tick: later, from outside the feeding call.
+                trio.lowlevel.current_trio_token().run_sync_soon(c.on_windows, windows)
+            elif windows:
                 c.results.send_nowait(("vad", windows))
 
 
