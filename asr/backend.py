@@ -29,12 +29,18 @@ class Recognition:
 
 
 class PartialPolicy(Protocol):
-    """Turns successive partial hypotheses of one utterance into text that never
-    retracts what it called stable."""
+    """Turns successive partial hypotheses of one utterance into steady text: what it
+    calls stable is forced onto later decodes, and retracted only when an unforced
+    re-check on grown audio disagrees (``asr.engine.StablePartials``)."""
 
     @property
     def prefix(self) -> tuple[int, ...]:
         """Tokens now stable: the next partial decode may be forced to start with them."""
+        ...
+
+    def prefix_for(self, samples: int) -> tuple[int, ...]:
+        """The prefix to force on a decode of ``samples`` of audio: ``prefix``, or none
+        when this decode re-checks it."""
         ...
 
     def update(self, result: Recognition) -> str:

@@ -1079,11 +1079,9 @@ class LinkSession:
                 self._policy_utt = utt.index
             options = self._options()
             if self._policy is not None:
-                # A policy that re-checks its stable prefix says, per decode, whether
-                # to force it (asr.engine.StablePartials.prefix_for).
-                prefix_for = getattr(self._policy, "prefix_for", None)
-                options["prefix"] = (prefix_for(len(utt.audio)) if callable(prefix_for)
-                                     else self._policy.prefix)
+                # The policy says, per decode, whether to force its stable prefix or
+                # re-check it unforced (asr.engine.StablePartials.prefix_for).
+                options["prefix"] = self._policy.prefix_for(len(utt.audio))
             # A queued partial of this stream is replaced (made stale) by this fresher
             # one; one already running is never doubled.
             # Until the utterance shows a partial, its partials rank as first ones.
