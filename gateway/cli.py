@@ -15,6 +15,30 @@ from pathlib import Path
 MODEL_NAMES = ("base", "tiny.en")
 
 
+
+def _asr_knobs() -> str:
+    """Every [server] and [pools.<name>] key of the ASR config with its default (the
+    reasons for the defaults are in docs/operations.md section 4)."""
+    import dataclasses
+
+    from asr.engine import PoolSpec
+    from asr.server import AsrServerConfig
+
+    def keys(cls: type) -> str:
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out.append(f"{f.name}={f.default!r}")
+            elif f.default_factory is not dataclasses.MISSING:
+                out.append(f"{f.name}={f.default_factory()!r}")
+            else:
+                out.append(f.name)
+        return ", ".join(out)
+
+    return (f"[server] keys (defaults): {keys(AsrServerConfig)}. [pools.<name>] keys "
+            f"(defaults): {keys(PoolSpec)}. docs/operations.md section 4 gives each "
+            "one's meaning and the measurement behind its default.")
+
 def _models(args: argparse.Namespace) -> int:
     from asr.whisper import cache
 
@@ -107,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wdef = WorkerConfig()
     asr = sub.add_parser(
-        "asr", help="run the ASR service (HTTP/2, link v1)",
-        description="Run the ASR service: POST /v1/recognize (link v1), POST /v1/lid, "
+        "asr", help="run the ASR service (HTTP/2, link v1-v3)",
+        epilog=_asr_knobs(),
+        description="Run the ASR service: POST /v1/recognize (link v1-v3), POST /v1/lid, "
         "/healthz, /readyz, /metrics. SIGINT/SIGTERM drain in-flight streams. The TOML "
         "file holds [server] settings (AsrServerConfig fields), [workers] settings (the "
         "worker options below, plus job_timeout_per_audio_s, start_timeout_s, "
