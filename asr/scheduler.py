@@ -32,6 +32,15 @@ the pool's partial model (tiny.en for English: 3-4x cheaper than base), counted 
 Only past that does the queue fill and a job get ``SchedulerBusy``: past ``max_queued``
 jobs a partial is refused; a final or LID job takes the place of the lowest queued
 partial instead, and is refused only when none is left.
+
+Speculative finals. When a stream's audio pauses, the server may ask for its utterance's
+final before the gateway's endpoint ends it (``Job.speculative``): if the endpoint comes
+with no new audio, that job *is* the final (same audio, same options), already done or
+under way, so the final follows the endpoint by the link's latency instead of a decode.
+A speculative final ranks below first partials and above later partials, never rides in
+a due final's batch, never degrades and counts no deadline miss; it is refused or made
+room from like a partial. ``promote`` makes it a plain final when its utterance is cut;
+``withdraw`` drops it when the audio grew (speech went on), at no cost if still queued.
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ class Job:
     deadline: float = math.inf  # scheduler clock, s
     first: bool = False  # the first partial of its utterance
     degraded: bool = False  # a final run on its pool's faster model (the core sets it)
+    speculative: bool = False  # a final asked for before its utterance was cut
     result: Any = None
     error: BaseException | None = None
     stale: bool = False
@@ -103,6 +113,7 @@ class SchedulerStats:
     deadline_misses: dict[str, int] = field(default_factory=dict)  # kind -> jobs late
     starved_promotions: int = 0  # partials promoted because their max gap ran out
     degraded_finals: dict[str, int] = field(default_factory=dict)  # pool -> finals
+    speculative_withdrawn: int = 0  # speculative finals dropped before running
 
     @property
     def rtf(self) -> float:
@@ -166,6 +177,7 @@ class SchedulerCore:
         self._busy = 0
         self._promoted = 0
         self._promoted_last = False  # the last batch carried starving partials
+        self._withdrawn = 0
         self._misses = dict.fromkeys(KINDS, 0)
         self._audio_s = 0.0
         self._compute_s = 0.0
@@ -219,13 +231,13 @@ class SchedulerCore:
             else:
                 job.deadline = since + p.first_partial_deadline_ms / 1000
         else:
-            if job.kind == "final":
+            if job.kind == "final" and not job.speculative:
                 finished += self.retire(job.key, job.utterance)
             budget = p.final_deadline_ms if job.kind == "final" else p.lid_deadline_ms
             job.deadline = now + budget / 1000
         if len(self._queue) >= p.max_queued:
-            victims = [j for j in self._queue if j.kind == "partial"]
-            if job.kind == "partial" or not victims:
+            victims = [j for j in self._queue if j.kind == "partial" or j.speculative]
+            if job.kind == "partial" or job.speculative or not victims:
                 self._busy += 1
                 raise SchedulerBusy(f"{len(self._queue)} jobs queued")
             victim = max(victims, key=lambda j: self._order(j, now))
@@ -250,6 +262,33 @@ class SchedulerCore:
         for k in [k for k in self._since if k[0] == key]:
             del self._since[k]
         return self._drop_partials(key, lambda u: True)
+
+    def promote(self, job: Job, now: float) -> list[Job]:
+        """The utterance of the speculative final ``job`` was cut with no new audio: it
+        is that utterance's final now, with a final's deadline from ``now`` (when still
+        queued). Its stream's queued partials of that utterance and earlier are stale.
+
+        Returns: the partials dropped (done, ``stale``).
+        """
+        if not job.speculative:
+            return []
+        job.speculative = False
+        if self.is_queued(job):
+            job.deadline = now + self.policy.final_deadline_ms / 1000
+        return self.retire(job.key, job.utterance)
+
+    def withdraw(self, job: Job) -> list[Job]:
+        """The speculative final ``job`` no longer matches its utterance (more audio
+        came): drop it if it has not started (done, ``stale``); a running one finishes
+        and its waiter ignores the result."""
+        if not job.speculative or not self.is_queued(job):
+            return []
+        self._queue.remove(job)
+        del self._seq[job]
+        self._withdrawn += 1
+        job.stale = True
+        job.done = True
+        return [job]
 
     def cancel(self, job: Job) -> None:
         """The waiter of ``job`` went away: forget it if it has not started."""
@@ -292,12 +331,12 @@ class SchedulerCore:
         if job.kind == "lid":
             return 0
         starving = self._starving(job, now)
-        due_final = job.kind == "final" and now >= job.deadline
+        due_final = job.kind == "final" and not job.speculative and now >= job.deadline
         if starving or due_final:
             return 1 if starving != self._promoted_last else 2
         if job.kind == "final":
-            return 3
-        return 4 if job.first else 5
+            return 5 if job.speculative else 3
+        return 4 if job.first else 6
 
     def _order(self, job: Job, now: float) -> tuple[int, float, int]:
         return (self._rank(job, now), job.deadline, self._seq[job])
@@ -330,8 +369,8 @@ class SchedulerCore:
             if j.pool != head.pool:
                 continue
             rank = self._rank(j, now)
-            if rank == 5 and head_rank < 4:
-                continue
+            if rank >= 5 and head_rank < 4:
+                continue  # a later partial or a speculative final adds to a final's wait
             job_cost = self._job_cost_s.get((j.pool, j.kind), 0.0)
             if batch and cost_s + job_cost > budget_s + 1e-9:
                 continue
@@ -340,10 +379,10 @@ class SchedulerCore:
                 self._promoted += 1
             batch.append(j)
         self._promoted_last = any(self._starving(j, now) for j in batch)
-        if head.pool in self.degradable and any(j.kind == "final" for j in batch) \
-                and self._finals_late(now):
+        if head.pool in self.degradable and self._finals_late(now) and any(
+                j.kind == "final" and not j.speculative for j in batch):
             for j in batch:
-                if j.kind == "final" and not j.degraded:
+                if j.kind == "final" and not j.degraded and not j.speculative:
                     j.degraded = True
                     j.options["degraded"] = True  # what the engine reads
                     self._degraded[j.pool] = self._degraded.get(j.pool, 0) + 1
@@ -357,7 +396,7 @@ class SchedulerCore:
         """When each queued final would start, earliest deadline first, if finals ran
         back to back on every slot at their pool's measured full-model cost (work
         already running and other kinds left out: a lower bound)."""
-        finals = sorted((j for j in self._queue if j.kind == "final"),
+        finals = sorted((j for j in self._queue if j.kind == "final" and not j.speculative),
                         key=lambda j: (j.deadline, self._seq[j]))
         out, ahead_s = [], 0.0
         for j in finals:
@@ -397,7 +436,7 @@ class SchedulerCore:
             else:
                 j.result = r
             j.done = True
-            if now > j.deadline:
+            if now > j.deadline and not j.speculative:
                 self._misses[j.kind] += 1
             if j.kind == "partial" and j.error is None and (j.key, j.utterance) in self._since:
                 self._since[(j.key, j.utterance)] = (now, True)
@@ -421,7 +460,8 @@ class SchedulerCore:
                               self._dropped, self._busy, self._audio_s, self._compute_s,
                               jobs_failed=self._failed, deadline_misses=dict(self._misses),
                               starved_promotions=self._promoted,
-                              degraded_finals=dict(self._degraded))
+                              degraded_finals=dict(self._degraded),
+                              speculative_withdrawn=self._withdrawn)
 
 
 class Scheduler:
@@ -485,6 +525,15 @@ class Scheduler:
         """See ``SchedulerCore.forget``."""
         self._wake(self.core.forget(key))
 
+    def promote(self, job: Job) -> None:
+        """See ``SchedulerCore.promote``."""
+        self._wake(self.core.promote(job, trio.current_time()))
+        self._wakeup.set()
+
+    def withdraw(self, job: Job) -> None:
+        """See ``SchedulerCore.withdraw``."""
+        self._wake(self.core.withdraw(job))
+
     async def submit(self, job: Job) -> Any:
         """Queue ``job`` and wait for its result (None with ``job.stale`` when dropped).
 
@@ -546,7 +595,7 @@ class Scheduler:
                 j.finished = now
             self.core.complete(batch, results, now, time.perf_counter() - t0)
             for j in batch:
-                if j.kind == "final":
+                if j.kind == "final" and not j.speculative:
                     self.latencies_ms.append((now - j.submitted) * 1000)
             del self.latencies_ms[:-1000]
         finally:

@@ -101,6 +101,13 @@ class AsrServerConfig:
     # within about 100 ms of CPU, and finals at endpoint + 300 ms.
     first_partial_deadline_ms: int = 100
     final_deadline_ms: int = 300
+    # After this long with no new audio on an open utterance (the gateway sends an
+    # utterance's audio only up to its last speech + 200 ms, so a gap is a pause), its
+    # final is decoded speculatively. If the Finalize comes with no audio in between,
+    # that decode is the final (same audio, same options): the final follows the
+    # endpoint by the link's latency, not by a decode. Speech that goes on withdraws it
+    # (free while queued). 0 turns it off. docs/operations.md section 4 has the numbers.
+    speculative_final_ms: int = 100
     lid_deadline_ms: int = 500  # LID holds routing; the gateway waits up to ~1 s for it
     # Past capacity, finals of a pool with a faster partial model (tiny.en for the
     # English pool) run on it when a queued final is predicted to start more than
@@ -164,6 +171,8 @@ class AsrServerConfig:
             raise ValueError("max_streams must be >= 1 and partial_interval_ms >= 20")
         if self.first_partial_interval_ms < 20 or self.min_partial_ms < 0:
             raise ValueError("first_partial_interval_ms must be >= 20 and min_partial_ms >= 0")
+        if self.speculative_final_ms < 0:
+            raise ValueError("speculative_final_ms must be >= 0 (0: off)")
         if self.behind_threshold_s <= 0 or self.lid_max_inflight < 1:
             raise ValueError("behind_threshold_s and lid_max_inflight must be positive")
         for name in ("lid_max_audio_s", "lid_read_timeout_s", "start_timeout_s",
@@ -308,6 +317,10 @@ class Metrics:
         self.discarded = Counter("asr_discarded_utterances", "utterances withdrawn by a "
                                  "link v3 Discard (a false early start): no final decoded",
                                  registry=r)
+        self.speculative = Counter(
+            "asr_speculative_finals", "finals decoded at a pause, before the endpoint, by "
+            "outcome: used (it was the final), withdrawn (speech went on before it ran), "
+            "wasted (it ran, then speech went on), failed", ["outcome"], registry=r)
         # Known label values start at 0, so rate() panels have a series before the
         # first occurrence (and an increase from 0 is not lost).
         for err in link.ErrorCode:
@@ -318,6 +331,8 @@ class Metrics:
             self.flow.labels(code)
         for reason in ("TOO_LARGE", "TIMEOUT"):
             self.lid_refused.labels(reason)
+        for outcome in SPEC_OUTCOMES:
+            self.speculative.labels(outcome)
         g = Gauge("asr_inflight_sessions", "streams in progress", registry=r)
         g.set_function(lambda: app.active)
         g = Gauge("asr_queue_depth", "jobs waiting for the engine", registry=r)
@@ -630,6 +645,23 @@ class _Cut:
     utt: Utterance | None
     end: bool
     at: float
+    spec: _Spec | None = None  # the speculative final that is this utterance's final
+
+
+SPEC_OUTCOMES = ("used", "withdrawn", "wasted", "failed")
+
+
+@dataclass(eq=False)
+class _Spec:
+    """A speculative final (``AsrServerConfig.speculative_final_ms``): the decode of
+    the open utterance's first ``samples`` with ``options``. ``done`` is set when its
+    job has returned (``result``, or None when it was withdrawn or failed)."""
+
+    job: Job
+    samples: int
+    options: dict[str, Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Recognition | None = None
 
 
 class LinkSession:
@@ -672,6 +704,9 @@ class LinkSession:
         self._policy: PartialPolicy | None = None
         self._policy_utt = -1
         self._partial_job: Job | None = None  # this stream's partial, queued or running
+        self._spec: _Spec | None = None  # the open utterance's speculative final
+        self._last_audio = 0.0  # trio clock of the last audio packet
+        self._audio_came = trio.Event()
         self._due_while_running = False
         # Backpressure accounting, in samples (see AsrServerConfig.behind_threshold_s).
         self._queued_final_samples = 0
@@ -713,6 +748,7 @@ class LinkSession:
                 nursery.start_soon(self._reader, nursery.cancel_scope)
                 nursery.start_soon(self._sender)
                 nursery.start_soon(self._partials, nursery)
+                nursery.start_soon(self._speculator, nursery)
                 nursery.start_soon(self._watch_drain)
                 await self._worker()
                 # Everything is said. Let the request body end first, so the response
@@ -877,6 +913,10 @@ class LinkSession:
                 self._cut(end=False)
             elif isinstance(action, PartialDue):
                 self._partial_due.set()
+        if self._spec is not None:
+            self._drop_spec()  # the utterance grew: speech went on
+        self._last_audio = trio.current_time()
+        self._audio_came.set()
         self._check_flow()
 
     def _cut(self, *, end: bool) -> None:
@@ -889,12 +929,22 @@ class LinkSession:
             return
         self._ended = end
         utt = self.assembler.finish()
+        spec = self._spec
+        if spec is not None:
+            if utt is not None and spec.job.utterance == utt.index \
+                    and spec.samples == len(utt.audio) and not spec.job.stale \
+                    and spec.options == self._options():
+                self._spec = None
+                self.app.scheduler.promote(spec.job)  # it is this utterance's final
+            else:
+                self._drop_spec()
+                spec = None
         if utt is not None:
             self._queued_final_samples += len(utt.audio)
             self._covered_samples = 0
             self.app.scheduler.retire(self, utt.index)
         try:
-            self._cuts_in.send_nowait(_Cut(utt, end, time.perf_counter()))
+            self._cuts_in.send_nowait(_Cut(utt, end, time.perf_counter(), spec))
         except trio.WouldBlock:
             # The stream fails (fatal BUSY), so the worker ends it once it has said
             # everything already queued.
@@ -913,6 +963,8 @@ class LinkSession:
         if self._ended or (utterance is not None and utterance != self.assembler.index):
             return
         index = self.assembler.index
+        if self._spec is not None:
+            self._drop_spec()
         if not self.assembler.discard():
             return
         self._covered_samples = 0
@@ -983,7 +1035,7 @@ class LinkSession:
             cut = await self._cuts_out.receive()
             if cut.utt is not None:
                 try:
-                    await self._final(cut.utt, cut.at)
+                    await self._final(cut.utt, cut.at, cut.spec)
                 finally:
                     self._queued_final_samples -= len(cut.utt.audio)
                     self._close(cut.utt.index)
@@ -993,14 +1045,26 @@ class LinkSession:
                 self._emit(link.AsrEvent("end", self.flow_id, utterance=self.assembler.index))
                 return
 
-    async def _final(self, utt: Utterance, started: float) -> None:
+    async def _final(self, utt: Utterance, started: float, spec: _Spec | None = None
+                     ) -> None:
         if self.start is None:
             return
-        job = Job("final", self.pool, utt.audio, key=self, options=self._options(),
-                  utterance=utt.index)
-        try:
+        result: Any = None
+        if spec is not None:  # the decode at the pause is this final, done or under way
             with trio.CancelScope(shield=self.app.draining.is_set()):
-                result = await self.app.scheduler.submit(job)
+                await spec.done.wait()
+            result = spec.result
+            self.app.metrics.speculative.labels("used" if result is not None
+                                                else "failed").inc()
+        if spec is not None and result is not None:
+            job = spec.job
+        else:
+            job = Job("final", self.pool, utt.audio, key=self, options=self._options(),
+                      utterance=utt.index)
+        try:
+            if result is None:
+                with trio.CancelScope(shield=self.app.draining.is_set()):
+                    result = await self.app.scheduler.submit(job)
         except SchedulerBusy:
             self.app.metrics.busy.inc()
             self._emit_error(link.ErrorCode.BUSY, "the engine queue is full", False)
@@ -1029,6 +1093,66 @@ class LinkSession:
         self._close(utt.index)
         self._emit(link.AsrEvent("final", self.flow_id, utterance=utt.index, text=result.text,
                                  ts=(utt.start_ms, utt.end_ms), lang=result.lang))
+
+    # -- speculative finals: decode at a pause, before the endpoint ---------------------
+
+    async def _speculator(self, nursery: trio.Nursery) -> None:
+        gap_s = self.cfg.speculative_final_ms / 1000
+        if gap_s <= 0:
+            return
+        while True:
+            await self._audio_came.wait()
+            self._audio_came = trio.Event()
+            # One wake-up per gap at most while audio flows, none per packet.
+            while (deadline := self._last_audio + gap_s) > trio.current_time():
+                await trio.sleep_until(deadline)
+            self._speculate(nursery)
+
+    def _speculate(self, nursery: trio.Nursery) -> None:
+        """The audio paused: decode the open utterance's final now, unless it is too
+        short for a partial, or a decode of exactly this audio is already asked for."""
+        a = self.assembler
+        if self.start is None or self._ended or self._failed \
+                or a.samples * 1000 < self.cfg.min_partial_ms * SAMPLE_RATE:
+            return
+        spec = self._spec
+        if spec is not None and spec.job.utterance == a.index and spec.samples == a.samples:
+            return
+        if spec is not None:
+            self._drop_spec()
+        utt = a.snapshot()
+        if utt is None:
+            return
+        options = self._options()
+        job = Job("final", self.pool, utt.audio, key=self, options=dict(options),
+                  utterance=utt.index, speculative=True)
+        self._spec = _Spec(job, a.samples, options)
+        nursery.start_soon(self._run_spec, self._spec)
+
+    async def _run_spec(self, spec: _Spec) -> None:
+        try:
+            result = await self.app.scheduler.submit(spec.job)
+            if not spec.job.stale and isinstance(result, Recognition):
+                spec.result = result
+        except SchedulerBusy:
+            pass  # the final is asked for as usual when its utterance is cut
+        except Exception:
+            log.warning("speculative final failed", exc_info=True, extra=fields(
+                flowId=self.flow_id, stage="asr_final", err_code="INTERNAL",
+                model=self.model))
+        finally:
+            spec.done.set()
+
+    def _drop_spec(self) -> None:
+        """The open utterance's speculative final no longer matches it."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        queued = self.app.scheduler.is_queued(spec.job)
+        outcome = "withdrawn" if queued else \
+            "failed" if spec.done.is_set() and spec.result is None else "wasted"
+        self.app.metrics.speculative.labels(outcome).inc()
+        self.app.scheduler.withdraw(spec.job)
 
     def _close(self, index: int) -> None:
         """Utterance ``index`` has its final (or its final failed): no partial of it

@@ -660,3 +660,60 @@ async def test_a_partial_of_a_discarded_utterance_is_never_sent(nursery: trio.Nu
                                                                 ) -> None:
     events = await _cut_while_partial_runs(nursery, link.Discard())
     assert [e.type for e in events] == ["end"], events
+
+
+def _spec_metric(text: str, outcome: str) -> float:
+    line = f'asr_speculative_finals_total{{outcome="{outcome}"}} '
+    return float(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
+
+
+async def _pause_then(nursery: trio.Nursery, more: int, **cfg: Any
+                      ) -> tuple[_JobLog, list[link.AsrEvent], str]:
+    """1 s of audio, a 0.5 s pause, ``more`` frames, then Finalize and End."""
+    engine = _JobLog(job_delay_s=0.02)
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0, **cfg)
+    pcm = [GOFORWARD[i:i + 320].tobytes() for i in range(0, 320 * 100, 320)]
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="sp", codec="pcm"))
+        assert await ls.stream.response() == 200
+        await ls.send(*audio_frames(pcm[:50]))
+        await trio.sleep(0.5)  # a pause: nothing arrives
+        if more:
+            await ls.send(*audio_frames(pcm[50:50 + more], first_seq=50, first_pts_ms=1000))
+        await ls.send(link.Finalize(), link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+        metrics = (await _get(port, "/metrics")).text
+    shutdown.set()
+    return engine, events, metrics
+
+
+async def test_a_pause_decodes_the_final_early_and_the_finalize_takes_it(
+        nursery: trio.Nursery) -> None:
+    engine, events, metrics = await _pause_then(nursery, 0)
+    finals = [e for e in events if e.type == "final"]
+    assert [(f.utterance, f.ts) for f in finals] == [(0, (0, 1000))]
+    assert finals[0].text.startswith("1.00s")
+    # One decode of the final's audio, during the pause; none after the Finalize.
+    assert [n for k, n in engine.jobs if k == "final"] == [50 * 320]
+    assert _spec_metric(metrics, "used") == 1
+    assert _spec_metric(metrics, "wasted") == 0
+
+
+async def test_speech_after_the_pause_makes_the_final_cover_all_of_it(
+        nursery: trio.Nursery) -> None:
+    engine, events, metrics = await _pause_then(nursery, 25)
+    finals = [e for e in events if e.type == "final"]
+    assert [(f.utterance, f.ts) for f in finals] == [(0, (0, 1500))]
+    assert finals[0].text.startswith("1.50s")
+    # The decode at the pause ran and went unused; the final decoded all 1.5 s.
+    assert [n for k, n in engine.jobs if k == "final"] == [50 * 320, 75 * 320]
+    assert _spec_metric(metrics, "used") == 0
+    assert _spec_metric(metrics, "wasted") == 1
+
+
+async def test_speculative_finals_off(nursery: trio.Nursery) -> None:
+    engine, events, metrics = await _pause_then(nursery, 0, speculative_final_ms=0)
+    assert [e.text[:5] for e in events if e.type == "final"] == ["1.00s"]
+    assert [n for k, n in engine.jobs if k == "final"] == [50 * 320]
+    assert _spec_metric(metrics, "used") == 0

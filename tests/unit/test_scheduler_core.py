@@ -366,3 +366,90 @@ def test_assembler_asks_often_until_a_partial_is_shown_and_discard_uses_the_inde
     assert a.discard() and a.index == 1 and a.samples == 0 and not a.shown
     assert not a.discard() and a.index == 1
     assert feed(620) == [500, 600]  # a fresh utterance asks often again
+
+
+def spec(key: object = "s", utt: int = 0) -> Job:
+    return Job("final", "p", AUDIO, key=key, utterance=utt, speculative=True)
+
+
+def test_a_speculative_final_ranks_below_first_partials_and_above_later_ones() -> None:
+    c = core(max_batch=1)
+    c.submit(job("partial", "a"), 0.0)
+    run(c, 0.0)  # a's next partial is a later one
+    later, first, early = job("partial", "a"), job("partial", "b"), spec("c")
+    final = job("final", "d")
+    for t, j in enumerate([later, early, first, final]):
+        c.submit(j, 0.2 + t * 0.01)
+    order = [run(c, 0.25)[0] for _ in range(4)]
+    assert order == [final, first, early, later]
+
+
+def test_a_speculative_final_keeps_its_streams_partials_and_never_rides_with_a_due_final(
+) -> None:
+    c = core()
+    p = job("partial", "a")
+    c.submit(p, 0.0)
+    early = spec("a")
+    c.submit(early, 0.01)
+    assert c.is_queued(p) and not p.stale  # the utterance goes on: its partial stays
+    f = job("final", "b")
+    c.submit(f, 0.02)
+    batch = run(c, 0.5)  # f is due; the speculative one would add to its wait
+    assert batch[0] is f and early not in batch and c.is_queued(early)
+
+
+def test_promote_makes_a_queued_speculative_final_a_due_final_and_retires_partials() -> None:
+    c = core(final_deadline_ms=300)
+    early = spec("a", utt=2)
+    c.submit(early, 0.0)
+    p = job("partial", "a", utt=2)
+    c.submit(p, 0.5)
+    dropped = c.promote(early, 1.0)
+    assert dropped == [p] and p.stale
+    assert not early.speculative and early.deadline == pytest.approx(1.3)
+    c.submit(job("partial", "b"), 1.0)
+    assert run(c, 1.0)[0] is early  # a final now, ahead of a first partial
+    assert c.promote(early, 2.0) == []  # only once
+
+
+def test_withdraw_drops_a_queued_speculative_final_at_no_cost() -> None:
+    c = core()
+    early = spec("a")
+    c.submit(early, 0.0)
+    assert c.withdraw(early) == [early]
+    assert early.stale and early.done and not c.is_queued(early)
+    assert c.next_batch(0.1) is None
+    assert c.statistics().speculative_withdrawn == 1
+    assert c.statistics().partials_dropped == 0
+    running = spec("b")
+    c.submit(running, 0.0)
+    taken = c.next_batch(0.0)
+    assert taken is not None and taken[1] == [running]
+    assert c.withdraw(running) == []  # it runs; its waiter ignores the result
+    c.complete([running], ["r"], 0.2, 0.2)
+    assert running.result == "r"
+
+
+def test_speculative_finals_never_degrade_miss_a_deadline_or_crowd_out_finals() -> None:
+    c = SchedulerCore(SchedulerPolicy(max_queued=2, degrade_final_late_ms=0,
+                                      final_deadline_ms=100), degradable=frozenset({"p"}))
+    c.submit(job("final", "x"), 0.0)
+    run(c, 0.0, cost_s=1.0)  # a final costs 1 s: every queued final is late
+    early = spec("a")
+    c.submit(early, 1.0)
+    c.submit(job("final", "b"), 1.0)
+    with pytest.raises(SchedulerBusy):
+        c.submit(spec("c"), 1.0)  # refused as a partial is
+    f = job("final", "d")
+    c.submit(f, 1.0)  # a final takes the speculative one's place
+    assert early.stale and not c.is_queued(early)
+    e2 = spec("e")
+    c2 = SchedulerCore(SchedulerPolicy(degrade_final_late_ms=0, final_deadline_ms=100),
+                       degradable=frozenset({"p"}))
+    c2.submit(job("final", "x"), 0.0)
+    run(c2, 0.0, cost_s=1.0)
+    c2.submit(e2, 1.0)
+    misses = c2.statistics().deadline_misses["final"]
+    batch = run(c2, 5.0, cost_s=1.0)
+    assert batch == [e2] and not e2.degraded
+    assert c2.statistics().deadline_misses["final"] == misses
