@@ -115,6 +115,11 @@ class AsrServerConfig:
     # section 4 has the measurement behind the default).
     degrade_finals: bool = True
     degrade_final_late_ms: int = 500
+    # With more than one inference worker, later partials (not past their max gap)
+    # never take the last free worker: a first partial, a final or a speculative final
+    # that arrives starts at once instead of waiting out a partial batch
+    # (docs/operations.md section 4 has the measurement).
+    reserve_urgent_slot: bool = True
     # Jobs in one engine call; 8 amortizes the encoder without making one batch long.
     scheduler_max_batch: int = 8
     # Jobs waiting, then BUSY: 64 is 2 jobs per admitted stream at max_streams = 32.
@@ -204,7 +209,8 @@ class AsrServerConfig:
             first_partial_deadline_ms=self.first_partial_deadline_ms,
             final_deadline_ms=self.final_deadline_ms, lid_deadline_ms=self.lid_deadline_ms,
             degrade_finals=self.degrade_finals,
-            degrade_final_late_ms=self.degrade_final_late_ms)
+            degrade_final_late_ms=self.degrade_final_late_ms,
+            reserve_urgent_slot=self.reserve_urgent_slot)
 
 
 def install_hypercorn_guard() -> None:

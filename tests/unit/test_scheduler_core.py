@@ -453,3 +453,34 @@ def test_speculative_finals_never_degrade_miss_a_deadline_or_crowd_out_finals() 
     batch = run(c2, 5.0, cost_s=1.0)
     assert batch == [e2] and not e2.degraded
     assert c2.statistics().deadline_misses["final"] == misses
+
+
+def test_later_partials_leave_the_last_free_slot_to_urgent_work() -> None:
+    c = SchedulerCore(SchedulerPolicy(max_batch=1), slots=2)
+    for key in ("a", "b", "c"):
+        c.submit(job("partial", key), 0.0)
+        run(c, 0.0)  # each stream's next partial is a later one
+    for key in ("a", "b"):
+        c.submit(job("partial", key), 0.2)
+    taken = c.next_batch(0.2)
+    assert taken is not None and taken[1][0].key == "a"  # one slot for later partials
+    assert c.next_batch(0.2) is None  # the other stays free
+    first = job("partial", "d")
+    c.submit(first, 0.25)
+    assert c.next_batch(0.25) == ("p", [first])  # urgent work takes it at once
+    c.complete(taken[1], ["r"], 0.3, 0.1)
+    again = c.next_batch(0.3)
+    assert again is not None and again[1][0].key == "b"
+    # A later partial past its max gap is promoted and may take any slot.
+    c.submit(job("partial", "c"), 0.3)
+    assert c.next_batch(0.4) is None
+    starving = c.next_batch(1.2)
+    assert starving is not None and starving[1][0].key == "c"
+    # Off, or with one slot, later partials take any free slot.
+    c1 = SchedulerCore(SchedulerPolicy(max_batch=1, reserve_urgent_slot=False), slots=2)
+    for key in ("a", "b"):
+        c1.submit(job("partial", key), 0.0)
+        run(c1, 0.0)
+    for key in ("a", "b"):
+        c1.submit(job("partial", key), 0.2)
+    assert c1.next_batch(0.2) is not None and c1.next_batch(0.2) is not None
