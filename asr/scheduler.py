@@ -121,6 +121,10 @@ class SchedulerStats:
     starved_promotions: int = 0  # partials promoted because their max gap ran out
     degraded_finals: dict[str, int] = field(default_factory=dict)  # pool -> finals
     speculative_withdrawn: int = 0  # speculative finals dropped before running
+    # Engine wall seconds and jobs run, by what ran: "lid", "final", "partial",
+    # "first_partial" or "speculative" (a final asked for at a pause, used or not).
+    compute_by_kind: dict[str, float] = field(default_factory=dict)
+    jobs_by_kind: dict[str, int] = field(default_factory=dict)
 
     @property
     def rtf(self) -> float:
@@ -188,6 +192,8 @@ class SchedulerCore:
         self._promoted_last = False  # the last batch carried starving partials
         self._withdrawn = 0
         self._later_heads: set[Job] = set()  # heads of running later-partial batches
+        self._compute_by: dict[str, float] = {}
+        self._jobs_by: dict[str, int] = {}
         self._misses = dict.fromkeys(KINDS, 0)
         self._audio_s = 0.0
         self._compute_s = 0.0
@@ -458,6 +464,12 @@ class SchedulerCore:
                 self._misses[j.kind] += 1
             if j.kind == "partial" and j.error is None and (j.key, j.utterance) in self._since:
                 self._since[(j.key, j.utterance)] = (now, True)
+        for j in batch:
+            what = "speculative" if j.speculative else \
+                "first_partial" if j.kind == "partial" and j.first else j.kind
+            self._jobs_by[what] = self._jobs_by.get(what, 0) + 1
+            self._compute_by[what] = self._compute_by.get(what, 0.0) + (
+                compute_s / len(batch))
         if batch and compute_s > 0:
             share = compute_s / len(batch)
             for j in batch:
@@ -481,7 +493,9 @@ class SchedulerCore:
                               jobs_failed=self._failed, deadline_misses=dict(self._misses),
                               starved_promotions=self._promoted,
                               degraded_finals=dict(self._degraded),
-                              speculative_withdrawn=self._withdrawn)
+                              speculative_withdrawn=self._withdrawn,
+                              compute_by_kind=dict(self._compute_by),
+                              jobs_by_kind=dict(self._jobs_by))
 
 
 class Scheduler:

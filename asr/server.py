@@ -390,6 +390,16 @@ class _StatsCollector(Collector):
             CounterMetricFamily("asr_partials_promoted", "partials run early: their max "
                                 "gap ran out", value=s.starved_promotions),
         ]
+        by_kind = CounterMetricFamily("asr_compute_seconds_by_kind", "engine wall seconds "
+                                      "by job kind (a batch's time shared among its "
+                                      "jobs): lid, final, first_partial, partial, "
+                                      "speculative", labels=["kind"])
+        jobs_by_kind = CounterMetricFamily("asr_jobs_by_kind", "jobs run by kind",
+                                           labels=["kind"])
+        for kind in JOB_KINDS:
+            by_kind.add_metric([kind], s.compute_by_kind.get(kind, 0.0))
+            jobs_by_kind.add_metric([kind], s.jobs_by_kind.get(kind, 0))
+        out += [by_kind, jobs_by_kind]
         degraded = CounterMetricFamily("asr_degraded_finals", "finals run on their pool's "
                                        "faster model: the pool was past capacity",
                                        labels=["pool"])
@@ -655,6 +665,7 @@ class _Cut:
 
 
 SPEC_OUTCOMES = ("used", "withdrawn", "wasted", "failed")
+JOB_KINDS = ("lid", "final", "first_partial", "partial", "speculative")
 
 
 @dataclass(eq=False)

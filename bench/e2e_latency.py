@@ -461,6 +461,32 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+ASR_METRICS = ("asr_compute_seconds_by_kind_total", "asr_jobs_by_kind_total",
+               "asr_speculative_finals_total", "asr_degraded_finals_total")
+
+
+def asr_metrics(pid: int) -> dict[str, float]:
+    """The ASR service's counters that say where its compute went (``voxgate serve``
+    names its ASR port on stderr); empty when it cannot be read."""
+    import re
+    import urllib.request
+    port = next((m.group(1) for ln in log_lines(pid)
+                 if (m := re.search(r"ASR on http://127\.0\.0\.1:(\d+)", ln))), None)
+    if port is None:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for ln in text.splitlines():
+        if ln.startswith(ASR_METRICS):
+            name, _, value = ln.rpartition(" ")
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
 def _commit() -> str:
     r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe",
                         "--always", "--dirty"], capture_output=True, text=True, check=False)
@@ -547,8 +573,16 @@ def main() -> int:
                 ms = materials[:r["sessions"]]
                 busy_s = wait_idle(proc.pid)  # leftovers of the previous run
                 seen = len(log_lines(proc.pid))
+                m0 = asr_metrics(proc.pid) if kind == "voxgate" else {}
                 logs, s0, s1, peak = trio.run(measured_run, kind, url, proc.pid, ms, r["lang"])
                 r[kind] = summarize(logs, ms, s0, s1, peak)
+                if m0:  # what the ASR service did during the run: counter deltas
+                    m1 = asr_metrics(proc.pid)
+                    r[kind]["asr"] = {k: round(v - m0.get(k, 0.0), 3) for k, v in m1.items()
+                                      if v - m0.get(k, 0.0)}
+                    print("  asr: " + ", ".join(
+                        f"{k.replace('asr_', '').replace('_total', '')} {v:g}"
+                        for k, v in sorted(r[kind]["asr"].items())), flush=True)
                 if args.dump_events:
                     events.append({"system": kind, "lang": r["lang"], "sessions": r["sessions"],
                                    "logs": [dump_log(lg, m) for lg, m in zip(logs, ms,
