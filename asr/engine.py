@@ -166,6 +166,13 @@ class PoolSpec:
     # 90-110 ms (2 threads). base (3 s prefixes): +5/8 s 3.8 %, +8/12 s 3.6 %, x0.47.
     partial_margin_s: float = 8.0
     partial_min_window_s: float = 8.0
+    # An utterance's first partials (until one showed text; the server marks them
+    # ``first``) on 0.5-1.5 s of audio. tiny.en on 1 thread, 33 prefixes of 0.5, 0.8 and
+    # 1.1 s (11 clips), window +4 s, >= 5 s against +8 s, >= 8 s: 60-90 ms instead of
+    # 105-180 ms (CPU x0.63); the same words in 21 of 33 (6 worse, 2 better, the rest a
+    # word apart); a loop either way is cut before it is shown (StablePartials).
+    first_partial_margin_s: float = 4.0
+    first_partial_min_window_s: float = 5.0
     partial_window_s: float | None = None
     final_window_s: float | None = None
     precision: str = "int8"
@@ -184,7 +191,7 @@ class PoolSpec:
             if legacy is not None and getattr(self, low) == defaults[low]:
                 object.__setattr__(self, low, float(legacy))
             object.__setattr__(self, f"{name}_window_s", getattr(self, low))
-        for name in ("final", "partial"):
+        for name in ("final", "partial", "first_partial"):
             margin = getattr(self, f"{name}_margin_s")
             low = getattr(self, f"{name}_min_window_s")
             if not 0.0 <= margin <= 30.0:
@@ -486,10 +493,13 @@ class WhisperBackend:
             audio = job.audio[: melmod.N_SAMPLES]
             prefix = tuple(job.options.get("prefix", ()))
             budget = int(np.ceil(audio.size / melmod.SAMPLE_RATE * PARTIAL_TOKENS_PER_S))
+            first = bool(job.options.get("first"))
             pjobs.append(PartialJob(
                 audio=audio,
-                window_frames=window_frames(audio.size, spec.partial_margin_s,
-                                            spec.partial_min_window_s),
+                window_frames=window_frames(
+                    audio.size,
+                    spec.first_partial_margin_s if first else spec.partial_margin_s,
+                    spec.first_partial_min_window_s if first else spec.partial_min_window_s),
                 prefix=prefix, language=lang, prompt=job.options.get("prompt"),
                 max_new_tokens=max(1, budget + PARTIAL_EXTRA_TOKENS - len(prefix))))
         if not pjobs:
@@ -538,6 +548,8 @@ class WhisperBackend:
                        "final_min_window_s": s.final_min_window_s,
                        "partial_margin_s": s.partial_margin_s,
                        "partial_min_window_s": s.partial_min_window_s,
+                       "first_partial_margin_s": s.first_partial_margin_s,
+                       "first_partial_min_window_s": s.first_partial_min_window_s,
                        "precision": s.precision}
                 for name, s in self.pools_spec.items()}
 

@@ -1219,6 +1219,8 @@ class LinkSession:
                 self._policy = self.app.backend.partial_policy(self.pool)
                 self._policy_utt = utt.index
             options = self._options()
+            if not self.assembler.shown:
+                options["first"] = True  # the engine decodes it on a shorter window
             if self._policy is not None:
                 # The policy says, per decode, whether to force its stable prefix or
                 # re-check it unforced (asr.engine.StablePartials.prefix_for).
