@@ -455,7 +455,7 @@ def test_speculative_finals_never_degrade_miss_a_deadline_or_crowd_out_finals() 
     assert c2.statistics().deadline_misses["final"] == misses
 
 
-def test_later_partials_leave_the_last_free_slot_to_urgent_work() -> None:
+def test_later_partials_start_only_when_no_batch_runs() -> None:
     c = SchedulerCore(SchedulerPolicy(max_batch=1), slots=2)
     for key in ("a", "b", "c"):
         c.submit(job("partial", key), 0.0)
@@ -463,21 +463,23 @@ def test_later_partials_leave_the_last_free_slot_to_urgent_work() -> None:
     for key in ("a", "b"):
         c.submit(job("partial", key), 0.2)
     taken = c.next_batch(0.2)
-    assert taken is not None and taken[1][0].key == "a"  # one slot for later partials
-    assert c.next_batch(0.2) is None  # the other stays free
+    assert taken is not None and taken[1][0].key == "a"  # the engine was idle
+    assert c.next_batch(0.2) is None  # one runs: the free slot waits for urgent work
     first = job("partial", "d")
     c.submit(first, 0.25)
     assert c.next_batch(0.25) == ("p", [first])  # urgent work takes it at once
     c.complete(taken[1], ["r"], 0.3, 0.1)
-    again = c.next_batch(0.3)
+    assert c.next_batch(0.3) is None  # d's first partial still runs
+    c.complete([first], ["r"], 0.35, 0.1)
+    again = c.next_batch(0.35)
     assert again is not None and again[1][0].key == "b"
-    # A later partial past its max gap is promoted and may take any slot.
-    c.submit(job("partial", "c"), 0.3)
-    assert c.next_batch(0.4) is None
+    # A later partial past its max gap is promoted and runs beside another batch.
+    c.submit(job("partial", "c"), 0.4)
+    assert c.next_batch(0.5) is None
     starving = c.next_batch(1.2)
     assert starving is not None and starving[1][0].key == "c"
     # Off, or with one slot, later partials take any free slot.
-    c1 = SchedulerCore(SchedulerPolicy(max_batch=1, reserve_urgent_slot=False), slots=2)
+    c1 = SchedulerCore(SchedulerPolicy(max_batch=1, later_partials_idle_only=False), slots=2)
     for key in ("a", "b"):
         c1.submit(job("partial", key), 0.0)
         run(c1, 0.0)
