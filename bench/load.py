@@ -159,6 +159,10 @@ class SessionResult:
     record_bytes: int | None = None
     archived_samples: int | None = None  # counted in the fetched Ogg
     failure: str | None = None
+    # With recognition: utterances that had a partial, and each final's utterance and
+    # audio span (ms), so a soak can count finals that came without a partial first.
+    partial_utts: set[int] = field(default_factory=set)
+    finals: list[tuple[int, int, bool]] = field(default_factory=list)  # (utt, ms, partial)
 
     @property
     def sent_ms(self) -> int:
@@ -302,6 +306,12 @@ async def run_session(cfg: LoadConfig, framed: Framed, index: int, counters: Cou
                 sent = pings.pop(str(ev.get("id")), None)
                 if sent is not None:
                     res.lag_s.append((sent, now - sent))
+            elif kind == "asr_partial":
+                res.partial_utts.add(int(ev.get("utterance", -1)))
+            elif kind == "asr_final":
+                utt = int(ev.get("utterance", -1))
+                span = int(ev.get("end_ms", 0)) - int(ev.get("start_ms", 0))
+                res.finals.append((utt, span, utt in res.partial_utts))
             elif kind == "error":
                 res.errors[ev.get("code", "?")] += 1
             elif kind == "record_url":

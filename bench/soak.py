@@ -16,6 +16,7 @@ ping -> pong (ingest lag) against time. Writes ``bench/out/<name>.json`` and ``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,6 +56,28 @@ class SoakRun:
     sessions: list[tuple[float, SessionResult]]  # (flush time since start, result)
     samples: list[tuple[float, float, float]]  # (t, gateway CPU s, RSS MB)
     wall_s: float
+    tree: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (t, MB)
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and all its descendants (``voxgate serve`` and its inference
+    workers), MB."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        with contextlib.suppress(OSError):
+            total += proc_sample(p).rss_mb
+    return total
 
 
 async def soak(cfg: LoadConfig, framed: Framed, minutes: float, pid: int | None
@@ -62,6 +85,7 @@ async def soak(cfg: LoadConfig, framed: Framed, minutes: float, pid: int | None
     counters = Counters()
     done: list[tuple[float, SessionResult]] = []
     samples: list[tuple[float, float, float]] = []
+    tree: list[tuple[float, float]] = []
     t0 = trio.current_time()
     stop_at = t0 + minutes * 60
 
@@ -70,6 +94,7 @@ async def soak(cfg: LoadConfig, framed: Framed, minutes: float, pid: int | None
             if pid:
                 s = proc_sample(pid)
                 samples.append((trio.current_time() - t0, s.cpu_s, s.rss_mb))
+                tree.append((trio.current_time() - t0, tree_rss_mb(pid)))
             await trio.sleep(SAMPLE_EVERY_S)
 
     async def worker(w: int) -> None:
@@ -90,7 +115,7 @@ async def soak(cfg: LoadConfig, framed: Framed, minutes: float, pid: int | None
             for w in range(cfg.sessions):
                 nursery.start_soon(worker, w)
         outer.cancel_scope.cancel()
-    return SoakRun(done, samples, trio.current_time() - t0)
+    return SoakRun(done, samples, trio.current_time() - t0, tree)
 
 
 def slope_per_hour(t: list[float], y: list[float]) -> float | None:
@@ -142,6 +167,26 @@ def summarize(run: SoakRun, warmup_s: float) -> dict[str, Any]:
         cpu = run.samples[-1][1] - run.samples[0][1]
         span = run.samples[-1][0] - run.samples[0][0]
         out["gw_cores_mean"] = round(cpu / span, 3) if span > 0 else None
+    finals = [f for r in rs for f in r.finals]
+    if finals:  # with recognition (--with-asr)
+        long = [f for f in finals if f[1] > 500]
+        out["asr"] = {
+            "finals": len(finals),
+            "finals_over_500ms": len(long),
+            "over_500ms_without_a_partial_first": sum(1 for f in long if not f[2]),
+            "sessions_ended_without_their_finals": sum(
+                1 for r in rs if r.events.get("asr_partial") and not r.finals),
+        }
+    if run.tree:
+        warm_tree = [(t, m) for t, m in run.tree if t >= warmup_s]
+        out["tree_rss_mb"] = {"first": round(run.tree[0][1], 1),
+                              "after_warmup": round(warm_tree[0][1], 1) if warm_tree else None,
+                              "last": round(run.tree[-1][1], 1),
+                              "max": round(max(m for _, m in run.tree), 1)}
+        growth = slope_per_hour([t for t, _ in warm_tree], [m for _, m in warm_tree])
+        out["tree_rss_growth_mb_per_h"] = _r(growth)
+        if growth is not None and warm_tree:
+            out["tree_rss_growth_pct_per_h"] = round(100 * growth / warm_tree[0][1], 2)
     return out
 
 
