@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any, ClassVar
 
-VERSION = 3
+VERSION = 4
 # Versions this module speaks. v2 adds the ``flow`` event, which a v1 receiver would
 # reject as an unknown event type, so the server sends it only on v2 streams (and up).
 # v3 adds the ``Discard`` frame, which a v2 server would reject as an unknown frame type,
 # so a client sends it only on a stream whose response named v3 (see ``version_of``).
-SUPPORTED_VERSIONS = frozenset({1, 2, 3})
+# v4 adds the ``Pause`` frame (a hint that the open utterance's speech paused), sent
+# likewise only on a stream whose response named v4.
+SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4})
 CONTENT_TYPES = {v: f"application/vnd.voxgate.asr-link.v{v}" for v in SUPPORTED_VERSIONS}
 CONTENT_TYPE = CONTENT_TYPES[VERSION]
 # The version a client puts in ``Start`` by default. v3 changes nothing a Start carries
@@ -63,6 +65,7 @@ class FrameType(IntEnum):
     END = 0x04
     AUDIO_PCM = 0x05
     DISCARD = 0x06  # v3
+    PAUSE = 0x07  # v4
     EVENT = 0x81
 
 
@@ -240,6 +243,19 @@ class Discard:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """(v4) A hint: the open utterance's speech paused, and no more of its audio comes
+    unless speech resumes (the gateway's VAD saw silence past the utterance's trailing
+    margin). The server may decode the utterance's final now, so that it is ready when
+    the ``Finalize`` comes; audio that follows means speech resumed. ``utterance``, when
+    given, is the server's index of the utterance meant; a Pause naming another is
+    ignored. A server may ignore every Pause.
+    """
+
+    utterance: int | None = None
+
+
+@dataclass(frozen=True)
 class End:
     """No more audio on this stream: finalize, send ``end``, close."""
 
@@ -314,7 +330,7 @@ class AsrEvent:
             ) from exc
 
 
-Frame = Start | Audio | Finalize | Discard | End | AsrEvent
+Frame = Start | Audio | Finalize | Discard | Pause | End | AsrEvent
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -349,9 +365,10 @@ def encode(frame: Frame) -> bytes:
         return _frame(kind, AUDIO_HEADER.pack(frame.seq, frame.pts_ms) + frame.data)
     if isinstance(frame, Start):
         return _frame(FrameType.START, _json(frame.to_json()))
-    if isinstance(frame, Finalize | Discard):
+    if isinstance(frame, Finalize | Discard | Pause):
         obj = {} if frame.utterance is None else {"utterance": frame.utterance}
-        kind = FrameType.FINALIZE if isinstance(frame, Finalize) else FrameType.DISCARD
+        kind = (FrameType.FINALIZE if isinstance(frame, Finalize) else
+                FrameType.DISCARD if isinstance(frame, Discard) else FrameType.PAUSE)
         return _frame(kind, _json(obj))
     if isinstance(frame, End):
         return _frame(FrameType.END, b"")
@@ -501,18 +518,23 @@ class FrameDecoder:
             raise LinkProtocolError(code, f"{ftype.name} must be a JSON object", fatal=True)
         if ftype is FrameType.START:
             return Start.from_json(obj)
-        if ftype in (FrameType.FINALIZE, FrameType.DISCARD):
+        if ftype in (FrameType.FINALIZE, FrameType.DISCARD, FrameType.PAUSE):
             utt = obj.get("utterance")
             if utt is not None and (not isinstance(utt, int) or isinstance(utt, bool)):
                 raise LinkProtocolError(
                     ErrorCode.BAD_FRAME, "utterance must be an integer", fatal=False
                 )
-            return Finalize(utt) if ftype is FrameType.FINALIZE else Discard(utt)
+            if ftype is FrameType.FINALIZE:
+                return Finalize(utt)
+            return Discard(utt) if ftype is FrameType.DISCARD else Pause(utt)
         return AsrEvent.from_json(obj)
 
 
 CLIENT_FRAMES = frozenset({FrameType.START, FrameType.AUDIO, FrameType.AUDIO_PCM,
-                           FrameType.FINALIZE, FrameType.DISCARD, FrameType.END})
+                           FrameType.FINALIZE, FrameType.DISCARD, FrameType.PAUSE,
+                           FrameType.END})
+# The client frames a stream of each version accepts (below: an unknown frame type).
+_NEWER_FRAMES = {FrameType.DISCARD: 3, FrameType.PAUSE: 4}
 SERVER_FRAMES = frozenset({FrameType.EVENT})
 
 
@@ -537,7 +559,7 @@ class AudioIn:
     lost: int
 
 
-Inbound = Start | AudioIn | Finalize | Discard | End | LinkProtocolError
+Inbound = Start | AudioIn | Finalize | Discard | Pause | End | LinkProtocolError
 
 # (state, frame class) -> next state. Pairs that are absent are protocol errors.
 _TRANSITIONS: dict[tuple[StreamState, type], StreamState] = {
@@ -545,6 +567,7 @@ _TRANSITIONS: dict[tuple[StreamState, type], StreamState] = {
     (StreamState.STREAMING, Audio): StreamState.STREAMING,
     (StreamState.STREAMING, Finalize): StreamState.STREAMING,
     (StreamState.STREAMING, Discard): StreamState.STREAMING,
+    (StreamState.STREAMING, Pause): StreamState.STREAMING,
     (StreamState.STREAMING, End): StreamState.ENDED,
 }
 
@@ -552,6 +575,7 @@ _BAD_TRANSITION_CODES: dict[tuple[StreamState, type], ErrorCode] = {
     (StreamState.AWAIT_START, Audio): ErrorCode.NO_START,
     (StreamState.AWAIT_START, Finalize): ErrorCode.NO_START,
     (StreamState.AWAIT_START, Discard): ErrorCode.NO_START,
+    (StreamState.AWAIT_START, Pause): ErrorCode.NO_START,
     (StreamState.AWAIT_START, End): ErrorCode.NO_START,
     (StreamState.STREAMING, Start): ErrorCode.DUPLICATE_START,
 }
@@ -564,14 +588,15 @@ class ServerStream:
     gaps as ``AudioIn.lost`` so the shell can run loss concealment.
 
     ``version`` is the stream's link version (the one its response's content type
-    names): below 3 a ``Discard`` frame is an unknown frame type, as on a v2 server.
+    names): below 3 a ``Discard`` frame is an unknown frame type, as on a v2 server,
+    and below 4 a ``Pause`` frame.
     """
 
     MAX_CONCEALED = 5  # packets; a longer gap is a jump, not a loss worth concealing
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  version: int = VERSION) -> None:
-        accept = CLIENT_FRAMES if version >= 3 else CLIENT_FRAMES - {FrameType.DISCARD}
+        accept = CLIENT_FRAMES - {f for f, v in _NEWER_FRAMES.items() if version < v}
         self.version = version
         self.decoder = FrameDecoder(max_frame_bytes=max_frame_bytes, accept=accept)
         self.state = StreamState.AWAIT_START
@@ -619,7 +644,7 @@ class ServerStream:
                 item = self._sequence(frame)
                 if item is not None:
                     out.append(item)
-            elif isinstance(frame, Finalize | Discard | End):
+            elif isinstance(frame, Finalize | Discard | Pause | End):
                 out.append(frame)
         return out
 

@@ -323,6 +323,8 @@ class Metrics:
         self.discarded = Counter("asr_discarded_utterances", "utterances withdrawn by a "
                                  "link v3 Discard (a false early start): no final decoded",
                                  registry=r)
+        self.pauses = Counter("asr_pause_hints", "link v4 Pause frames received (the "
+                              "gateway saw an utterance's speech pause)", registry=r)
         self.speculative = Counter(
             "asr_speculative_finals", "finals decoded at a pause, before the endpoint, by "
             "outcome: used (it was the final), withdrawn (speech went on before it ran), "
@@ -724,6 +726,7 @@ class LinkSession:
         self._spec: _Spec | None = None  # the open utterance's speculative final
         self._last_audio = 0.0  # trio clock of the last audio packet
         self._audio_came = trio.Event()
+        self._nursery: trio.Nursery | None = None  # the stream's, for speculative finals
         self._due_while_running = False
         # Backpressure accounting, in samples (see AsrServerConfig.behind_threshold_s).
         self._queued_final_samples = 0
@@ -762,6 +765,7 @@ class LinkSession:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._reader, nursery.cancel_scope)
                 nursery.start_soon(self._sender)
                 nursery.start_soon(self._partials, nursery)
@@ -854,6 +858,8 @@ class LinkSession:
                 self._cut(end=False)
             elif isinstance(item, link.Discard):
                 self._discard(item.utterance)
+            elif isinstance(item, link.Pause):
+                self._on_pause(item.utterance)
             elif isinstance(item, link.End):
                 self._cut(end=True)
             if self._failed:
@@ -1124,6 +1130,15 @@ class LinkSession:
             while (deadline := self._last_audio + gap_s) > trio.current_time():
                 await trio.sleep_until(deadline)
             self._speculate(nursery)
+
+    def _on_pause(self, utterance: int | None) -> None:
+        """(v4) The gateway says the open utterance's speech paused: decode its final
+        now rather than after ``speculative_final_ms`` of silence on the link."""
+        self.app.metrics.pauses.inc()
+        if self.cfg.speculative_final_ms <= 0 or self._nursery is None or (
+                utterance is not None and utterance != self.assembler.index):
+            return
+        self._speculate(self._nursery)
 
     def _speculate(self, nursery: trio.Nursery) -> None:
         """The audio paused: decode the open utterance's final now, unless it is too

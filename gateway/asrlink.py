@@ -214,6 +214,7 @@ class LinkCounters:
     unavailable: int = 0
     bytes_sent: int = 0
     discards: int = 0  # false early starts withdrawn with a link v3 Discard
+    pauses: int = 0  # link v4 Pause hints sent
     discards_by_finalize: int = 0  # ... and with Finalize (a v2 service): one final wasted
 
 
@@ -694,6 +695,10 @@ class AsrStream:
         """(v3) Withdraw utterance ``utterance`` (the service's index): no final comes."""
         await self._send([link.Discard(utterance)])
 
+    async def pause(self, utterance: int) -> None:
+        """(v4) Utterance ``utterance``'s speech paused (a hint)."""
+        await self._send([link.Pause(utterance)])
+
     async def _open(self, exclude: set[int] | None = None, avoid: Any = None) -> None:
         self.endpoint, self._conn, self._h2 = await self.pools._open_raw(
             self.pool, self.start, exclude or set(), avoid)
@@ -994,6 +999,23 @@ class AsrChannel:
             self._wake.set()
             if self._stream is not None and not self._recovering:
                 await self._send(self._stream, [link.Finalize()])
+
+    async def pause(self) -> None:
+        """The open utterance's speech paused: on a link v4 stream a ``Pause`` lets the
+        service decode its final before the endpoint. Only a hint: nothing is sent to an
+        older service, while recovering, or before any of the utterance's audio went
+        out, and a failure to send it fails the stream as any send does."""
+        async with self._lock:
+            cur = self._open_utterance()
+            stream = self._stream
+            if cur is None or cur.index is None or stream is None or self._recovering \
+                    or stream.version < 4:
+                return
+            self.pools.counters.pauses += 1
+            try:
+                await stream.pause(cur.index)
+            except (H2ClientError, AsrUnavailable) as exc:
+                self._fail(stream, f"send failed: {exc}")
 
     async def send_audio(self, frames: list[tuple[np.ndarray, int]]) -> None:
         """Encode 20 ms int16 frames ``(pcm, pts_ms)`` of the open utterance and send

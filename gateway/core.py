@@ -27,6 +27,7 @@ from stages.endpoint import (
     GateEvent,
     SendFrame,
     SpeechFeeder,
+    SpeechPaused,
     UtteranceCancelled,
     UtteranceEnded,
     UtteranceStarted,
@@ -103,6 +104,13 @@ class LinkCancel:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkPause:
+    """The open utterance's speech paused (a hint: its final may be decoded now)."""
+
+    utterance: int
+
+
+@dataclass(frozen=True, slots=True)
 class LinkAudio:
     """Frames of the open utterance, for recognition (one DATA frame)."""
 
@@ -155,9 +163,9 @@ class StopIngest:
 
 
 Action = (SendEvent | AcceptAudio | LinkBegin | LinkConfirm | LinkCancel | LinkAudio
-          | LinkFinalize | LinkMove | LinkEnd | AskLid | Boundary | StopIngest)
-LINK_ACTIONS = (LinkBegin, LinkConfirm, LinkCancel, LinkAudio, LinkFinalize, LinkMove,
-                LinkEnd)
+          | LinkFinalize | LinkPause | LinkMove | LinkEnd | AskLid | Boundary | StopIngest)
+LINK_ACTIONS = (LinkBegin, LinkConfirm, LinkCancel, LinkAudio, LinkFinalize, LinkPause,
+                LinkMove, LinkEnd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +550,14 @@ class SessionCore:
         for ev in events:
             if isinstance(ev, SendFrame):
                 self._speech(ev)
+            elif isinstance(ev, SpeechPaused):
+                # Denoise holds the utterance's last frames back until it ends, so the
+                # hint would come before them: it goes only without denoise. Nor while
+                # language ID may still move the utterance to another pool: its final
+                # is held for the answer, and a decode on this stream would be wasted.
+                if not self._skip and self.denoise is None and not (
+                        self._may_move() and self.lid is not None and not self.lid.done):
+                    self._link_cmd(LinkPause(ev.index))
             else:
                 self._boundary(ev, now)
 

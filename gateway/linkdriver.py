@@ -30,6 +30,7 @@ from .core import (
     LinkEnd,
     LinkFinalize,
     LinkMove,
+    LinkPause,
     SessionCore,
 )
 from .logs import fields
@@ -113,6 +114,9 @@ class LinkDriver:
         elif kind is LinkFinalize:
             if self.channel is not None:
                 await self.channel.finalize()
+        elif kind is LinkPause:
+            if self.channel is not None:
+                await self.channel.pause()
         elif kind is LinkMove:
             await self._move(cmd)
         elif kind is LinkEnd:

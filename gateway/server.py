@@ -431,7 +431,9 @@ def _register_metrics(metrics: GatewayMetrics, vad: VadService, pools: AsrPools,
                       ("streams_opened", "ASR streams opened"),
                       ("discards", "false early starts withdrawn with a link v3 Discard"),
                       ("discards_by_finalize",
-                       "false early starts finalized and dropped (v2 ASR)")):
+                       "false early starts finalized and dropped (v2 ASR)"),
+                      ("pauses", "speech pauses hinted to the ASR service with a link v4 "
+                       "Pause (its final may be decoded before the endpoint)")):
         metrics.counter_fn(f"asr_link_{name}", doc, functools.partial(_link_stat, pools, name))
     if isinstance(store, S3Store):
         s3 = store

@@ -90,6 +90,16 @@ class UtteranceEnded:
     reason: str
 
 
+@dataclass(frozen=True)
+class SpeechPaused:
+    """The open utterance ``index``'s speech paused: silence past its trailing margin,
+    so none of its audio goes to recognition unless speech resumes. Said once per
+    pause, after the utterance's frames up to there (recognition may decode its final
+    now, ahead of the endpoint)."""
+
+    index: int
+
+
 EndpointEvent = UtteranceStarted | UtteranceEnded | UtteranceTentative | UtteranceCancelled
 
 
@@ -154,6 +164,12 @@ class Endpointer:
         if self.in_utterance:
             return min(self._last_speech + self._tail, self.position)
         return self.position
+
+    @property
+    def paused(self) -> bool:
+        """In an utterance, silence has run past the trailing margin: ``sendable``
+        stays where it is until speech resumes or the utterance ends."""
+        return self.state is State.TRAILING and self.position >= self._last_speech + self._tail
 
     @property
     def horizon(self) -> int:
@@ -242,7 +258,7 @@ class SendFrame:
 
 
 GateEvent = SendFrame | UtteranceStarted | UtteranceEnded | UtteranceTentative | \
-    UtteranceCancelled
+    UtteranceCancelled | SpeechPaused
 
 
 class SpeechGate:
@@ -348,6 +364,7 @@ class SpeechFeeder:
     def __init__(self, config: EndpointConfig | None = None) -> None:
         self.endpointer = Endpointer(config)
         self.gate = SpeechGate(self.endpointer.config.preroll_ms)
+        self._pause_said = False  # SpeechPaused said for the current pause
 
     @property
     def position(self) -> int:
@@ -366,7 +383,12 @@ class SpeechFeeder:
         for w in windows:
             for event in ep.feed(w):
                 out += gate.boundary(event, ep.sendable, ep.horizon)
+            if not ep.paused:
+                self._pause_said = False
         out += gate.trim(ep.sendable, ep.horizon)
+        if ep.paused and not self._pause_said:  # after the frames it follows
+            self._pause_said = True
+            out.append(SpeechPaused(ep.utterances))
         return out
 
     def force(self, reason: str) -> list[GateEvent]:

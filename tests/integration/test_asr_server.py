@@ -568,7 +568,7 @@ async def test_v3_discard_drops_the_utterance_without_a_final(nursery: trio.Nurs
     async with connect("127.0.0.1", port) as conn:
         ls = await open_recognize(conn, link.Start(flow_id="d3", codec="pcm"))
         assert await ls.stream.response() == 200
-        assert ls.stream.headers["content-type"] == link.CONTENT_TYPES[3]
+        assert ls.stream.headers["content-type"] == link.CONTENT_TYPE  # v4: Discard too
         # A false start of 0.6 s, withdrawn; a Discard naming another utterance and
         # one with nothing open change nothing.
         await ls.send(*audio_frames(pcm[:30]), link.Discard(0), link.Discard(0),
@@ -717,3 +717,31 @@ async def test_speculative_finals_off(nursery: trio.Nursery) -> None:
     assert [e.text[:5] for e in events if e.type == "final"] == ["1.00s"]
     assert [n for k, n in engine.jobs if k == "final"] == [50 * 320]
     assert _spec_metric(metrics, "used") == 0
+
+
+async def test_a_v4_pause_decodes_the_final_at_once(nursery: trio.Nursery) -> None:
+    """With the gap timer out of reach (10 s), only the gateway's Pause can start the
+    decode before the Finalize; a Pause naming another utterance changes nothing."""
+    engine = _JobLog(job_delay_s=0.02)
+    _app, port, shutdown = await _start_server(nursery, engine, body_drain_s=1.0,
+                                               speculative_final_ms=10_000)
+    pcm = [GOFORWARD[i:i + 320].tobytes() for i in range(0, 320 * 100, 320)]
+    async with connect("127.0.0.1", port) as conn:
+        ls = await open_recognize(conn, link.Start(flow_id="p4", codec="pcm"))
+        assert await ls.stream.response() == 200
+        assert link.version_of(ls.stream.headers["content-type"]) == 4
+        await ls.send(*audio_frames(pcm[:50]), link.Pause(3))
+        await trio.sleep(0.3)
+        assert not [k for k, _ in engine.jobs if k == "final"]
+        await ls.send(link.Pause(0))
+        await trio.sleep(0.3)  # decoded now, before any Finalize
+        assert [n for k, n in engine.jobs if k == "final"] == [50 * 320]
+        await ls.send(link.Finalize(), link.End())
+        await ls.stream.end()
+        events = await ls.rest()
+        metrics = (await _get(port, "/metrics")).text
+    assert [e.text[:5] for e in events if e.type == "final"] == ["1.00s"]
+    assert [n for k, n in engine.jobs if k == "final"] == [50 * 320]  # that one only
+    assert _spec_metric(metrics, "used") == 1
+    assert "asr_pause_hints_total 2.0" in metrics
+    shutdown.set()

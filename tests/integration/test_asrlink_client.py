@@ -686,3 +686,48 @@ async def test_channel_against_a_v2_service_finalizes_the_false_start_and_drops_
     assert [k for k, _ in engine.jobs].count("final") == 2  # the false start's, wasted
     assert (pools.counters.discards, pools.counters.discards_by_finalize) == (0, 1)
     assert "asr_discarded_utterances_total 0.0" in app.metrics.render().decode()
+
+
+async def _speech_pause_finalize(pools: AsrPools) -> list[link.AsrEvent]:
+    """1 s of an utterance, a pause hinted, then its Finalize 0.3 s later."""
+    channel = AsrChannel(pools, "default", link.Start(flow_id="pz", codec="pcm"), codec="pcm",
+                         bitrate=20000)
+    async with trio.open_nursery() as n:
+        await n.start(channel.run)
+        channel.begin(0)
+        await channel.send_audio(FRAMES[:5])
+        with trio.fail_after(5):  # the first audio opens the stream; the rest goes on it
+            while channel._stream is None or channel._recovering:
+                await trio.sleep(0.01)
+        for j in range(5, 50, 5):
+            await channel.send_audio(FRAMES[j:j + 5])
+        await channel.pause()
+        await trio.sleep(0.3)
+        await channel.finalize()
+        await channel.end()
+        with trio.fail_after(10):
+            events = [ev async for ev in channel.events()]
+        n.cancel_scope.cancel()
+    return events
+
+
+@pytest.mark.parametrize("version", [3, 4])
+async def test_channel_hints_a_pause_only_on_v4(nursery: trio.Nursery,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                version: int) -> None:
+    """On a v4 stream the pause starts the final's decode (the service's own gap timer
+    is set out of reach); a v3 service (which would refuse the frame) gets nothing."""
+    import asr.server
+    monkeypatch.setattr(asr.server, "_content_type",
+                        lambda scope: link.CONTENT_TYPES[version])
+    engine = _Kinds()
+    app, port, _ = await start_asr(nursery, engine, speculative_final_ms=10_000)
+    pools = await _pools(nursery, {"default": (f"http://127.0.0.1:{port}",)})
+    events = await _speech_pause_finalize(pools)
+    finals = [e for e in events if e.type == "final"]
+    assert [(f.utterance, f.text[:5]) for f in finals] == [(0, "1.00s")], events
+    assert not any(e.type == "error" for e in events)
+    assert pools.counters.pauses == (1 if version == 4 else 0)
+    text = app.metrics.render().decode()
+    assert f"asr_pause_hints_total {float(version == 4)}" in text
+    assert f'asr_speculative_finals_total{{outcome="used"}} {float(version == 4)}' in text

@@ -145,6 +145,9 @@ class FakeChannel:
     async def send_audio(self, frames: list[Any]) -> None:
         self._log("audio", len(frames))
 
+    async def pause(self) -> None:
+        self._log("pause", self._open)
+
     async def finalize(self) -> None:
         self._log("finalize", self._open)
         self._send.send_nowait(link.AsrEvent("final", self.start.flow_id,

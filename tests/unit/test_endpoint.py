@@ -13,6 +13,7 @@ from stages.endpoint import (
     SendFrame,
     SpeechFeeder,
     SpeechGate,
+    SpeechPaused,
     UtteranceCancelled,
     UtteranceEnded,
     UtteranceStarted,
@@ -337,4 +338,45 @@ def test_feeder_is_the_endpointer_and_the_gate(probs: list[float], lag: int, bat
         out += f.force("flush")
         return out
 
-    assert feeder() == by_hand()
+    out = feeder()
+    assert [e for e in out if not isinstance(e, SpeechPaused)] == by_hand()
+    # Each pause is said once, inside its utterance, after frames of it were sent.
+    open_utt, sent_since_pause = None, False
+    for e in out:
+        if isinstance(e, UtteranceStarted):
+            open_utt, sent_since_pause = e.index, True
+        elif isinstance(e, UtteranceEnded | UtteranceCancelled):
+            open_utt = None
+        elif isinstance(e, SendFrame):
+            sent_since_pause = True
+        elif isinstance(e, SpeechPaused):
+            assert e.index == open_utt and sent_since_pause
+            sent_since_pause = False
+
+
+def test_feeder_says_each_pause_once_after_the_frames_it_follows() -> None:
+    config = EndpointConfig(min_speech_ms=64, endpoint_silence_ms=320, preroll_ms=0,
+                            tail_ms=64)
+    probs = [0.9] * 5 + [0.0] * 4 + [0.9] * 3 + [0.0] * 12
+    f = SpeechFeeder(config)
+    out: list[object] = []
+    by_window: list[list[object]] = []
+    k = 0
+    for i, p in enumerate(probs):
+        got: list[object] = []
+        while k * 320 < (i + 1) * 512:  # VAD decides a window once its audio is in
+            got += f.frame(PcmFrame(k * 320, np.zeros(320, np.int16)))
+            k += 1
+        got += f.windows([VadWindow((i + 1) * 512, p)])
+        by_window.append(got)
+        out += got
+    kinds = [type(e).__name__ for e in out if not isinstance(e, SendFrame)]
+    assert kinds == ["UtteranceStarted", "SpeechPaused", "SpeechPaused", "UtteranceEnded"]
+    paused_at = [i for i, got in enumerate(by_window)
+                 if any(isinstance(e, SpeechPaused) for e in got)]
+    # Said when silence passed the last speech + the tail (windows 5-6), after that
+    # window's frames; nothing of the utterance goes out again until speech resumes
+    # (window 9), when the held silence and the new speech go.
+    assert paused_at[0] == 6 and isinstance(by_window[6][-1], SpeechPaused)
+    assert not any(isinstance(e, SendFrame) for got in by_window[7:9] for e in got)
+    assert any(isinstance(e, SendFrame) for e in by_window[9])

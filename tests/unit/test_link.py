@@ -22,6 +22,7 @@ from asr.link import (
     Finalize,
     FrameDecoder,
     LinkProtocolError,
+    Pause,
     ServerStream,
     Start,
     encode,
@@ -147,7 +148,7 @@ def test_truncated_stream() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("codec", "mp3"), ("sr", 8000), ("channels", 2), ("frame_ms", 10), ("bitrate", 64000),
-     ("version", 4), ("version", 0), ("flow_id", ""), ("sr", True), ("hotwords", [1]),
+     ("version", 5), ("version", 0), ("flow_id", ""), ("sr", True), ("hotwords", [1]),
      ("surprise", 1)],
 )
 def test_bad_start_fields(field: str, value: object) -> None:
@@ -200,7 +201,7 @@ def test_version_1_starts_are_still_accepted() -> None:
     obj = Start(flow_id="f").to_json()
     obj["version"] = 1
     assert Start.from_json(obj).version == 1
-    assert link.CONTENT_TYPES[1].endswith(".v1") and link.CONTENT_TYPE.endswith(".v3")
+    assert link.CONTENT_TYPES[1].endswith(".v1") and link.CONTENT_TYPE.endswith(".v4")
 
 
 def test_discard_frame_exact_bytes_and_round_trip() -> None:
@@ -245,14 +246,41 @@ def test_discard_before_start_is_no_start() -> None:
 @pytest.mark.parametrize(("content_type", "version"), [
     ("application/vnd.voxgate.asr-link.v1", 1), ("application/vnd.voxgate.asr-link.v2", 2),
     ("application/vnd.voxgate.asr-link.v3", 3), ("Application/vnd.voxgate.asr-link.v3; x=1", 3),
-    ("application/vnd.voxgate.asr-link.v4", None), ("application/json", None), (None, None)])
+    ("application/vnd.voxgate.asr-link.v4", 4), ("application/vnd.voxgate.asr-link.v5", None),
+    ("application/json", None), (None, None)])
 def test_version_of_content_type(content_type: str | None, version: int | None) -> None:
     assert link.version_of(content_type) == version
 
 
-def test_a_v3_client_starts_as_v2_so_a_v2_server_takes_it() -> None:
+def test_a_v4_client_starts_as_v2_so_a_v2_server_takes_it() -> None:
     assert Start(flow_id="f").version == 2 == link.START_VERSION
-    assert link.VERSION == 3 and 3 in link.SUPPORTED_VERSIONS
+    assert link.VERSION == 4 and {3, 4} <= link.SUPPORTED_VERSIONS
+
+
+def test_pause_frame_exact_bytes_and_round_trip() -> None:
+    raw = encode(Pause(2))
+    assert raw == b"\x07" + struct.pack("<I", 15) + b'{"utterance":2}'
+    dec = FrameDecoder(accept=CLIENT_FRAMES)
+    assert dec.feed(raw + encode(Pause())) == [Pause(2), Pause()]
+
+
+def test_server_stream_v4_passes_pause_on() -> None:
+    s = ServerStream(version=4)
+    out = s.receive(encode_many([Start(flow_id="f"), Audio(0, 0, b"a"), Pause(0),
+                                 Audio(1, 20, b"b"), Finalize()]))
+    assert out[2:] == [Pause(0), AudioIn(Audio(1, 20, b"b"), 0), Finalize()]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_pause_below_v4_is_an_unknown_frame_and_before_start_no_start(version: int) -> None:
+    s = ServerStream(version=version)
+    s.receive(encode(Start(flow_id="f")))
+    with pytest.raises(LinkProtocolError) as info:
+        s.receive(encode(Pause()))
+    assert (info.value.code, info.value.fatal) == (ErrorCode.UNKNOWN_FRAME, True)
+    with pytest.raises(LinkProtocolError) as info:
+        ServerStream().receive(encode(Pause()))
+    assert info.value.code is ErrorCode.NO_START
 
 
 @pytest.mark.parametrize("code", ["BEHIND", "OK"])

@@ -30,6 +30,7 @@ from gateway.core import (
     LinkEnd,
     LinkFinalize,
     LinkMove,
+    LinkPause,
     SendEvent,
     SessionCore,
     StopIngest,
@@ -110,8 +111,8 @@ class Harness:
 
     def link(self) -> list[Any]:
         return [a for a in self.actions if isinstance(a, LinkBegin | LinkConfirm | LinkCancel
-                                                      | LinkAudio | LinkFinalize | LinkMove
-                                                      | LinkEnd)]
+                                                      | LinkAudio | LinkFinalize | LinkPause
+                                                      | LinkMove | LinkEnd)]
 
 
 def make(*, features: frozenset[str] = frozenset(), returns: frozenset[str] | None = None,
@@ -347,8 +348,11 @@ def test_utterance_begin_audio_finalize_end() -> None:
     h = make(speech=speech_between((0.5, 1.5)))
     feed_seconds(h, 3.0)
     kinds = [type(a).__name__ for a in h.link()]
-    assert kinds[0] == "LinkBegin" and kinds[-1] == "LinkFinalize"
-    assert set(kinds[1:-1]) == {"LinkAudio"}
+    # The pause is hinted once silence passes the tail (200 ms), after the audio it
+    # follows, and the final is asked for at the endpoint (300 ms).
+    assert kinds[0] == "LinkBegin" and kinds[-2:] == ["LinkPause", "LinkFinalize"]
+    assert set(kinds[1:-2]) == {"LinkAudio"}
+    assert h.link()[-2] == LinkPause(0)
     h.finish()
     assert isinstance(h.link()[-1], LinkEnd) and h.core.drained
     assert h.core.stats["utterances"] == 1
@@ -381,7 +385,20 @@ def test_tentative_start_then_confirm() -> None:
         min_speech_ms=250, endpoint_silence_ms=300, preroll_ms=100, early_start=True))
     feed_seconds(h, 2.5)
     kinds = [type(a).__name__ for a in h.link() if not isinstance(a, LinkAudio)]
-    assert kinds == ["LinkBegin", "LinkConfirm", "LinkFinalize"]
+    assert kinds == ["LinkBegin", "LinkConfirm", "LinkPause", "LinkFinalize"]
+
+
+def test_a_pause_that_speech_ends_is_hinted_once_and_none_with_denoise() -> None:
+    h = make(speech=speech_between((0.5, 1.2), (1.45, 2.0)))  # a 250 ms pause inside
+    feed_seconds(h, 3.0)
+    kinds = [type(a).__name__ for a in h.link() if not isinstance(a, LinkAudio)]
+    assert kinds == ["LinkBegin", "LinkPause", "LinkPause", "LinkFinalize"]
+    assert h.core.stats["utterances"] == 1
+    # Denoise holds the last frames back until the utterance ends: no hint then.
+    d = make(speech=speech_between((0.5, 1.2)))
+    d.core.denoise = DelayDenoise()
+    feed_seconds(d, 2.0)
+    assert not d.of(LinkPause) and d.of(LinkFinalize)
 
 
 def test_record_only_session_sends_nothing_to_recognition() -> None:
