@@ -184,6 +184,7 @@ class SessionResult:
         d["errors"] = dict(self.errors)
         d["lag_s"] = [[round(a, 3), round(b, 4)] for a, b in self.lag_s]
         d["lost_ms"] = self.lost_ms
+        d["partial_utts"] = sorted(self.partial_utts)
         return d
 
 

@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                  "shared_machine": True},
         "summary": summary,
         "samples": run.samples,
+        "tree_rss": run.tree,
         "sessions": [{"flush_at_s": round(t, 2), **r.summary()} for t, r in run.sessions
                      if not math.isnan(t)],
     }
